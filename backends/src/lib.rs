@@ -1,0 +1,207 @@
+//! Which Burn backends exist in this build, chosen by cargo feature, and how a user names a
+//! device on the command line.
+//!
+//! | feature   | backend alias | autodiff alias  | device names          |
+//! |-----------|---------------|-----------------|-----------------------|
+//! | `ndarray` | [`NdArrayCpu`]| [`NdArrayTrain`]| `cpu`, `ndarray`      |
+//! | `flex`    | [`FlexCpu`]   | [`FlexTrain`]   | `flex` (`cpu` if no ndarray) |
+//! | `cuda`    | [`CudaGpu`]   | [`CudaTrain`]   | `cuda`, `cuda:N`      |
+//!
+//! Nothing else lives here: no model, no training policy.
+
+use core::fmt;
+use core::str::FromStr;
+
+#[cfg(feature = "ndarray")]
+pub use burn::backend::ndarray::NdArrayDevice;
+/// Deterministic CPU reference backend (f32).
+#[cfg(feature = "ndarray")]
+pub type NdArrayCpu = burn::backend::NdArray<f32>;
+/// [`NdArrayCpu`] with reverse-mode autodiff.
+#[cfg(feature = "ndarray")]
+pub type NdArrayTrain = burn::backend::Autodiff<NdArrayCpu>;
+
+#[cfg(feature = "flex")]
+pub use burn::backend::flex::FlexDevice;
+/// Faster pure-Rust CPU backend.
+#[cfg(feature = "flex")]
+pub type FlexCpu = burn::backend::Flex<f32>;
+/// [`FlexCpu`] with reverse-mode autodiff.
+#[cfg(feature = "flex")]
+pub type FlexTrain = burn::backend::Autodiff<FlexCpu>;
+
+#[cfg(feature = "cuda")]
+pub use burn::backend::cuda::CudaDevice;
+/// CUDA backend (f32 parameters; bf16 compute is chosen per model).
+#[cfg(feature = "cuda")]
+pub type CudaGpu = burn::backend::Cuda<f32>;
+/// [`CudaGpu`] with reverse-mode autodiff.
+#[cfg(feature = "cuda")]
+pub type CudaTrain = burn::backend::Autodiff<CudaGpu>;
+
+/// The backend families this crate knows, compiled in or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `burn-ndarray`.
+    NdArray,
+    /// `burn-flex`.
+    Flex,
+    /// `burn-cuda`.
+    Cuda,
+}
+
+impl Family {
+    /// The cargo feature that compiles this family in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Family::NdArray => "ndarray",
+            Family::Flex => "flex",
+            Family::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this build includes the family.
+    pub fn compiled(self) -> bool {
+        match self {
+            Family::NdArray => cfg!(feature = "ndarray"),
+            Family::Flex => cfg!(feature = "flex"),
+            Family::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+/// A device named by the user, checked against what this build contains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The ndarray CPU device.
+    NdArray,
+    /// The flex CPU device.
+    Flex,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The family that runs this device.
+    pub fn family(self) -> Family {
+        match self {
+            DeviceSpec::NdArray => Family::NdArray,
+            DeviceSpec::Flex => Family::Flex,
+            DeviceSpec::Cuda(_) => Family::Cuda,
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::NdArray => f.write_str("ndarray"),
+            DeviceSpec::Flex => f.write_str("flex"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Why a device name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// Not a device name at all.
+    #[error("unknown device `{0}`: expected `cpu`, `ndarray`, `flex`, `cuda` or `cuda:N`")]
+    Unknown(String),
+    /// `cuda:N` with N not a number.
+    #[error("bad device ordinal in `{0}`: expected `cuda:N` with N a non-negative integer")]
+    BadOrdinal(String),
+    /// A real device whose backend this build does not contain.
+    #[error(
+        "device `{name}` needs the `{feature}` backend, which this build does not include: \
+         rebuild with `--features {feature}`"
+    )]
+    NotCompiled {
+        /// What the user typed.
+        name: String,
+        /// The cargo feature to enable.
+        feature: &'static str,
+    },
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    /// Parses `cpu` (ndarray, or flex when ndarray is not compiled in), `ndarray`, `flex`,
+    /// `cuda` (= `cuda:0`) and `cuda:N`, case-insensitively.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let lower = name.trim().to_ascii_lowercase();
+        let spec = match lower.as_str() {
+            "cpu" if !Family::NdArray.compiled() && Family::Flex.compiled() => DeviceSpec::Flex,
+            "cpu" | "ndarray" => DeviceSpec::NdArray,
+            "flex" => DeviceSpec::Flex,
+            "cuda" | "gpu" => DeviceSpec::Cuda(0),
+            other => match other.strip_prefix("cuda:") {
+                Some(ordinal) => DeviceSpec::Cuda(
+                    ordinal
+                        .parse()
+                        .map_err(|_| DeviceError::BadOrdinal(name.to_string()))?,
+                ),
+                None => return Err(DeviceError::Unknown(name.to_string())),
+            },
+        };
+        let family = spec.family();
+        if !family.compiled() {
+            return Err(DeviceError::NotCompiled {
+                name: name.to_string(),
+                feature: family.feature(),
+            });
+        }
+        Ok(spec)
+    }
+}
+
+/// The families compiled into this build, for `--help` texts and reports.
+pub fn compiled_families() -> Vec<Family> {
+    [Family::NdArray, Family::Flex, Family::Cuda]
+        .into_iter()
+        .filter(|f| f.compiled())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_ordinal_parses_or_names_the_missing_feature() {
+        let parsed = "cuda:3".parse::<DeviceSpec>();
+        if Family::Cuda.compiled() {
+            assert_eq!(parsed, Ok(DeviceSpec::Cuda(3)));
+        } else {
+            assert_eq!(
+                parsed,
+                Err(DeviceError::NotCompiled {
+                    name: "cuda:3".into(),
+                    feature: "cuda"
+                })
+            );
+            let msg = parsed.unwrap_err().to_string();
+            assert!(msg.contains("--features cuda"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn garbage_device_names_are_refused() {
+        assert_eq!(
+            "tpu".parse::<DeviceSpec>(),
+            Err(DeviceError::Unknown("tpu".into()))
+        );
+        assert_eq!(
+            "cuda:x".parse::<DeviceSpec>(),
+            Err(DeviceError::BadOrdinal("cuda:x".into()))
+        );
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn cpu_means_ndarray_when_compiled() {
+        assert_eq!("CPU".parse::<DeviceSpec>(), Ok(DeviceSpec::NdArray));
+        assert!(compiled_families().contains(&Family::NdArray));
+    }
+}

@@ -1,0 +1,37 @@
+//! The contract between the algorithm and an architecture.
+//!
+//! `models/` crates implement [`PolicyModel`]; the core drives rollout and scoring through it
+//! and applies the LM head itself (in chunks, see [`crate::fused`]), which is why the model
+//! returns final hidden states rather than logits.
+
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+/// A causal language model the core can roll out and score.
+///
+/// Positions line up as in any causal LM: the hidden state at position `t` predicts token
+/// `t + 1`. For a prompt of length `P` and a response `y` of length `R`, the state that
+/// predicts `y[r]` is the one after `prompt ++ y[..r]`.
+pub trait PolicyModel<B: Backend> {
+    /// Everything the model conditions on before the response: token ids and, for omni-modal
+    /// models, media features. The core never looks inside; it only hands prompts back.
+    type Prompt;
+    /// Decoding state for a batch of sequences that share one prompt (a KV cache).
+    type Cache;
+
+    /// Runs `prompt` for `n` parallel sequences and returns the final hidden state of the last
+    /// prompt position, `[n, H]`, with the cache to continue from.
+    fn prefill(&self, prompt: &Self::Prompt, n: usize) -> (Tensor<B, 2>, Self::Cache);
+
+    /// Appends one token to each of the `n` sequences (`tokens: [n]`) and returns their final
+    /// hidden states, `[n, H]`.
+    fn decode(&self, tokens: Tensor<B, 1, Int>, cache: &mut Self::Cache) -> Tensor<B, 2>;
+
+    /// Teacher forcing: for `response: [n, R]` after `prompt`, the hidden states that predict
+    /// each response token, `[n, R, H]` (row `r` is the state after `prompt ++ response[..r]`).
+    /// Padding after a sequence's end may hold any token; causality keeps it from affecting
+    /// the valid positions.
+    fn response_hidden(&self, prompt: &Self::Prompt, response: Tensor<B, 2, Int>) -> Tensor<B, 3>;
+
+    /// The LM-head weight `[V, H]` (the embedding matrix when tied).
+    fn lm_head(&self) -> Tensor<B, 2>;
+}
