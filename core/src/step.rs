@@ -1,1 +1,804 @@
-//! (being written)
+//! One OPSD update, as a reusable trainer: rollout → privileged teacher scoring → student
+//! forward with gradients → fused loss → backward → global grad-norm clip → AdamW.
+//!
+//! [`OpsdTrainer`] owns the model, the optimizer, the teacher weights and the random stream
+//! position; users drive it with [`OpsdTrainer::step`] from their own loop and checkpoint it
+//! with [`OpsdTrainer::state`] / [`OpsdTrainer::resume`].
+//!
+//! ```ignore
+//! let mut trainer = OpsdTrainer::new(model, OpsdConfig { learning_rate: 1e-6, ..Default::default() })?;
+//! for batch in data.chunks(4) {
+//!     let episodes: Vec<_> = batch
+//!         .iter()
+//!         .map(|ex| Episode::privileged(&template, ex.prompt.clone(), &ex.rationale))
+//!         .collect();
+//!     let metrics = trainer.step(&episodes)?;
+//!     if metrics.skipped { /* log it: a non-finite update was dropped */ }
+//! }
+//! let checkpoint = (trainer.model().clone().into_record(), trainer.state());
+//! ```
+
+use alloc::vec;
+use alloc::vec::Vec;
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor};
+// Without std, `f64::exp`/`ln`/`cos`/`sqrt` come from libm through this trait.
+#[cfg(not(feature = "std"))]
+#[allow(unused_imports)]
+use num_traits::Float;
+
+use crate::divergence::{LossConfig, LossConfigError, Reduction};
+use crate::fused::{fused_distillation, ResponseBatch};
+use crate::model::PolicyModel;
+use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutError};
+use crate::teacher::{self, PrivilegedTemplate, Teacher, TeacherError, TeacherMode, TeacherScores};
+
+/// One training example: the student's context and the privileged teacher's context.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Episode<P> {
+    /// What the student sees (and samples from).
+    pub student: P,
+    /// Student context + privileged block (see [`PrivilegedTemplate`]).
+    pub teacher: P,
+}
+
+impl<P> Episode<P> {
+    /// Builds the teacher context from `student` and the privileged `block` with `template`.
+    pub fn privileged<T: PrivilegedTemplate<P> + ?Sized>(
+        template: &T,
+        student: P,
+        block: &T::Block,
+    ) -> Self {
+        let teacher = template.teacher_prompt(&student, block);
+        Self { student, teacher }
+    }
+}
+
+/// How the learning rate decays after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LrDecay {
+    /// Stays at the peak.
+    Constant,
+    /// Half-cosine from the peak to `min_lr_ratio · peak` (Loshchilov & Hutter, SGDR, 2017).
+    Cosine,
+    /// Straight line from the peak to `min_lr_ratio · peak`.
+    Linear,
+}
+
+/// Learning-rate multiplier as a function of the optimizer update index `s` (0-based).
+///
+/// Warm-up: `f(s) = (s + 1) / W` for `s < W`, so the first update already moves and the
+/// last warm-up update reaches the peak. Then with progress
+/// `q = clamp((s − W) / max(1, S − W), 0, 1)`, `S = total_steps`, `m = min_lr_ratio`:
+/// constant `f = 1`; linear `f = m + (1 − m)(1 − q)`; cosine
+/// `f = m + (1 − m)·(1 + cos(π q))/2` (the shape of `transformers`'
+/// `get_cosine_schedule_with_warmup`, with a floor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrSchedule {
+    /// `W`: linear warm-up updates.
+    pub warmup_steps: u64,
+    /// Decay shape after warm-up.
+    pub decay: LrDecay,
+    /// `S`: the update index where decay ends (ignored for `Constant`).
+    pub total_steps: u64,
+    /// `m`: the floor of the decay, as a fraction of the peak, in `[0, 1]`.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for LrSchedule {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 0,
+            decay: LrDecay::Constant,
+            total_steps: 0,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The multiplier `f(s)` applied to the peak learning rate at update `s`.
+    pub fn factor(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).clamp(0.0, 1.0);
+        let m = self.min_lr_ratio;
+        match self.decay {
+            LrDecay::Constant => 1.0,
+            LrDecay::Linear => m + (1.0 - m) * (1.0 - progress),
+            LrDecay::Cosine => {
+                m + (1.0 - m) * 0.5 * (1.0 + (core::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+
+    /// Checks `min_lr_ratio` in `[0, 1]` and, for a decaying schedule, `total_steps > warmup_steps`.
+    pub fn validate(&self) -> Result<(), StepError> {
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(StepError::Config {
+                field: "schedule.min_lr_ratio",
+                expected: "a number in [0, 1]",
+            });
+        }
+        if self.decay != LrDecay::Constant && self.total_steps <= self.warmup_steps {
+            return Err(StepError::Config {
+                field: "schedule.total_steps",
+                expected: "> schedule.warmup_steps for a decaying schedule",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// AdamW hyper-parameters (Loshchilov & Hutter 2019, as implemented by `burn::optim::AdamW`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWSettings {
+    /// First-moment decay `β₁`.
+    pub beta_1: f32,
+    /// Second-moment decay `β₂`.
+    pub beta_2: f32,
+    /// Denominator guard `ε`.
+    pub epsilon: f32,
+    /// Decoupled weight decay `λ` (per unit learning rate).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWSettings {
+    /// PyTorch / TRL defaults, without weight decay (fine-tuning from a pretrained model).
+    fn default() -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Everything an OPSD trainer does, all knobs public.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpsdConfig {
+    /// Sampling and response shape. `rollout.logp_temperature` must equal
+    /// `loss.temperature` (the behaviour log-probs feed the importance ratio).
+    pub rollout: RolloutConfig,
+    /// Divergence, top-k, reduction, loss temperature.
+    pub loss: LossConfig,
+    /// Teacher weights: frozen `θ₀`, EMA, or the live student.
+    pub teacher: TeacherMode,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWSettings,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Learning-rate schedule over optimizer updates.
+    pub schedule: LrSchedule,
+    /// Clip the global L2 norm of the gradient (over all parameters) to this value;
+    /// `None` disables clipping.
+    pub max_grad_norm: Option<f32>,
+    /// Optimizer updates per rollout. Above 1 the later updates are off-policy and the
+    /// importance ratio of the sampled-token loss corrects for it.
+    pub updates_per_rollout: usize,
+    /// Rows of `N·R` per chunk of the fused loss (bounds the `[rows, V]` working set).
+    pub chunk_rows: usize,
+    /// Key of the counter-based sampler.
+    pub seed: u64,
+}
+
+impl Default for OpsdConfig {
+    fn default() -> Self {
+        Self {
+            rollout: RolloutConfig::default(),
+            loss: LossConfig::default(),
+            teacher: TeacherMode::default(),
+            adamw: AdamWSettings::default(),
+            learning_rate: 1e-6,
+            schedule: LrSchedule::default(),
+            max_grad_norm: Some(1.0),
+            updates_per_rollout: 1,
+            chunk_rows: 1024,
+            seed: 0,
+        }
+    }
+}
+
+impl OpsdConfig {
+    /// Checks every knob; [`OpsdTrainer::new`] calls it.
+    pub fn validate(&self) -> Result<(), StepError> {
+        self.rollout.validate()?;
+        self.loss.validate()?;
+        self.teacher.validate()?;
+        self.schedule.validate()?;
+        if self.rollout.logp_temperature != self.loss.temperature {
+            return Err(StepError::Config {
+                field: "rollout.logp_temperature",
+                expected: "equal to loss.temperature",
+            });
+        }
+        let a = &self.adamw;
+        if !((0.0..1.0).contains(&a.beta_1) && (0.0..1.0).contains(&a.beta_2)) {
+            return Err(StepError::Config {
+                field: "adamw.beta_1/beta_2",
+                expected: "numbers in [0, 1)",
+            });
+        }
+        if !(a.epsilon > 0.0 && a.epsilon.is_finite()) {
+            return Err(StepError::Config {
+                field: "adamw.epsilon",
+                expected: "a finite number > 0",
+            });
+        }
+        if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+            return Err(StepError::Config {
+                field: "adamw.weight_decay",
+                expected: "a finite number >= 0",
+            });
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(StepError::Config {
+                field: "learning_rate",
+                expected: "a finite number > 0",
+            });
+        }
+        if let Some(c) = self.max_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(StepError::Config {
+                    field: "max_grad_norm",
+                    expected: "None or a finite number > 0",
+                });
+            }
+        }
+        if self.updates_per_rollout == 0 {
+            return Err(StepError::Config {
+                field: "updates_per_rollout",
+                expected: ">= 1",
+            });
+        }
+        if self.chunk_rows == 0 {
+            return Err(StepError::Config {
+                field: "chunk_rows",
+                expected: ">= 1",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Errors of a training step. On any error the trainer is left exactly as before the call.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A trainer knob is out of range.
+    #[error("opsd config: `{field}` must be {expected}")]
+    Config {
+        /// The field path in [`OpsdConfig`].
+        field: &'static str,
+        /// What the field must be.
+        expected: &'static str,
+    },
+    /// Rollout knobs out of range.
+    #[error("opsd config: {0}")]
+    RolloutConfig(#[from] RolloutError),
+    /// Loss knobs out of range.
+    #[error("opsd config: {0}")]
+    Loss(#[from] LossConfigError),
+    /// Teacher knobs or snapshot invalid.
+    #[error("teacher: {0}")]
+    Teacher(#[from] TeacherError),
+    /// `step` was called with no episodes.
+    #[error("step called with no episodes")]
+    NoEpisodes,
+    /// Rolling out an episode failed.
+    #[error("episode {episode}: rollout: {source}")]
+    Rollout {
+        /// Index in the slice passed to `step`.
+        episode: usize,
+        /// The failure.
+        source: RolloutError,
+    },
+    /// Scoring an episode with the teacher failed.
+    #[error("episode {episode}: teacher: {source}")]
+    Scoring {
+        /// Index in the slice passed to `step`.
+        episode: usize,
+        /// The failure.
+        source: TeacherError,
+    },
+    /// The student's teacher-forced hidden states have the wrong shape.
+    #[error(
+        "episode {episode}: student response_hidden: expected shape {expected:?}, found {found:?}"
+    )]
+    StudentShape {
+        /// Index in the slice passed to `step`.
+        episode: usize,
+        /// `[G, R, H]`.
+        expected: [usize; 3],
+        /// What the model returned.
+        found: [usize; 3],
+    },
+    /// A saved state does not fit the configuration it is resumed with.
+    #[error("resume: state `{field}` is {found} but the config has {expected}")]
+    StateMismatch {
+        /// The field.
+        field: &'static str,
+        /// The value in the config.
+        expected: u64,
+        /// The value in the state.
+        found: u64,
+    },
+}
+
+/// Why an update was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The loss of some episode was NaN or infinite.
+    NonFiniteLoss,
+    /// The loss was finite but the global gradient norm was not.
+    NonFiniteGradient,
+}
+
+/// Measurements of one optimizer update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateMetrics {
+    /// Loss, weighted over episodes exactly as the gradient is (see [`OpsdTrainer::step`]).
+    pub loss: f32,
+    /// Mean per-token divergence to the teacher, over all valid tokens.
+    pub mean_divergence: f32,
+    /// Mean student entropy over all valid tokens.
+    pub student_entropy: f32,
+    /// Fraction of valid tokens whose importance ratio was clipped.
+    pub clip_fraction: f32,
+    /// Global L2 gradient norm before clipping (NaN when not computed).
+    pub grad_norm: f32,
+    /// Learning rate used (or that would have been used, when skipped).
+    pub lr: f64,
+    /// `Some` when the update was skipped; the weights and optimizer state are then unchanged.
+    pub skipped: Option<SkipReason>,
+}
+
+/// Measurements of one [`OpsdTrainer::step`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepMetrics {
+    /// Loss of the first update (on-policy: measured before this rollout's updates).
+    pub loss: f32,
+    /// Mean per-token divergence to the teacher at the first update.
+    pub mean_divergence: f32,
+    /// Mean student entropy at the first update.
+    pub student_entropy: f32,
+    /// Importance-ratio clip fraction at the first update (0 on-policy).
+    pub clip_fraction: f32,
+    /// Pre-clip global gradient norm of the first update.
+    pub grad_norm: f32,
+    /// Learning rate of the last update.
+    pub lr: f64,
+    /// Mean response length (valid tokens, stop token included) per sampled sequence.
+    pub response_length: f32,
+    /// Fraction of sequences that ended on a stop token.
+    pub stop_fraction: f32,
+    /// Valid response tokens over all episodes.
+    pub valid_tokens: usize,
+    /// Whether any update of this step was skipped.
+    pub skipped: bool,
+    /// Updates applied.
+    pub updates_applied: usize,
+    /// Every update of this step, in order.
+    pub updates: Vec<UpdateMetrics>,
+}
+
+/// The optimizer the trainer uses.
+pub type OpsdOptimizer<B, M> = OptimizerAdaptor<AdamW, M, B>;
+/// Its state (first and second moments and step count per parameter).
+pub type OptimizerRecord<B, M> = <OpsdOptimizer<B, M> as Optimizer<M, B>>::Record;
+
+/// Everything besides the model's own weights needed to continue training bit-identically.
+///
+/// The record types are Burn records, so a caller with I/O saves them with any Burn recorder.
+pub struct TrainerState<B: AutodiffBackend, M: AutodiffModule<B>> {
+    /// AdamW moments per parameter.
+    pub optimizer: OptimizerRecord<B, M>,
+    /// Teacher weights for `Frozen` / `Ema`, `None` for `Live`.
+    pub teacher: Option<M::InnerModule>,
+    /// Optimizer updates applied so far (drives the learning-rate schedule).
+    pub optimizer_steps: u64,
+    /// Episodes rolled out so far (the sampler's stream counter).
+    pub episodes_seen: u64,
+    /// The sampler key the run used.
+    pub seed: u64,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Clone for TrainerState<B, M> {
+    fn clone(&self) -> Self {
+        Self {
+            optimizer: self.optimizer.clone(),
+            teacher: self.teacher.clone(),
+            optimizer_steps: self.optimizer_steps,
+            episodes_seen: self.episodes_seen,
+            seed: self.seed,
+        }
+    }
+}
+
+/// On-policy self-distillation trainer over a [`PolicyModel`] on an autodiff backend.
+///
+/// `M` is the trainable model; its inner (no-autodiff) version, used for rollouts and the
+/// teacher, must take the same prompt type, so prompts should be backend-independent data
+/// (token ids, `TensorData` media features).
+pub struct OpsdTrainer<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+{
+    config: OpsdConfig,
+    model: M,
+    optimizer: OpsdOptimizer<B, M>,
+    teacher: Teacher<M::InnerModule>,
+    optimizer_steps: u64,
+    episodes_seen: u64,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> core::fmt::Debug for OpsdTrainer<B, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("OpsdTrainer")
+            .field("config", &self.config)
+            .field("optimizer_steps", &self.optimizer_steps)
+            .field("episodes_seen", &self.episodes_seen)
+            .field("teacher", &self.teacher.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One episode's rollout and teacher scores, kept across the updates of a step.
+struct Scored<B: Backend> {
+    rollout: Rollout<B>,
+    teacher: TeacherScores<B>,
+}
+
+impl<B, M> OpsdTrainer<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + PolicyModel<B>,
+    M::InnerModule: PolicyModel<B::InnerBackend, Prompt = <M as PolicyModel<B>>::Prompt>,
+{
+    /// A fresh trainer; the teacher snapshot (for `Frozen` / `Ema`) is taken from `model`.
+    pub fn new(model: M, config: OpsdConfig) -> Result<Self, StepError> {
+        config.validate()?;
+        let teacher = Teacher::new(config.teacher, &model.valid())?;
+        Ok(Self {
+            optimizer: Self::optimizer(&config),
+            config,
+            model,
+            teacher,
+            optimizer_steps: 0,
+            episodes_seen: 0,
+        })
+    }
+
+    /// Continues from a saved [`TrainerState`]; `model` holds the weights saved with it.
+    pub fn resume(
+        model: M,
+        config: OpsdConfig,
+        state: TrainerState<B, M>,
+    ) -> Result<Self, StepError> {
+        config.validate()?;
+        if state.seed != config.seed {
+            return Err(StepError::StateMismatch {
+                field: "seed",
+                expected: config.seed,
+                found: state.seed,
+            });
+        }
+        let teacher = Teacher::from_snapshot(config.teacher, state.teacher)?;
+        Ok(Self {
+            optimizer: Self::optimizer(&config).load_record(state.optimizer),
+            config,
+            model,
+            teacher,
+            optimizer_steps: state.optimizer_steps,
+            episodes_seen: state.episodes_seen,
+        })
+    }
+
+    fn optimizer(config: &OpsdConfig) -> OpsdOptimizer<B, M> {
+        AdamWConfig::new()
+            .with_beta_1(config.adamw.beta_1)
+            .with_beta_2(config.adamw.beta_2)
+            .with_epsilon(config.adamw.epsilon)
+            .with_weight_decay(config.adamw.weight_decay)
+            .init()
+    }
+
+    /// The trainer's state besides the model weights (save it with [`Self::model`]).
+    pub fn state(&self) -> TrainerState<B, M> {
+        TrainerState {
+            optimizer: self.optimizer.to_record(),
+            teacher: self.teacher.snapshot().cloned(),
+            optimizer_steps: self.optimizer_steps,
+            episodes_seen: self.episodes_seen,
+            seed: self.config.seed,
+        }
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Ends training and hands the model back.
+    pub fn into_model(self) -> M {
+        self.model
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OpsdConfig {
+        &self.config
+    }
+
+    /// The teacher (mode and snapshot).
+    pub fn teacher(&self) -> &Teacher<M::InnerModule> {
+        &self.teacher
+    }
+
+    /// Optimizer updates applied so far.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer_steps
+    }
+
+    /// Episodes rolled out so far: the next episode uses sampler stream `episodes_seen`.
+    pub fn episodes_seen(&self) -> u64 {
+        self.episodes_seen
+    }
+
+    /// The learning rate of the next update.
+    pub fn current_lr(&self) -> f64 {
+        self.config.learning_rate * self.config.schedule.factor(self.optimizer_steps)
+    }
+
+    /// One OPSD step over `episodes` (one prompt each, `G` samples per prompt).
+    ///
+    /// 1. Roll out every episode with the current weights (inner backend, sampler stream
+    ///    `episodes_seen + i`) and score the responses with the teacher on its privileged
+    ///    context (inner backend, no graph). Both happen once per step, so a `Live` teacher is
+    ///    the policy that sampled.
+    /// 2. `updates_per_rollout` times: teacher-force each episode's responses through the
+    ///    autodiff student, compute the fused loss, back-propagate, and accumulate gradients
+    ///    over episodes with weights `w_i` chosen so the sum equals the loss of one batch
+    ///    holding every episode: `w_i = T_i / Σ_j T_j` (valid tokens) for
+    ///    [`Reduction::Token`], `w_i = 1 / n` for [`Reduction::Sequence`] (every episode has
+    ///    `G` sequences). Then clip the global gradient norm
+    ///    (`g ← g · c / (‖g‖ + 1e-6)` when `‖g‖ > c`, as `torch.nn.utils.clip_grad_norm_`),
+    ///    and apply AdamW at `lr = peak · f(optimizer_steps)`.
+    ///
+    /// A non-finite loss or gradient norm skips that update (weights, optimizer state and
+    /// teacher untouched) and is reported in the metrics; it is not an error.
+    pub fn step(
+        &mut self,
+        episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
+    ) -> Result<StepMetrics, StepError> {
+        if episodes.is_empty() {
+            return Err(StepError::NoEpisodes);
+        }
+        let policy = self.model.valid();
+        let mut scored = Vec::with_capacity(episodes.len());
+        for (episode, ep) in episodes.iter().enumerate() {
+            let ro = rollout(
+                &policy,
+                &ep.student,
+                &self.config.rollout,
+                self.config.seed,
+                self.episodes_seen + episode as u64,
+            )
+            .map_err(|source| StepError::Rollout { episode, source })?;
+            let t = teacher::score(
+                self.teacher.weights(&policy),
+                &ep.teacher,
+                ro.tokens.clone(),
+            )
+            .map_err(|source| StepError::Scoring { episode, source })?;
+            scored.push(Scored {
+                rollout: ro,
+                teacher: t,
+            });
+        }
+        drop(policy);
+
+        let valid: Vec<usize> = scored.iter().map(|s| s.rollout.valid_tokens()).collect();
+        let total_valid: usize = valid.iter().sum();
+        let weights: Vec<f64> = match self.config.loss.reduction {
+            Reduction::Token => valid
+                .iter()
+                .map(|v| *v as f64 / total_valid as f64)
+                .collect(),
+            Reduction::Sequence => vec![1.0 / episodes.len() as f64; episodes.len()],
+        };
+
+        let mut updates = Vec::with_capacity(self.config.updates_per_rollout);
+        for _ in 0..self.config.updates_per_rollout {
+            updates.push(self.update(episodes, &scored, &weights)?);
+        }
+        self.episodes_seen += episodes.len() as u64;
+
+        let sequences: usize = scored.iter().map(|s| s.rollout.responses.len()).sum();
+        let stopped: usize = scored
+            .iter()
+            .map(|s| s.rollout.stopped.iter().filter(|x| **x).count())
+            .sum();
+        let first = updates[0];
+        Ok(StepMetrics {
+            loss: first.loss,
+            mean_divergence: first.mean_divergence,
+            student_entropy: first.student_entropy,
+            clip_fraction: first.clip_fraction,
+            grad_norm: first.grad_norm,
+            lr: updates[updates.len() - 1].lr,
+            response_length: total_valid as f32 / sequences as f32,
+            stop_fraction: stopped as f32 / sequences as f32,
+            valid_tokens: total_valid,
+            skipped: updates.iter().any(|u| u.skipped.is_some()),
+            updates_applied: updates.iter().filter(|u| u.skipped.is_none()).count(),
+            updates,
+        })
+    }
+
+    fn update(
+        &mut self,
+        episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
+        scored: &[Scored<B::InnerBackend>],
+        weights: &[f64],
+    ) -> Result<UpdateMetrics, StepError> {
+        let lr = self.current_lr();
+        let mut accumulator = GradientsAccumulator::<M>::new();
+        let mut loss = 0.0f64;
+        let (mut divergence, mut entropy, mut clipped, mut tokens) =
+            (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let mut non_finite_loss = false;
+
+        for (episode, ((ep, s), w)) in episodes.iter().zip(scored).zip(weights).enumerate() {
+            let response = Tensor::<B, 2, Int>::from_inner(s.rollout.tokens.clone());
+            let [g, r] = s.rollout.tokens.dims();
+            let hidden = self.model.response_hidden(&ep.student, response);
+            let head = self.model.lm_head();
+            let expected = [g, r, head.dims()[1]];
+            if hidden.dims() != expected {
+                return Err(StepError::StudentShape {
+                    episode,
+                    expected,
+                    found: hidden.dims(),
+                });
+            }
+            let batch = ResponseBatch {
+                tokens: s.rollout.tokens.clone(),
+                mask: s.rollout.mask.clone(),
+                behaviour_logp: s.rollout.behaviour_logp.clone(),
+            };
+            let fused = fused_distillation::<B>(
+                hidden,
+                head,
+                s.teacher.to_input(),
+                &batch,
+                &self.config.loss,
+                self.config.chunk_rows,
+            );
+            let stats = fused.stats;
+            let n = stats.valid_tokens as f64;
+            loss += w * f64::from(stats.loss);
+            divergence += n * f64::from(stats.mean_divergence);
+            entropy += n * f64::from(stats.student_entropy);
+            clipped += n * f64::from(stats.clip_fraction);
+            tokens += n;
+            if !stats.loss.is_finite() {
+                non_finite_loss = true;
+                break;
+            }
+            let grads = fused.surrogate.mul_scalar(*w).backward();
+            accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+
+        let per_token = |x: f64| {
+            if tokens > 0.0 {
+                (x / tokens) as f32
+            } else {
+                0.0
+            }
+        };
+        let mut metrics = UpdateMetrics {
+            loss: loss as f32,
+            mean_divergence: per_token(divergence),
+            student_entropy: per_token(entropy),
+            clip_fraction: per_token(clipped),
+            grad_norm: f32::NAN,
+            lr,
+            skipped: None,
+        };
+        if non_finite_loss {
+            metrics.skipped = Some(SkipReason::NonFiniteLoss);
+            return Ok(metrics);
+        }
+
+        let (grads, norm) = clip_global_grad_norm::<B, M>(
+            &self.model,
+            accumulator.grads(),
+            self.config.max_grad_norm,
+        );
+        metrics.grad_norm = norm;
+        if !norm.is_finite() {
+            metrics.skipped = Some(SkipReason::NonFiniteGradient);
+            return Ok(metrics);
+        }
+        self.model = self.optimizer.step(lr, self.model.clone(), grads);
+        self.optimizer_steps += 1;
+        self.teacher.after_update(&self.model.valid())?;
+        Ok(metrics)
+    }
+}
+
+struct SquaredNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let sq = g.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t.add(sq),
+                None => sq,
+            });
+        }
+    }
+}
+
+/// `‖g‖₂` over every parameter gradient of `model`, read back once (NaN/inf propagate).
+fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> f32 {
+    let mut visitor = SquaredNorm::<B> { grads, total: None };
+    model.visit(&mut visitor);
+    match visitor.total {
+        Some(t) => t.into_scalar().elem::<f64>().sqrt() as f32,
+        None => 0.0,
+    }
+}
+
+struct ScaleGrads<B: AutodiffBackend> {
+    grads: GradientsParams,
+    factor: f32,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// Global gradient-norm clipping, as `torch.nn.utils.clip_grad_norm_`: with
+/// `‖g‖ = sqrt(Σ_p ‖g_p‖²)` over every parameter of `model`, scales every gradient by
+/// `c / (‖g‖ + 1e-6)` when `‖g‖ > c`. Returns the gradients and the pre-clip `‖g‖` (NaN or
+/// inf when a gradient is non-finite; nothing is scaled then). `max_norm = None` only
+/// measures.
+pub fn clip_global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: GradientsParams,
+    max_norm: Option<f32>,
+) -> (GradientsParams, f32) {
+    let norm = global_grad_norm::<B, M>(model, &grads);
+    match max_norm {
+        Some(max) if norm.is_finite() && norm > max => {
+            let mut visitor = ScaleGrads::<B> {
+                grads,
+                factor: max / (norm + 1e-6),
+                _backend: core::marker::PhantomData,
+            };
+            model.visit(&mut visitor);
+            (visitor.grads, norm)
+        }
+        _ => (grads, norm),
+    }
+}

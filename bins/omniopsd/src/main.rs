@@ -2,6 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod data;
+mod eval_mer;
+mod train;
+
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.
 #[derive(Debug, Parser)]
 #[command(name = "omniopsd", version, about, propagate_version = true)]
@@ -11,11 +15,21 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Corpus tools: generate the synthetic corpus, validate a manifest.
+    #[command(subcommand)]
+    Data(data::Command),
+    /// Score predictions on MER-UniBench (F_s, HIT, WAF, nine-dataset mean).
+    #[command(name = "eval-mer")]
+    EvalMer(eval_mer::Args),
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+        Command::EvalMer(args) => eval_mer::run(args),
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -1,0 +1,186 @@
+//! Shared pieces of the omniopsd benchmarks: a counting global allocator for peak-memory
+//! measurement and the two ways of computing the distillation loss with its gradients.
+//!
+//! The allocator type lives here; each bench binary installs it with `#[global_allocator]`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor};
+use omniopsd_core::divergence::{loss_from_logits, LossConfig};
+use omniopsd_core::fused::{fused_loss_and_grads, ResponseBatch, TeacherInput};
+
+/// CPU backend of the benchmarks.
+pub type Cpu = NdArray<f32>;
+/// Its autodiff wrapper (the naive path).
+pub type Train = Autodiff<Cpu>;
+
+/// Wraps the system allocator, tracking live bytes and their high-water mark.
+pub struct CountingAllocator {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl CountingAllocator {
+    /// A fresh counter (for a `static`).
+    pub const fn new() -> Self {
+        Self {
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes currently allocated.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the high-water mark at the current live bytes.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live(), Ordering::Relaxed);
+    }
+
+    /// Highest live bytes since the last [`Self::reset_peak`].
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    fn grew(&self, bytes: usize) {
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+}
+
+impl Default for CountingAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; the counters are only bookkeeping.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            self.grew(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            self.grew(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        self.live.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            self.live.fetch_sub(layout.size(), Ordering::Relaxed);
+            self.grew(new_size);
+        }
+        new
+    }
+}
+
+/// One benchmark problem: student and teacher hidden states `[N, R, H]` sharing the LM head
+/// `[V, H]` (self-distillation), with a response batch.
+#[derive(Clone)]
+pub struct Problem {
+    /// Student hidden states.
+    pub hidden: Tensor<Cpu, 3>,
+    /// Teacher hidden states.
+    pub teacher_hidden: Tensor<Cpu, 3>,
+    /// LM head.
+    pub weight: Tensor<Cpu, 2>,
+    /// Tokens, mask, behaviour log-probs.
+    pub batch: ResponseBatch<Cpu>,
+}
+
+impl Problem {
+    /// Random problem with `n·r` rows, hidden size `h`, vocabulary `v`; the last quarter of
+    /// each sequence is padding.
+    pub fn random(n: usize, r: usize, h: usize, v: usize) -> Self {
+        use burn::tensor::Distribution;
+        let device = Default::default();
+        let scale = 1.0 / (h as f64).sqrt();
+        let hidden = Tensor::random([n, r, h], Distribution::Normal(0.0, 1.0), &device);
+        let teacher_hidden = Tensor::random([n, r, h], Distribution::Normal(0.0, 1.0), &device);
+        let weight = Tensor::random([v, h], Distribution::Normal(0.0, 2.0 * scale), &device);
+        let tokens = Tensor::<Cpu, 2, Int>::random(
+            [n, r],
+            Distribution::Uniform(0.0, v as f64),
+            &device,
+        );
+        let valid = r - r / 4;
+        let mask = Tensor::<Cpu, 1, Int>::arange(0..r as i64, &device)
+            .lower_elem(valid as i64)
+            .float()
+            .unsqueeze_dim::<2>(0)
+            .repeat_dim(0, n);
+        Self {
+            hidden,
+            teacher_hidden,
+            weight,
+            batch: ResponseBatch {
+                tokens,
+                mask,
+                behaviour_logp: Tensor::zeros([n, r], &device),
+            },
+        }
+    }
+}
+
+/// Naive path: full `[N·R, V]` logits for student and teacher, loss from logits, Burn
+/// autodiff backward. Returns the loss and the gradients w.r.t. hidden and weight.
+pub fn naive(problem: &Problem, cfg: &LossConfig) -> (f32, Tensor<Cpu, 3>, Tensor<Cpu, 2>) {
+    let hidden = Tensor::<Train, 3>::from_inner(problem.hidden.clone()).require_grad();
+    let weight = Tensor::<Train, 2>::from_inner(problem.weight.clone()).require_grad();
+    let student_logits = hidden
+        .clone()
+        .matmul(weight.clone().transpose().unsqueeze_dim::<3>(0));
+    let teacher_logits = problem
+        .teacher_hidden
+        .clone()
+        .matmul(problem.weight.clone().transpose().unsqueeze_dim::<3>(0));
+    let loss = loss_from_logits(
+        student_logits,
+        Tensor::from_inner(teacher_logits),
+        Tensor::from_inner(problem.batch.tokens.clone()),
+        Tensor::from_inner(problem.batch.mask.clone()),
+        Tensor::from_inner(problem.batch.behaviour_logp.clone()),
+        cfg,
+    );
+    let grads = loss.backward();
+    let grad_hidden = hidden.grad(&grads).expect("hidden requires grad");
+    let grad_weight = weight.grad(&grads).expect("weight requires grad");
+    (loss.into_scalar(), grad_hidden, grad_weight)
+}
+
+/// Chunked path: [`fused_loss_and_grads`] with the teacher given as hidden states + LM head.
+pub fn chunked(
+    problem: &Problem,
+    cfg: &LossConfig,
+    chunk_rows: usize,
+) -> (f32, Tensor<Cpu, 3>, Tensor<Cpu, 2>) {
+    let out = fused_loss_and_grads(
+        problem.hidden.clone(),
+        problem.weight.clone(),
+        TeacherInput::Hidden {
+            hidden: problem.teacher_hidden.clone(),
+            weight: problem.weight.clone(),
+        },
+        &problem.batch,
+        cfg,
+        chunk_rows,
+    );
+    (out.stats.loss, out.grad_hidden, out.grad_weight)
+}

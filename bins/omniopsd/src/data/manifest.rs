@@ -1,0 +1,223 @@
+//! The JSONL manifest: one sample a line, media paths relative to the manifest's directory.
+//!
+//! ```json
+//! {"id": "synth-00007", "split": "train", "audio": "audio/synth-00007.wav",
+//!  "video": "frames/synth-00007", "subtitle": "Oh great, another meeting.",
+//!  "rationale": "Audio: ... Visual: ... Text: ...", "emotion": "angry",
+//!  "sentiment": -1.8, "openset": ["angry", "annoyed", "sarcastic"], "conflict": "sarcasm"}
+//! ```
+//!
+//! Labels follow MER-UniBench: `emotion` is one of the MER2023/MER2024 basic labels (scored
+//! by HIT), `sentiment` a CMU-MOSI-style score in `[-3, 3]` (scored by WAF on its sign), and
+//! `openset` an OV-MERD+-style open-vocabulary set (scored by F_s).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::media;
+
+/// The basic-emotion labels of MER2023 / MER2024, the HIT-scored sets of MER-UniBench.
+pub const BASIC_EMOTIONS: [&str; 6] = ["happy", "sad", "angry", "surprise", "worried", "neutral"];
+
+/// Which part of the corpus a sample belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Used for training.
+    Train,
+    /// Used only for evaluation.
+    Heldout,
+}
+
+/// One manifest line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unique sample id.
+    pub id: String,
+    /// Train or held-out.
+    pub split: Split,
+    /// 16 kHz mono WAV, relative to the manifest's directory (or absolute).
+    pub audio: String,
+    /// Directory of PNG frames in name order, relative to the manifest's directory.
+    pub video: String,
+    /// What the speaker says.
+    pub subtitle: String,
+    /// Evidence-aware rationale citing audio, visual and textual cues (the privileged block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationale: Option<String>,
+    /// One of [`BASIC_EMOTIONS`].
+    pub emotion: String,
+    /// Sentiment score in `[-3, 3]`; `0` is neutral.
+    pub sentiment: f64,
+    /// Open-vocabulary emotion labels.
+    pub openset: Vec<String>,
+    /// Why the subtitle alone misleads (`sarcasm`, `masking`, `understatement`), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
+}
+
+/// Limits a manifest is checked against.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Longest audio accepted, in seconds.
+    pub max_audio_seconds: f64,
+    /// Most frames accepted per video.
+    pub max_frames: usize,
+    /// Whether a sample must carry a rationale (OPSD's privileged context needs one).
+    pub require_rationale: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_audio_seconds: 30.0,
+            max_frames: 64,
+            require_rationale: true,
+        }
+    }
+}
+
+/// One thing wrong with a manifest, at a 1-based line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    /// Line number in the manifest (1-based).
+    pub line: usize,
+    /// What is wrong, naming the field or file.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// A parsed manifest: the records that passed every check, with their line numbers, and the
+/// problems of the others.
+#[derive(Clone, Debug, Default)]
+pub struct Checked {
+    /// `(line, record)` of every valid sample, in file order.
+    pub records: Vec<(usize, Record)>,
+    /// Every problem found, in file order.
+    pub problems: Vec<Problem>,
+    /// Non-blank lines read.
+    pub lines: usize,
+}
+
+/// Resolves a manifest path field against the manifest's directory.
+pub fn resolve(base: &Path, field: &str) -> PathBuf {
+    let p = Path::new(field);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Checks one record's fields and media; every problem found is pushed, not just the first.
+pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String> {
+    let mut problems = Vec::new();
+    if record.id.trim().is_empty() {
+        problems.push("field `id` is empty".to_string());
+    }
+    if !BASIC_EMOTIONS.contains(&record.emotion.as_str()) {
+        problems.push(format!(
+            "field `emotion` is `{}`, expected one of {}",
+            record.emotion,
+            BASIC_EMOTIONS.join(", ")
+        ));
+    }
+    if !(record.sentiment.is_finite() && (-3.0..=3.0).contains(&record.sentiment)) {
+        problems.push(format!(
+            "field `sentiment` is {}, expected a number in [-3, 3]",
+            record.sentiment
+        ));
+    }
+    if record.openset.iter().all(|w| w.trim().is_empty()) {
+        problems.push("field `openset` has no label".to_string());
+    }
+    if record.subtitle.trim().is_empty() {
+        problems.push("field `subtitle` is empty".to_string());
+    }
+    let rationale_missing = record
+        .rationale
+        .as_deref()
+        .is_none_or(|r| r.trim().is_empty());
+    if limits.require_rationale && rationale_missing {
+        problems.push(
+            "missing rationale: field `rationale` is absent or empty, and OPSD's teacher needs it"
+                .to_string(),
+        );
+    }
+    if let Err(err) = media::read_wav(
+        &resolve(base, &record.audio),
+        media::SAMPLE_RATE,
+        limits.max_audio_seconds,
+    ) {
+        problems.push(format!("{err:#}"));
+    }
+    if let Err(err) = media::read_frames(&resolve(base, &record.video), limits.max_frames) {
+        problems.push(format!("{err:#}"));
+    }
+    problems
+}
+
+/// Parses and checks a whole manifest; returns `Err` only when the file itself cannot be read.
+pub fn check_manifest(path: &Path, limits: &Limits) -> Result<Checked> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading manifest {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut checked = Checked::default();
+    let mut seen = HashSet::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        checked.lines += 1;
+        let record: Record = match serde_json::from_str(raw) {
+            Ok(r) => r,
+            Err(err) => {
+                let what = if err.is_data() {
+                    "bad sample"
+                } else {
+                    "bad JSON"
+                };
+                checked.problems.push(Problem {
+                    line,
+                    message: format!("{what}: {err}"),
+                });
+                continue;
+            }
+        };
+        let mut problems = check_record(&record, base, limits);
+        if !seen.insert(record.id.clone()) {
+            problems.push(format!("duplicate id `{}`", record.id));
+        }
+        if problems.is_empty() {
+            checked.records.push((line, record));
+        } else {
+            checked.problems.extend(
+                problems
+                    .into_iter()
+                    .map(|message| Problem { line, message }),
+            );
+        }
+    }
+    Ok(checked)
+}
+
+/// Writes records as JSONL.
+pub fn write_manifest(path: &Path, records: &[Record]) -> Result<()> {
+    let mut out = String::new();
+    for r in records {
+        out.push_str(&serde_json::to_string(r).context("serializing a manifest record")?);
+        out.push('\n');
+    }
+    fs::write(path, out).with_context(|| format!("writing manifest {}", path.display()))
+}

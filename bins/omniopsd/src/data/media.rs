@@ -1,0 +1,250 @@
+//! Media files of a manifest: 16 kHz mono WAV speech and directories of PNG video frames.
+//!
+//! Reading validates what the models assume (sample rate, channel count, frame sizes), so a
+//! bad file is reported with its path and what was expected instead of reaching a tensor.
+
+use std::fs;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The sample rate every audio encoder of the project consumes (Whisper's feature extractor).
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// Mono audio, samples in `[-1, 1]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Audio {
+    /// Samples per second.
+    pub sample_rate: u32,
+    /// The waveform.
+    pub samples: Vec<f32>,
+}
+
+impl Audio {
+    /// Length in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.samples.len() as f64 / f64::from(self.sample_rate)
+    }
+}
+
+/// One RGB video frame, row-major, 3 bytes a pixel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `width · height · 3` bytes.
+    pub rgb: Vec<u8>,
+}
+
+/// Writes 16-bit PCM mono at [`SAMPLE_RATE`].
+pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec)
+        .with_context(|| format!("creating WAV file {}", path.display()))?;
+    for s in samples {
+        writer
+            .write_sample(*s)
+            .with_context(|| format!("writing WAV file {}", path.display()))?;
+    }
+    writer
+        .finalize()
+        .with_context(|| format!("finishing WAV file {}", path.display()))
+}
+
+/// Reads a mono WAV file (16/24/32-bit integer or 32-bit float PCM) and checks that it is
+/// sampled at `expected_rate`, holds at least one sample and at most `max_seconds`.
+pub fn read_wav(path: &Path, expected_rate: u32, max_seconds: f64) -> Result<Audio> {
+    let mut reader = hound::WavReader::open(path)
+        .with_context(|| format!("audio {}: not a readable WAV file", path.display()))?;
+    let spec = reader.spec();
+    if spec.sample_rate != expected_rate {
+        bail!(
+            "audio {}: sample rate {} Hz, expected {} Hz",
+            path.display(),
+            spec.sample_rate,
+            expected_rate
+        );
+    }
+    if spec.channels != 1 {
+        bail!(
+            "audio {}: {} channels, expected 1 (mono)",
+            path.display(),
+            spec.channels
+        );
+    }
+    let frames = reader.duration();
+    let seconds = f64::from(frames) / f64::from(spec.sample_rate);
+    if seconds > max_seconds {
+        bail!(
+            "audio {}: {:.2} s long, longer than the limit of {} s",
+            path.display(),
+            seconds,
+            max_seconds
+        );
+    }
+    let samples: Vec<f32> = match (spec.sample_format, spec.bits_per_sample) {
+        (hound::SampleFormat::Float, 32) => reader
+            .samples::<f32>()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("audio {}: corrupt sample data", path.display()))?,
+        (hound::SampleFormat::Int, bits @ (8 | 16 | 24 | 32)) => {
+            let scale = 1.0 / (1u64 << (bits - 1)) as f32;
+            reader
+                .samples::<i32>()
+                .map(|s| s.map(|v| v as f32 * scale))
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("audio {}: corrupt sample data", path.display()))?
+        }
+        (format, bits) => bail!(
+            "audio {}: unsupported sample format {format:?} with {bits} bits",
+            path.display()
+        ),
+    };
+    if samples.is_empty() {
+        bail!("audio {}: no samples", path.display());
+    }
+    if samples.len() != frames as usize {
+        bail!(
+            "audio {}: header announces {} samples but the file holds {}",
+            path.display(),
+            frames,
+            samples.len()
+        );
+    }
+    Ok(Audio {
+        sample_rate: spec.sample_rate,
+        samples,
+    })
+}
+
+/// Writes an 8-bit RGB PNG.
+pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
+    let file = fs::File::create(path)
+        .with_context(|| format!("creating PNG file {}", path.display()))?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), frame.width, frame.height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder
+        .write_header()
+        .with_context(|| format!("writing PNG header {}", path.display()))?;
+    writer
+        .write_image_data(&frame.rgb)
+        .with_context(|| format!("writing PNG data {}", path.display()))?;
+    writer
+        .finish()
+        .with_context(|| format!("finishing PNG file {}", path.display()))
+}
+
+/// Reads a PNG (8-bit gray, gray+alpha, RGB or RGBA; palettes expanded) as RGB.
+pub fn read_png(path: &Path) -> Result<Frame> {
+    let file =
+        fs::File::open(path).with_context(|| format!("frame {}: cannot open", path.display()))?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder
+        .read_info()
+        .with_context(|| format!("frame {}: not a readable PNG file", path.display()))?;
+    let size = reader
+        .output_buffer_size()
+        .with_context(|| format!("frame {}: image too large", path.display()))?;
+    let mut buf = vec![0u8; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .with_context(|| format!("frame {}: corrupt PNG data", path.display()))?;
+    buf.truncate(info.buffer_size());
+    let pixels = (info.width as usize) * (info.height as usize);
+    let rgb = match info.color_type {
+        png::ColorType::Rgb => buf,
+        png::ColorType::Rgba => buf
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        png::ColorType::Grayscale => buf.iter().flat_map(|g| [*g, *g, *g]).collect(),
+        png::ColorType::GrayscaleAlpha => buf
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        png::ColorType::Indexed => bail!(
+            "frame {}: palette image was not expanded",
+            path.display()
+        ),
+    };
+    if rgb.len() != pixels * 3 {
+        bail!(
+            "frame {}: {} bytes of pixel data for a {}x{} image",
+            path.display(),
+            rgb.len(),
+            info.width,
+            info.height
+        );
+    }
+    Ok(Frame {
+        width: info.width,
+        height: info.height,
+        rgb,
+    })
+}
+
+/// The `*.png` files of a frame directory, sorted by name (frame order).
+pub fn frame_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("video {}: not a readable directory", dir.display()))?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("video {}: listing", dir.display()))?;
+        let path = entry.path();
+        let is_png = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if is_png {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Reads every frame of a video directory; all frames must share one size, and there must be
+/// between 1 and `max_frames` of them.
+pub fn read_frames(dir: &Path, max_frames: usize) -> Result<Vec<Frame>> {
+    let paths = frame_paths(dir)?;
+    if paths.is_empty() {
+        bail!("video {}: no PNG frames", dir.display());
+    }
+    if paths.len() > max_frames {
+        bail!(
+            "video {}: {} frames, more than the limit of {}",
+            dir.display(),
+            paths.len(),
+            max_frames
+        );
+    }
+    let mut frames = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let frame = read_png(path)?;
+        if let Some(first) = frames.first() {
+            let first: &Frame = first;
+            if (first.width, first.height) != (frame.width, frame.height) {
+                bail!(
+                    "frame {}: size {}x{} differs from the first frame's {}x{}",
+                    path.display(),
+                    frame.width,
+                    frame.height,
+                    first.width,
+                    first.height
+                );
+            }
+        }
+        frames.push(frame);
+    }
+    Ok(frames)
+}

@@ -1,0 +1,20 @@
+//! Progress bars (indicatif) that disappear under `--quiet` / `--json-logs` and when stderr is
+//! not a terminal, so scripts and CI logs stay clean.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// A bar with ETA and a live message (the loss), or a hidden one when `quiet`.
+pub fn bar(len: u64, prefix: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{prefix:>8.bold} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(prefix.to_string());
+    bar
+}

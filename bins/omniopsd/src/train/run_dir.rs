@@ -1,0 +1,167 @@
+//! `runs/<name>/`: the resolved config, `metrics.jsonl`, plots, reports, checkpoints.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Writes a whole file atomically (temp file, fsync, rename), so readers never see half of it.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: not a file path", path.display()))?;
+    super::checkpoint::write_atomic(dir, name, bytes).map(|_| ())
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricLine {
+    /// `train` (an update) or `eval` (held-out scores).
+    pub kind: String,
+    /// Method name.
+    pub method: String,
+    /// Seed.
+    pub seed: u64,
+    /// `warmup`, `opsd` or `sft`.
+    pub phase: String,
+    /// Updates done in this phase when measured.
+    pub step: u64,
+    /// Named values (loss, divergence, entropy, lr, grad_norm, hit, waf, fs, ...).
+    pub values: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An opened run directory.
+pub struct RunDir {
+    /// `runs/<name>`.
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates (or reopens) the run directory and checks that it is writable.
+    pub fn create(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).with_context(|| {
+            format!("run directory {}: cannot create it", root.display())
+        })?;
+        let probe = root.join(".write-test");
+        File::create(&probe)
+            .and_then(|mut f| f.write_all(b"ok"))
+            .with_context(|| format!("run directory {}: not writable", root.display()))?;
+        let _ = fs::remove_file(&probe);
+        for sub in ["plots", "checkpoints"] {
+            fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("run directory {}: creating {sub}/", root.display()))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing run directory for `--resume`.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("config.toml").is_file() {
+            bail!(
+                "--resume {}: not a run directory (no config.toml)",
+                root.display()
+            );
+        }
+        Self::create(root)
+    }
+
+    /// `metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    /// Checkpoint directory of one training.
+    pub fn checkpoints(&self, method: &str, seed: u64) -> PathBuf {
+        self.root.join("checkpoints").join(format!("{method}-seed{seed}"))
+    }
+
+    /// Appends one line to `metrics.jsonl` and flushes it.
+    pub fn append_metric(&self, line: &MetricLine) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut text = serde_json::to_string(line).context("serializing a metric line")?;
+        text.push('\n');
+        f.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Every metric line written so far (unparsable lines, e.g. one torn by a kill, dropped).
+    pub fn read_metrics(&self) -> Result<Vec<MetricLine>> {
+        let path = self.metrics_path();
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        let mut out = Vec::new();
+        for line in BufReader::new(f).lines() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            if let Ok(m) = serde_json::from_str(&line) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps only the metric lines `keep` accepts (after a resume, the lines a killed run
+    /// wrote past its last checkpoint are dropped, so every step appears once).
+    pub fn retain_metrics(&self, keep: impl Fn(&MetricLine) -> bool) -> Result<()> {
+        let lines: Vec<MetricLine> = self.read_metrics()?.into_iter().filter(|m| keep(m)).collect();
+        let mut text = String::new();
+        for l in &lines {
+            text.push_str(&serde_json::to_string(l).context("serializing a metric line")?);
+            text.push('\n');
+        }
+        write_file_atomic(&self.metrics_path(), text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: u64) -> MetricLine {
+        MetricLine {
+            kind: "train".into(),
+            method: "opsd".into(),
+            seed: 0,
+            phase: "opsd".into(),
+            step,
+            values: serde_json::Map::new(),
+        }
+    }
+
+    #[test]
+    fn metrics_append_read_and_retain() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&dir.path().join("r")).unwrap();
+        for s in 0..5 {
+            run.append_metric(&line(s)).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(run.metrics_path()).unwrap();
+        f.write_all(b"{\"kind\":\"tr").unwrap();
+        assert_eq!(run.read_metrics().unwrap().len(), 5, "torn line dropped");
+        run.retain_metrics(|m| m.step < 3).unwrap();
+        let steps: Vec<u64> = run.read_metrics().unwrap().iter().map(|m| m.step).collect();
+        assert_eq!(steps, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn run_dir_under_a_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        let err = RunDir::create(&file.join("run")).err().unwrap();
+        assert!(format!("{err:#}").contains("cannot create it"), "{err:#}");
+    }
+}

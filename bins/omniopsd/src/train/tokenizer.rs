@@ -1,0 +1,104 @@
+//! The embedded model's tokenizer: byte-level BPE (as Qwen2's) trained on the corpus texts with
+//! the `tokenizers` crate, saved as a standard `tokenizer.json`.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerBuilder,
+};
+
+/// Special tokens, in id order from 0: padding, end of answer, media placeholders.
+pub const SPECIALS: [&str; 4] = ["<|pad|>", "<|endoftext|>", "<|audio|>", "<|video|>"];
+/// Id of `<|pad|>`.
+pub const PAD: u32 = 0;
+/// Id of `<|endoftext|>` (the stop token).
+pub const EOS: u32 = 1;
+
+/// Trains a byte-level BPE tokenizer of at most `vocab_size` entries on `texts`.
+pub fn train(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let specials: Vec<AddedToken> = SPECIALS
+        .iter()
+        .map(|s| AddedToken::from(s.to_string(), true))
+        .collect();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tk = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_decoder(Some(ByteLevel::default().into()))
+    .build()
+    .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
+    tk.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    let tokenizer = Tokenizer::from(tk);
+    for (i, s) in SPECIALS.iter().enumerate() {
+        if tokenizer.token_to_id(s) != Some(i as u32) {
+            return Err(anyhow!("tokenizer: special token {s} did not get id {i}"));
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Token ids of `text` (no special tokens added).
+pub fn encode(tk: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tk
+        .encode(text, false)
+        .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Text of `ids`, special tokens skipped.
+pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tk.decode(ids, true)
+        .map_err(|e| anyhow!("decoding {} token ids: {e}", ids.len()))
+}
+
+/// Saves as `tokenizer.json`.
+pub fn save(tk: &Tokenizer, path: &Path) -> Result<()> {
+    let json = tk
+        .to_string(true)
+        .map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
+    super::run_dir::write_file_atomic(path, json.as_bytes())
+        .with_context(|| format!("saving {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts() -> Vec<String> {
+        (0..50)
+            .map(|i| format!("emotion: angry; sentiment: negative; open: angry, annoyed {i}"))
+            .chain((0..50).map(|i| format!("subtitle: I'm fine, really, number {i}.")))
+            .collect()
+    }
+
+    #[test]
+    fn trained_tokenizer_round_trips_and_is_deterministic() {
+        let a = train(&texts(), 300).unwrap();
+        let b = train(&texts(), 300).unwrap();
+        assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
+        assert!(a.get_vocab_size(true) <= 300);
+        let text = "emotion: sad; open: lonely, hurt";
+        let ids = encode(&a, text).unwrap();
+        assert_eq!(decode(&a, &ids).unwrap(), text);
+        let ids = encode(&a, "<|audio|> x").unwrap();
+        assert_eq!(ids[0], 2, "media placeholder is one special token");
+    }
+}

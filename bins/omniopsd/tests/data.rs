@@ -1,0 +1,313 @@
+//! `omniopsd data synth` and `omniopsd data check`, driven through the binary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn omniopsd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_omniopsd"))
+        .args(args)
+        .output()
+        .expect("the omniopsd binary runs")
+}
+
+fn synth(dir: &Path, n: usize, seed: u64) {
+    let out = omniopsd(&[
+        "data",
+        "synth",
+        "--quiet",
+        "--out",
+        dir.to_str().unwrap(),
+        "--n",
+        &n.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "synth failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under `dir`, relative path → bytes, sorted.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn check(manifest: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["data", "check", manifest.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = omniopsd(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn lines(manifest: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(manifest)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_lines(manifest: &Path, lines: &[String]) {
+    fs::write(manifest, lines.join("\n") + "\n").unwrap();
+}
+
+/// A valid 6-sample corpus and its manifest path.
+fn corpus() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), 6, 11);
+    let m = dir.path().join("manifest.jsonl");
+    (dir, m)
+}
+
+#[test]
+fn synth_same_seed_gives_byte_identical_files() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    synth(a.path(), 12, 7);
+    synth(b.path(), 12, 7);
+    let (ta, tb) = (tree(a.path()), tree(b.path()));
+    assert_eq!(ta.len(), 1 + 12 + 12 * 4, "manifest + 12 wavs + 48 frames");
+    assert!(ta == tb, "same seed must give byte-identical corpora");
+}
+
+#[test]
+fn synth_different_seed_gives_different_corpus() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    synth(a.path(), 4, 1);
+    synth(b.path(), 4, 2);
+    assert!(tree(a.path()) != tree(b.path()));
+}
+
+#[test]
+fn synth_corpus_uses_the_benchmark_taxonomy_and_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), 60, 3);
+    let m = dir.path().join("manifest.jsonl");
+    let (ok, text) = check(&m, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("60 samples, all valid"), "{text}");
+    let format_csv = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/mer-unibench/format.csv"
+    ))
+    .unwrap();
+    let known: std::collections::HashSet<String> = format_csv
+        .lines()
+        .skip(1)
+        .flat_map(|l| {
+            let (name, forms) = l.split_once(',').unwrap();
+            std::iter::once(name.to_string())
+                .chain(forms.trim_matches('"').split(',').map(|f| f.trim().to_string()))
+        })
+        .collect();
+    let mut splits = std::collections::HashSet::new();
+    let mut conflicts = 0;
+    for v in lines(&m) {
+        let emotion = v["emotion"].as_str().unwrap();
+        if emotion != "neutral" {
+            assert!(known.contains(emotion), "{emotion} is not a MER-UniBench label");
+        }
+        for w in v["openset"].as_array().unwrap() {
+            let w = w.as_str().unwrap();
+            assert!(known.contains(w), "open-set label {w} is not in format.csv");
+        }
+        let s = v["sentiment"].as_f64().unwrap();
+        assert_eq!(s == 0.0, emotion == "neutral");
+        let r = v["rationale"].as_str().unwrap();
+        assert!(r.contains("Audio:") && r.contains("Visual:") && r.contains("Text:"));
+        splits.insert(v["split"].as_str().unwrap().to_string());
+        conflicts += usize::from(v.get("conflict").is_some());
+    }
+    assert_eq!(splits.len(), 2, "both splits present");
+    assert!(conflicts > 0, "some subtitles mislead");
+}
+
+#[test]
+fn synth_writes_16khz_mono_wav_and_equal_sized_png_frames() {
+    let (dir, m) = corpus();
+    let first = &lines(&m)[0];
+    let wav = dir.path().join(first["audio"].as_str().unwrap());
+    let reader = hound::WavReader::open(wav).unwrap();
+    assert_eq!(reader.spec().sample_rate, 16_000);
+    assert_eq!(reader.spec().channels, 1);
+    let secs = reader.duration() as f64 / 16_000.0;
+    assert!((0.5..4.0).contains(&secs), "{secs} s");
+    let frames = dir.path().join(first["video"].as_str().unwrap());
+    let mut names: Vec<_> = fs::read_dir(frames).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    assert_eq!(names.len(), 4);
+    for p in names {
+        let decoder = png::Decoder::new(std::io::BufReader::new(fs::File::open(p).unwrap()));
+        let info = decoder.read_info().unwrap();
+        assert_eq!((info.info().width, info.info().height), (56, 56));
+    }
+}
+
+#[test]
+fn check_reports_bad_json_with_its_line_number() {
+    let (_dir, m) = corpus();
+    let mut ls: Vec<String> = fs::read_to_string(&m).unwrap().lines().map(String::from).collect();
+    ls[2] = "{not json".to_string();
+    write_lines(&m, &ls);
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":3: bad JSON"), "{text}");
+    assert!(text.contains("1 problems on 1 of 6 lines"), "{text}");
+}
+
+#[test]
+fn check_reports_missing_field_by_name() {
+    let (_dir, m) = corpus();
+    let mut vs = lines(&m);
+    vs[1].as_object_mut().unwrap().remove("audio");
+    write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":2: bad sample: missing field `audio`"), "{text}");
+}
+
+#[test]
+fn check_reports_missing_rationale_unless_allowed() {
+    let (_dir, m) = corpus();
+    let mut vs = lines(&m);
+    vs[4].as_object_mut().unwrap().remove("rationale");
+    vs[5]["rationale"] = serde_json::json!("  ");
+    write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":5: missing rationale"), "{text}");
+    assert!(text.contains(":6: missing rationale"), "{text}");
+    let (ok, text) = check(&m, &["--allow-missing-rationale"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn check_reports_missing_and_corrupt_audio() {
+    let (dir, m) = corpus();
+    let vs = lines(&m);
+    fs::remove_file(dir.path().join(vs[0]["audio"].as_str().unwrap())).unwrap();
+    let wav = dir.path().join(vs[3]["audio"].as_str().unwrap());
+    let bytes = fs::read(&wav).unwrap();
+    fs::write(&wav, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":1: audio") && text.contains("not a readable WAV file"), "{text}");
+    assert!(text.contains(":4: audio"), "{text}");
+    assert!(
+        text.contains("header announces") || text.contains("corrupt sample data"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_wrong_sample_rate() {
+    let (dir, m) = corpus();
+    let vs = lines(&m);
+    let wav = dir.path().join(vs[2]["audio"].as_str().unwrap());
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 44_100,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    for _ in 0..4410 {
+        w.write_sample(0i16).unwrap();
+    }
+    w.finalize().unwrap();
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(
+        text.contains(":3: audio") && text.contains("sample rate 44100 Hz, expected 16000 Hz"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_overlong_sample() {
+    let (_dir, m) = corpus();
+    let (ok, text) = check(&m, &["--max-audio-seconds", "0.5"]);
+    assert!(!ok);
+    assert!(text.contains("longer than the limit of 0.5 s"), "{text}");
+    assert!(text.contains(":1: audio") && text.contains(":6: audio"), "{text}");
+}
+
+#[test]
+fn check_reports_missing_corrupt_and_mismatched_frames() {
+    let (dir, m) = corpus();
+    let vs = lines(&m);
+    let v0 = dir.path().join(vs[0]["video"].as_str().unwrap());
+    fs::remove_dir_all(&v0).unwrap();
+    let v1 = dir.path().join(vs[1]["video"].as_str().unwrap());
+    fs::write(v1.join("001.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
+    let v2 = dir.path().join(vs[2]["video"].as_str().unwrap());
+    fs::copy(
+        v1.join("000.png"),
+        v2.join("009.png"),
+    )
+    .unwrap();
+    let small = dir.path().join("small.png");
+    {
+        let mut e = png::Encoder::new(fs::File::create(&small).unwrap(), 8, 8);
+        e.set_color(png::ColorType::Rgb);
+        e.set_depth(png::BitDepth::Eight);
+        e.write_header().unwrap().write_image_data(&[0u8; 192]).unwrap();
+    }
+    fs::copy(&small, v2.join("010.png")).unwrap();
+    let v3 = dir.path().join(vs[3]["video"].as_str().unwrap());
+    for e in fs::read_dir(&v3).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":1: video") && text.contains("not a readable directory"), "{text}");
+    assert!(text.contains(":2: frame") && text.contains("PNG"), "{text}");
+    assert!(text.contains(":3: frame") && text.contains("size 8x8 differs"), "{text}");
+    assert!(text.contains(":4: video") && text.contains("no PNG frames"), "{text}");
+}
+
+#[test]
+fn check_reports_bad_labels_and_duplicate_ids() {
+    let (_dir, m) = corpus();
+    let mut vs = lines(&m);
+    vs[0]["emotion"] = serde_json::json!("ecstatic");
+    vs[1]["sentiment"] = serde_json::json!(7.5);
+    vs[2]["openset"] = serde_json::json!([]);
+    vs[3]["id"] = vs[4]["id"].clone();
+    write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(text.contains(":1: field `emotion` is `ecstatic`"), "{text}");
+    assert!(text.contains(":2: field `sentiment` is 7.5"), "{text}");
+    assert!(text.contains(":3: field `openset` has no label"), "{text}");
+    assert!(text.contains(":5: duplicate id"), "{text}");
+}
+
+#[test]
+fn check_of_a_missing_manifest_is_a_clear_error() {
+    let (ok, text) = check(Path::new("/nonexistent/manifest.jsonl"), &[]);
+    assert!(!ok);
+    assert!(text.contains("reading manifest /nonexistent/manifest.jsonl"), "{text}");
+}
