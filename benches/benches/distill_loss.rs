@@ -4,8 +4,9 @@
 //! Default problem (issue 2): V = 151,936, H = 1,024, N·R = 2,048 (8 × 256), JSD(β = 0.5),
 //! token reduction, chunks of 128 rows. Override with `OMNIOPSD_BENCH_V`, `OMNIOPSD_BENCH_H`,
 //! `OMNIOPSD_BENCH_ROWS` (multiple of 256), `OMNIOPSD_BENCH_CHUNK`; set
-//! `OMNIOPSD_BENCH_SKIP_NAIVE=1` to time only the chunked path (the naive one needs ~10 GB at
-//! full size).
+//! `OMNIOPSD_BENCH_SKIP_NAIVE=1` to time only the chunked path (the naive one needs ~12.5 GiB
+//! at full size), and `OMNIOPSD_BENCH_PEAK_ONLY=1` to stop after the single measured run of
+//! each path (peak memory and one wall time), skipping the criterion samples.
 //!
 //! Run: `cargo bench -p omniopsd-benches -- --sample-size 10`
 
@@ -49,7 +50,10 @@ fn distill_loss(c: &mut Criterion) {
     let n = rows / r;
     let problem = Problem::random(n, r, h, v);
     let cfg = LossConfig::default();
-    println!("distill_loss: V={v} H={h} N*R={} ({n}x{r}) chunk_rows={chunk} {cfg:?}", n * r);
+    println!(
+        "distill_loss: V={v} H={h} N*R={} ({n}x{r}) chunk_rows={chunk} {cfg:?}",
+        n * r
+    );
 
     let ((loss_c, gh_c, gw_c), peak_c, time_c) = peak_bytes(|| chunked(&problem, &cfg, chunk));
     println!(

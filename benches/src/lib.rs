@@ -115,11 +115,8 @@ impl Problem {
         let hidden = Tensor::random([n, r, h], Distribution::Normal(0.0, 1.0), &device);
         let teacher_hidden = Tensor::random([n, r, h], Distribution::Normal(0.0, 1.0), &device);
         let weight = Tensor::random([v, h], Distribution::Normal(0.0, 2.0 * scale), &device);
-        let tokens = Tensor::<Cpu, 2, Int>::random(
-            [n, r],
-            Distribution::Uniform(0.0, v as f64),
-            &device,
-        );
+        let tokens =
+            Tensor::<Cpu, 2, Int>::random([n, r], Distribution::Uniform(0.0, v as f64), &device);
         let valid = r - r / 4;
         let mask = Tensor::<Cpu, 1, Int>::arange(0..r as i64, &device)
             .lower_elem(valid as i64)

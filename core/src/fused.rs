@@ -91,7 +91,9 @@ pub enum FusedLossError {
         found: Vec<usize>,
     },
     /// A valid (unmasked) response token id is outside `[0, V)`.
-    #[error("fused loss: batch.tokens holds id {found} at a valid position, vocabulary size is {vocab}")]
+    #[error(
+        "fused loss: batch.tokens holds id {found} at a valid position, vocabulary size is {vocab}"
+    )]
     TokenOutOfRange {
         /// The offending id (the smallest or largest seen).
         found: i64,
@@ -191,7 +193,11 @@ fn fused_core<B: Backend>(
     check_shape("weight", &[v, hw], &[v, h])?;
     check_shape("batch.tokens", &batch.tokens.dims(), &[n, r])?;
     check_shape("batch.mask", &batch.mask.dims(), &[n, r])?;
-    check_shape("batch.behaviour_logp", &batch.behaviour_logp.dims(), &[n, r])?;
+    check_shape(
+        "batch.behaviour_logp",
+        &batch.behaviour_logp.dims(),
+        &[n, r],
+    )?;
     let rows = n * r;
     let device = hidden.device();
     let tau = cfg.temperature;
@@ -245,7 +251,7 @@ fn fused_core<B: Backend>(
             let [tn, tr, th_dim] = th.dims();
             check_shape("teacher.hidden", &[tn, tr], &[n, r])?;
             check_shape("teacher.weight", &tw.dims(), &[v, th_dim])?;
-            Teacher::Hidden(th.reshape([rows, th_dim]), tw.transpose())
+            Teacher::Hidden(th.reshape([rows, th_dim]), tw)
         }
         TeacherInput::Logits(tl) => {
             check_shape("teacher.logits", &tl.dims(), &[n, r, v])?;
@@ -254,7 +260,6 @@ fn fused_core<B: Backend>(
     };
 
     let h2 = hidden.reshape([rows, h]);
-    let weight_t = weight.clone().transpose();
     let mut loss = Tensor::<B, 1>::zeros([1], &device);
     let mut divergence_sum = Tensor::<B, 1>::zeros([1], &device);
     let mut entropy_sum = Tensor::<B, 1>::zeros([1], &device);
@@ -273,14 +278,19 @@ fn fused_core<B: Backend>(
             .clone()
             .narrow(0, start, len)
             .mask_fill(invalid.clone().expand([len, h]), 0.0);
-        let z = h_c.clone().matmul(weight_t.clone()).div_scalar(tau);
+        // Logits as `(W hᵀ)ᵀ` rather than `h Wᵀ`: backends that need contiguous matmul operands
+        // (NdArray) would otherwise copy the whole transposed `[H, V]` head for every chunk,
+        // while `hᵀ` is small.
+        let z = lm_logits(h_c.clone(), weight.clone()).div_scalar(tau);
         let t = match &teacher {
-            Teacher::Hidden(th, tw_t) => {
+            Teacher::Hidden(th, tw) => {
                 let th_dim = th.dims()[1];
-                th.clone()
-                    .narrow(0, start, len)
-                    .mask_fill(invalid.clone().expand([len, th_dim]), 0.0)
-                    .matmul(tw_t.clone())
+                lm_logits(
+                    th.clone()
+                        .narrow(0, start, len)
+                        .mask_fill(invalid.clone().expand([len, th_dim]), 0.0),
+                    tw.clone(),
+                )
             }
             Teacher::Logits(tl) => tl
                 .clone()
@@ -304,8 +314,7 @@ fn fused_core<B: Backend>(
         };
 
         loss = loss.add(terms.objective.mul(w.clone()).sum());
-        divergence_sum =
-            divergence_sum.add(terms.divergence.mask_fill(invalid.clone(), 0.0).sum());
+        divergence_sum = divergence_sum.add(terms.divergence.mask_fill(invalid.clone(), 0.0).sum());
         entropy_sum = entropy_sum.add(terms.entropy.mask_fill(invalid.clone(), 0.0).sum());
         if let Some(clipped) = terms.clipped {
             clipped_sum = clipped_sum.add(clipped.mask_fill(invalid, 0.0).sum());
@@ -351,6 +360,15 @@ fn fused_core<B: Backend>(
         },
         loss,
     ))
+}
+
+/// Logits `[c, V] = (W hᵀ)ᵀ` for hidden rows `h` `[c, H]` and head `W` `[V, H]`, made
+/// row-major again by the reshape: row reductions over a column-major `[c, V]` view would sum
+/// the vocabulary sequentially (O(V·ε) rounding) instead of lane-wise.
+fn lm_logits<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [c, _] = h.dims();
+    let v = weight.dims()[0];
+    weight.matmul(h.transpose()).transpose().reshape([c, v])
 }
 
 /// `κ(f) = 1[|f| ≤ c]`: where the clamp passes the gradient (as `torch.clamp`).
@@ -512,9 +530,7 @@ fn top_k_terms<B: Backend>(
         let g_top = g.clone().narrow(1, 0, k);
         let g_tail = g.narrow(1, k, 1);
         let rest_share = z_rest.sub(lse_z_rest).exp();
-        let grad_z = scatter(g_top)
-            .add(rest_share.mul(g_tail))
-            .sub(p.mul(g_sum));
+        let grad_z = scatter(g_top).add(rest_share.mul(g_tail)).sub(p.mul(g_sum));
         (d, grad_z)
     };
     RowTerms {

@@ -23,7 +23,6 @@
 //! - [`step`]: one OPSD update: rollout, teacher scoring, student loss, backward, AdamW.
 #![no_std]
 #![warn(missing_docs)]
-#![allow(missing_docs)] // scaffolding: removed once the modules land
 
 extern crate alloc;
 #[cfg(feature = "std")]

@@ -5,6 +5,8 @@
 //! sequence on the host with the counter-based sampler of [`crate::sampling`], and feeds the
 //! tokens back through the model's one-token decode with its cache.
 
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -57,24 +59,28 @@ impl RolloutConfig {
             return Err(RolloutError::Config {
                 field: "samples_per_prompt",
                 expected: ">= 1",
+                found: format!("{}", self.samples_per_prompt),
             });
         }
         if self.max_new_tokens == 0 {
             return Err(RolloutError::Config {
                 field: "max_new_tokens",
                 expected: ">= 1",
+                found: format!("{}", self.max_new_tokens),
             });
         }
         if self.max_new_tokens > u32::MAX as usize {
             return Err(RolloutError::Config {
                 field: "max_new_tokens",
                 expected: "<= 4294967295 (positions index the random stream as u32)",
+                found: format!("{}", self.max_new_tokens),
             });
         }
         if !(self.logp_temperature.is_finite() && self.logp_temperature > 0.0) {
             return Err(RolloutError::Config {
                 field: "logp_temperature",
                 expected: "a finite number > 0",
+                found: format!("{}", self.logp_temperature),
             });
         }
         Ok(())
@@ -85,12 +91,14 @@ impl RolloutConfig {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RolloutError {
     /// A rollout knob is out of range.
-    #[error("rollout config: `{field}` must be {expected}")]
+    #[error("rollout config: `{field}` must be {expected}, found {found}")]
     Config {
         /// The field name in [`RolloutConfig`].
         field: &'static str,
         /// What the field must be.
         expected: &'static str,
+        /// The value found.
+        found: String,
     },
     /// Sampling knobs out of range.
     #[error(transparent)]

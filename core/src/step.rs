@@ -18,6 +18,8 @@
 //! let checkpoint = (trainer.model().clone().into_record(), trainer.state());
 //! ```
 
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
@@ -123,12 +125,14 @@ impl LrSchedule {
             return Err(StepError::Config {
                 field: "schedule.min_lr_ratio",
                 expected: "a number in [0, 1]",
+                found: format!("{}", self.min_lr_ratio),
             });
         }
         if self.decay != LrDecay::Constant && self.total_steps <= self.warmup_steps {
             return Err(StepError::Config {
                 field: "schedule.total_steps",
                 expected: "> schedule.warmup_steps for a decaying schedule",
+                found: format!("{}", self.total_steps),
             });
         }
         Ok(())
@@ -216,6 +220,10 @@ impl OpsdConfig {
             return Err(StepError::Config {
                 field: "rollout.logp_temperature",
                 expected: "equal to loss.temperature",
+                found: format!(
+                    "{} (loss.temperature is {})",
+                    self.rollout.logp_temperature, self.loss.temperature
+                ),
             });
         }
         let a = &self.adamw;
@@ -223,24 +231,28 @@ impl OpsdConfig {
             return Err(StepError::Config {
                 field: "adamw.beta_1/beta_2",
                 expected: "numbers in [0, 1)",
+                found: format!("({}, {})", a.beta_1, a.beta_2),
             });
         }
         if !(a.epsilon > 0.0 && a.epsilon.is_finite()) {
             return Err(StepError::Config {
                 field: "adamw.epsilon",
                 expected: "a finite number > 0",
+                found: format!("{}", a.epsilon),
             });
         }
         if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
             return Err(StepError::Config {
                 field: "adamw.weight_decay",
                 expected: "a finite number >= 0",
+                found: format!("{}", a.weight_decay),
             });
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return Err(StepError::Config {
                 field: "learning_rate",
                 expected: "a finite number > 0",
+                found: format!("{}", self.learning_rate),
             });
         }
         if let Some(c) = self.max_grad_norm {
@@ -248,6 +260,7 @@ impl OpsdConfig {
                 return Err(StepError::Config {
                     field: "max_grad_norm",
                     expected: "None or a finite number > 0",
+                    found: format!("{}", c),
                 });
             }
         }
@@ -255,28 +268,33 @@ impl OpsdConfig {
             return Err(StepError::Config {
                 field: "updates_per_rollout",
                 expected: ">= 1",
+                found: format!("{}", self.updates_per_rollout),
             });
         }
         if self.chunk_rows == 0 {
             return Err(StepError::Config {
                 field: "chunk_rows",
                 expected: ">= 1",
+                found: format!("{}", self.chunk_rows),
             });
         }
         Ok(())
     }
 }
 
-/// Errors of a training step. On any error the trainer is left exactly as before the call.
-#[derive(Debug, thiserror::Error)]
+/// Errors of a trainer. Rollout, scoring and student-shape errors surface before the first
+/// update of a step, so they leave the trainer exactly as before the call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StepError {
     /// A trainer knob is out of range.
-    #[error("opsd config: `{field}` must be {expected}")]
+    #[error("opsd config: `{field}` must be {expected}, found {found}")]
     Config {
         /// The field path in [`OpsdConfig`].
         field: &'static str,
         /// What the field must be.
         expected: &'static str,
+        /// The value found.
+        found: String,
     },
     /// Rollout knobs out of range.
     #[error("opsd config: {0}")]

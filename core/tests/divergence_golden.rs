@@ -66,10 +66,7 @@ fn config(c: &Value) -> LossConfig {
         }),
         reduction,
         temperature: c["temperature"].as_f64().expect("temperature") as f32,
-        kl_clip: c
-            .get("kl_clip")
-            .and_then(Value::as_f64)
-            .map(|x| x as f32),
+        kl_clip: c.get("kl_clip").and_then(Value::as_f64).map(|x| x as f32),
     }
 }
 
@@ -129,18 +126,17 @@ fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
         let label = format!("{}", case["config"]);
 
         // Logits path, autodiff gradient.
-        let student = Tensor::<Train, 3>::from_data(
-            TensorData::new(inp.student.clone(), [n, r, v]),
-            &device,
-        )
-        .require_grad();
+        let student =
+            Tensor::<Train, 3>::from_data(TensorData::new(inp.student.clone(), [n, r, v]), &device)
+                .require_grad();
         let teacher =
             Tensor::<Train, 3>::from_data(TensorData::new(inp.teacher.clone(), [n, r, v]), &device);
         let tokens = Tensor::<Train, 2, Int>::from_data(
             TensorData::new(inp.tokens.clone(), [n, r]),
             &device,
         );
-        let mask = Tensor::<Train, 2>::from_data(TensorData::new(inp.mask.clone(), [n, r]), &device);
+        let mask =
+            Tensor::<Train, 2>::from_data(TensorData::new(inp.mask.clone(), [n, r]), &device);
         let behaviour =
             Tensor::<Train, 2>::from_data(TensorData::new(inp.behaviour.clone(), [n, r]), &device);
         let loss = loss_from_logits(
@@ -161,16 +157,20 @@ fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
             .expect("f32");
         let e_loss = max_scaled_error(&[loss_value], &[expected_loss]);
         let e_grad = max_scaled_error(&grad, &expected_grad);
-        assert!(e_loss <= TOLERANCE, "{label}: loss {loss_value} vs {expected_loss}");
+        assert!(
+            e_loss <= TOLERANCE,
+            "{label}: loss {loss_value} vs {expected_loss}"
+        );
         assert!(e_grad <= TOLERANCE, "{label}: autodiff grad error {e_grad}");
         worst[0] = worst[0].max(e_loss);
         worst[1] = worst[1].max(e_grad);
 
         if let Some(per_token) = case.get("per_token") {
-            let found: Vec<f32> = per_token_divergence(student.clone().inner(), teacher.inner(), &cfg)
-                .into_data()
-                .to_vec()
-                .expect("f32");
+            let found: Vec<f32> =
+                per_token_divergence(student.clone().inner(), teacher.inner(), &cfg)
+                    .into_data()
+                    .to_vec()
+                    .expect("f32");
             let e = max_scaled_error(&found, &floats(per_token));
             assert!(e <= TOLERANCE, "{label}: per-token error {e}");
             worst[2] = worst[2].max(e);
@@ -188,11 +188,22 @@ fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
             mask: Tensor::from_data(TensorData::new(inp.mask, [n, r]), &device),
             behaviour_logp: Tensor::from_data(TensorData::new(inp.behaviour, [n, r]), &device),
         };
-        let fused = fused_loss_and_grads(hidden, weight, TeacherInput::Logits(teacher), &batch, &cfg, 5);
+        let fused = fused_loss_and_grads(
+            hidden,
+            weight,
+            TeacherInput::Logits(teacher),
+            &batch,
+            &cfg,
+            5,
+        );
         let fused_grad: Vec<f32> = fused.grad_hidden.into_data().to_vec().expect("f32");
         let e_loss = max_scaled_error(&[fused.stats.loss], &[expected_loss]);
         let e_grad = max_scaled_error(&fused_grad, &expected_grad);
-        assert!(e_loss <= TOLERANCE, "{label}: fused loss {} vs {expected_loss}", fused.stats.loss);
+        assert!(
+            e_loss <= TOLERANCE,
+            "{label}: fused loss {} vs {expected_loss}",
+            fused.stats.loss
+        );
         assert!(e_grad <= TOLERANCE, "{label}: fused grad error {e_grad}");
         worst[3] = worst[3].max(e_loss);
         worst[4] = worst[4].max(e_grad);

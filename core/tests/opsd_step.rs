@@ -449,5 +449,16 @@ fn bad_config_is_rejected_naming_the_field() {
     let err = Trainer::new(model(11), c).unwrap_err();
     assert!(matches!(err, StepError::Loss(_)), "{err:?}");
     assert!(err.to_string().contains("beta"), "{err}");
+    let msg = OpsdConfig {
+        max_grad_norm: Some(-2.5),
+        ..config()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("max_grad_norm") && msg.contains("found -2.5"),
+        "{msg}"
+    );
     assert!(OpsdConfig::default().validate().is_ok());
 }

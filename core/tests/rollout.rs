@@ -258,6 +258,11 @@ fn bad_rollout_config_is_rejected_with_the_field_name() {
         e => panic!("unexpected {e:?}"),
     };
     assert_eq!(field(config(0, 4, vec![])), "samples_per_prompt");
+    let msg = config(2, 0, vec![]).validate().unwrap_err().to_string();
+    assert!(
+        msg.contains("max_new_tokens") && msg.contains("found 0"),
+        "{msg}"
+    );
     assert_eq!(field(config(2, 0, vec![])), "max_new_tokens");
     assert_eq!(
         field(RolloutConfig {

@@ -28,11 +28,17 @@ fuzz_target!(|data: &[u8]| {
                 .into_iter()
                 .flatten()
             {
-                assert!(value.is_finite() && (0.0..=100.0).contains(&value), "{value}");
+                assert!(
+                    value.is_finite() && (0.0..=100.0).contains(&value),
+                    "{value}"
+                );
             }
         }
         let json = report.to_json();
-        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{json}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+            "{json}"
+        );
         let _ = report.to_table();
     }
     if let Ok(text) = std::str::from_utf8(data) {

@@ -1,16 +1,24 @@
-"""Reference fixtures for the Qwen2.5-Omni encoder crates (models/audio, models/vision).
+"""Reference fixtures for the Qwen2.5-Omni crates (models/audio, models/vision, models/thinker).
 
 Builds a tiny random-weight `Qwen2_5OmniThinkerForConditionalGeneration` from a config (no hub
-access), saves it with `save_pretrained` under tests/reference/omni_tiny/, and writes reference
-outputs computed by transformers:
+access), saves it with `save_pretrained` under tests/reference/omni_tiny/ (bare thinker layout),
+copies its towers into tests/reference/omni_full_layout/ (full-model layout: `thinker_config`,
+`thinker.`-prefixed tensors, an unused `talker.` tensor), and writes reference outputs:
 
-* omni_audio.safetensors: a deterministic 1.3 s waveform, the WhisperFeatureExtractor log-mel
-  (as the Qwen2.5-Omni processor calls it: padding="max_length", attention mask), and the audio
-  tower output for those features;
-* omni_vision.safetensors: pre-resized RGB u8 frames (an image and a 4-frame video), the
-  Qwen2-VL image/video processors' pixel patches and grids, and the vision tower outputs.
+* omni_audio.safetensors: deterministic waveforms, their WhisperFeatureExtractor log-mel (as
+  the Qwen2.5-Omni processor calls it: padding="max_length", attention mask), and the audio
+  tower output for one clip and for two clips concatenated;
+* omni_vision.safetensors: RGB frames at a smart_resize size (an image and a 3-frame video),
+  the processors' pixel patches and grids, and the vision tower outputs;
+* omni_resize.safetensors: patches of synthetic frames that need resizing (Pillow bicubic via
+  `Qwen2VLImageProcessorPil`), the frames being regenerated in Rust from the same formula;
+* omni_thinker.safetensors: two expanded prompts (audio + image + video; a video with its
+  audio interleaved + a second clip), their `get_rope_index` positions and deltas, and the
+  thinker's logits.
 
-Every fixture tensor is stored as f32 (masks, grids and u8 pixels too) so one reader serves all.
+Every fixture tensor is stored as f32 (masks, grids, ids and u8 pixels too) so one reader
+serves all. torchvision is not installed here, so the video patches use the video processor's
+recipe written out below (checked against the image processor on a still clip).
 
 Run from the repository root: /work/venv/bin/python tests/reference/gen_omni.py
 """
@@ -92,6 +100,23 @@ with torch.no_grad():
         else:
             p.normal_(0.0, 0.05)
 model.save_pretrained(OUT_MODEL, safe_serialization=True)
+
+# The full Qwen2.5-Omni layout (`thinker_config`, `thinker.`-prefixed tensors, other
+# components present but unused), with only the two towers to stay small.
+full_dir = os.path.join(HERE, "omni_full_layout")
+os.makedirs(full_dir, exist_ok=True)
+state = model.state_dict()
+full = {f"thinker.{k}": v.contiguous() for k, v in state.items() if k.startswith(("audio_tower.", "visual."))}
+if not full:
+    full = {f"thinker.{k.replace('model.', '', 1)}": v.contiguous() for k, v in state.items()
+            if k.startswith(("model.audio_tower.", "model.visual."))}
+full["talker.codec_head.weight"] = torch.zeros(4, 4)
+save_file(full, os.path.join(full_dir, "model.safetensors"))
+with open(os.path.join(OUT_MODEL, "config.json")) as f:
+    thinker_json = json.load(f)
+with open(os.path.join(full_dir, "config.json"), "w") as f:
+    json.dump({"architectures": ["Qwen2_5OmniForConditionalGeneration"], "model_type": "qwen2_5_omni",
+               "thinker_config": thinker_json, "talker_config": {}, "token2wav_config": {}}, f, indent=2)
 
 # ---------------------------------------------------------------- audio
 fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
@@ -183,6 +208,90 @@ save_file(
     },
     os.path.join(HERE, "omni_vision.safetensors"),
 )
+
+# Resizing: Pillow bicubic through the PIL image processor, on synthetic frames that Rust
+# regenerates from the same formula (sharp wrap-around edges exercise clipping).
+def synthetic(h, w):
+    y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
+    return ((x * x * 3 + y * 7 + c * 85 + (x * y) % 23 * 5) % 256).astype(np.uint8)
+
+
+resize_out = {}
+for name, (h, w, max_px) in {"up": (50, 70, 28 * 28 * 64), "down": (120, 200, 28 * 28 * 16),
+                             "tiny": (150, 200, 56 * 56)}.items():
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_px, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+    out = proc(images=[synthetic(h, w)], return_tensors="pt")
+    resize_out[f"{name}_pixel_values"] = out["pixel_values"].float().contiguous()
+    resize_out[f"{name}_grid_thw"] = out["image_grid_thw"].float().contiguous()
+save_file(resize_out, os.path.join(HERE, "omni_resize.safetensors"))
+
+# ---------------------------------------------------------------- thinker
+# Token sequences as the chat template + Qwen2_5OmniProcessor produce them (placeholders
+# expanded), TMRoPE position ids from `get_rope_index`, and logits of the whole thinker.
+from types import SimpleNamespace
+
+from transformers import Qwen2_5OmniProcessor
+
+AUD, IMG, VID = config.audio_token_index, config.image_token_index, config.video_token_index
+A_BOS, A_EOS = config.audio_start_token_id, config.audio_end_token_id
+V_BOS, V_EOS = config.vision_start_token_id, config.vision_end_token_id
+n_audio1 = (valid - 1) // 2 + 1
+n_audio1 = (n_audio1 - 2) // 2 + 1
+n_audio2 = ((valid2 - 1) // 2 + 1 - 2) // 2 + 1
+img_grid = img["image_grid_thw"]
+vid_grid = vid["video_grid_thw"]
+n_img = int(img_grid.prod()) // 4
+n_vid = int(vid_grid.prod()) // 4
+
+# The processor's audio-in-video interleaving, called on a stand-in `self` (no tokenizer here).
+fake = SimpleNamespace(audio_bos_token="<A_BOS>", audio_eos_token="<A_EOS>", video_token="<V>",
+                       audio_token="<A>", video_processor=SimpleNamespace(merge_size=2))
+fake.get_chunked_index = lambda idx, n: Qwen2_5OmniProcessor.get_chunked_index(fake, idx, n)
+SPG_B = 2.0  # seconds per temporal grid (fps 1 with 2 frames per grid): t positions 0, 50
+placeholder = Qwen2_5OmniProcessor.replace_video_with_audio_token(
+    fake, {"video_grid_thw": vid_grid, "video_second_per_grid": [SPG_B]}, 0,
+    {"num_audio_tokens": [n_audio1]}, 0, position_id_per_seconds=25, seconds_per_chunk=2.0)
+tok = {"<A_BOS>": A_BOS, "<A_EOS>": A_EOS, "<V>": VID, "<A>": AUD}
+interleaved = [tok[t] for t in __import__("re").findall(r"<A_BOS>|<A_EOS>|<V>|<A>", placeholder)]
+
+text1 = [11, 12, 13]
+text2 = [21, 22]
+seq_a = (text1 + [A_BOS] + [AUD] * n_audio1 + [A_EOS] + text2 + [V_BOS] + [IMG] * n_img + [V_EOS]
+         + [31] + [V_BOS] + [VID] * n_vid + [V_EOS] + [41, 42, 43])
+seq_b = (text1 + [V_BOS] + interleaved + [V_EOS] + text2 + [A_BOS] + [AUD] * n_audio2 + [A_EOS] + [51, 52])
+
+def feats_batch(mels):
+    x = torch.zeros(len(mels), 128, 3000)
+    mask = torch.zeros(len(mels), 3000, dtype=torch.long)
+    for i, m in enumerate(mels):
+        x[i, :, : m.shape[1]] = m
+        mask[i, : m.shape[1]] = 1
+    return x, mask
+
+thinker_out = {}
+for name, seq, mels, use_aiv, spg in (
+    ("a", seq_a, [mel[:, :valid]], False, 1.0),
+    ("b", seq_b, [mel[:, :valid], mel2], True, SPG_B),
+):
+    ids = torch.tensor([seq])
+    x, fmask = feats_batch(mels)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=x,
+                  feature_attention_mask=fmask, pixel_values_videos=vid["pixel_values_videos"],
+                  video_grid_thw=vid_grid, video_second_per_grid=torch.tensor([spg]),
+                  use_audio_in_video=use_aiv)
+    if name == "a":
+        kwargs.update(pixel_values=img["pixel_values"], image_grid_thw=img_grid)
+    with torch.no_grad():
+        pos, delta = model.model.get_rope_index(
+            ids, img_grid if name == "a" else None, vid_grid, torch.ones_like(ids), use_aiv,
+            fmask.sum(-1), torch.tensor([spg]))
+        logits = model(**kwargs).logits[0]
+    thinker_out[f"ids_{name}"] = ids[0].float()
+    thinker_out[f"positions_{name}"] = pos[:, 0, :].float().contiguous()
+    thinker_out[f"rope_delta_{name}"] = delta.reshape(1).float()
+    thinker_out[f"logits_{name}"] = logits.contiguous()
+save_file(thinker_out, os.path.join(HERE, "omni_thinker.safetensors"))
 
 print(json.dumps({"audio_valid_frames": valid, "audio_out": list(audio_out.shape),
                   "image_grid": img["image_grid_thw"].tolist(), "video_grid": vid["video_grid_thw"].tolist(),

@@ -173,7 +173,16 @@ Input: {openset}; Output: "
 /// AffectGPT's `func_postprocess_qwen`: trims echoed "Output:"-style prefixes and newlines.
 pub fn postprocess_response(response: &str) -> String {
     let mut r = py_strip(response);
-    for prefix in ["输入", "输出", "翻译", "让我们来翻译一下：", "output", "Output", "input", "Input"] {
+    for prefix in [
+        "输入",
+        "输出",
+        "翻译",
+        "让我们来翻译一下：",
+        "output",
+        "Output",
+        "input",
+        "Input",
+    ] {
         r = r.strip_prefix(prefix).unwrap_or(r);
     }
     r = py_strip(r);
@@ -598,7 +607,10 @@ mod tests {
     #[test]
     fn the_last_answer_block_wins_and_tags_are_case_insensitive() {
         let text = "<answer>[sad]</answer> on reflection <ANSWER> [happy, Excited] </Answer> done";
-        assert_eq!(extract_structured(text).as_deref(), Some("[happy, Excited]"));
+        assert_eq!(
+            extract_structured(text).as_deref(),
+            Some("[happy, Excited]")
+        );
     }
 
     #[test]
@@ -614,7 +626,10 @@ mod tests {
 
     #[test]
     fn postprocessing_removes_echoed_output_prefixes_and_newlines() {
-        assert_eq!(postprocess_response("  Output: [happy,\n sad]\n"), "[happy, sad]");
+        assert_eq!(
+            postprocess_response("  Output: [happy,\n sad]\n"),
+            "[happy, sad]"
+        );
         assert_eq!(postprocess_response("输出：[开心]"), "[开心]");
         assert_eq!(postprocess_response("positive"), "positive");
     }
@@ -622,7 +637,9 @@ mod tests {
     #[test]
     fn prompts_embed_the_input_verbatim() {
         let p = openset_prompt("He is smiling");
-        assert!(p.starts_with("Please assume the role of an expert in the field of emotions. We provide clues"));
+        assert!(p.starts_with(
+            "Please assume the role of an expert in the field of emotions. We provide clues"
+        ));
         assert!(p.ends_with("Input: He is smiling; Output: "));
         let s = sentiment_prompt("[happy]");
         assert!(s.contains("emotions.             We provide a few words"));
@@ -640,7 +657,10 @@ mod tests {
             concurrency: 1,
             cache: PathBuf::from("c.jsonl"),
         };
-        assert_eq!(config.endpoint(), "http://127.0.0.1:8000/v1/chat/completions");
+        assert_eq!(
+            config.endpoint(),
+            "http://127.0.0.1:8000/v1/chat/completions"
+        );
         config.url = "http://h/v1/chat/completions".into();
         assert_eq!(config.endpoint(), "http://h/v1/chat/completions");
     }

@@ -63,7 +63,11 @@ pub fn sentiment_value(pred: &Pred) -> i8 {
 }
 
 /// Scores one dataset's samples with its metric.
-pub fn score_dataset(wheels: &EmotionWheels, dataset: Dataset, samples: &[&Sample]) -> DatasetScore {
+pub fn score_dataset(
+    wheels: &EmotionWheels,
+    dataset: Dataset,
+    samples: &[&Sample],
+) -> DatasetScore {
     match dataset.metric() {
         Metric::Fs | Metric::Hit => score_wheel_metric(wheels, dataset, samples),
         Metric::Waf => score_waf(dataset, samples),
@@ -93,7 +97,11 @@ fn mean(values: &[f64]) -> f64 {
 /// HIT: `hit = |G∩P|` (0 or 1 for a one-label ground truth), `HIT_N = mean hit`,
 /// score `= mean_N HIT_N`. Both are undefined when some wheel keeps no sample (the reference's
 /// mean of an empty list is NaN).
-fn score_wheel_metric(wheels: &EmotionWheels, dataset: Dataset, samples: &[&Sample]) -> DatasetScore {
+fn score_wheel_metric(
+    wheels: &EmotionWheels,
+    dataset: Dataset,
+    samples: &[&Sample],
+) -> DatasetScore {
     let metric = dataset.metric();
     let labelled: Vec<(Vec<String>, Vec<String>)> = samples
         .iter()
@@ -129,7 +137,11 @@ fn score_wheel_metric(wheels: &EmotionWheels, dataset: Dataset, samples: &[&Samp
         per_wheel.push(match metric {
             Metric::Fs => {
                 let (p, r) = (mean(&precisions), mean(&recalls));
-                let f = if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) };
+                let f = if p + r == 0.0 {
+                    0.0
+                } else {
+                    2.0 * p * r / (p + r)
+                };
                 (f, p, r)
             }
             _ => (mean(&hits), 0.0, 0.0),
@@ -154,7 +166,13 @@ fn score_wheel_metric(wheels: &EmotionWheels, dataset: Dataset, samples: &[&Samp
         return result;
     }
     let column = |i: usize| {
-        100.0 * mean(&per_wheel.iter().map(|t| [t.0, t.1, t.2][i]).collect::<Vec<_>>())
+        100.0
+            * mean(
+                &per_wheel
+                    .iter()
+                    .map(|t| [t.0, t.1, t.2][i])
+                    .collect::<Vec<_>>(),
+            )
     };
     result.score = Some(column(0));
     if metric == Metric::Fs {
@@ -263,7 +281,10 @@ mod tests {
         assert_eq!(sentiment_value(&Pred::Text("[positive]".into())), 0);
         assert_eq!(sentiment_value(&Pred::Text("".into())), 0);
         assert_eq!(sentiment_value(&Pred::List(vec!["positive".into()])), 1);
-        assert_eq!(sentiment_value(&Pred::List(vec!["positive".into(), "x".into()])), 0);
+        assert_eq!(
+            sentiment_value(&Pred::List(vec!["positive".into(), "x".into()])),
+            0
+        );
         assert_eq!(sentiment_value(&Pred::Missing), 0);
     }
 
@@ -271,7 +292,8 @@ mod tests {
     fn weighted_f1_weights_each_class_by_its_true_support() {
         // y_true = [1,1,1,0], y_pred = [1,0,1,1]: F1(1) = 4/6, F1(0) = 0.
         let (waf, acc) =
-            weighted_f1_and_accuracy(&[true, true, true, false], &[true, false, true, true]).unwrap();
+            weighted_f1_and_accuracy(&[true, true, true, false], &[true, false, true, true])
+                .unwrap();
         assert!((waf - 0.75 * 4.0 / 6.0).abs() < 1e-15);
         assert!((acc - 0.5).abs() < 1e-15);
         assert_eq!(weighted_f1_and_accuracy(&[], &[]), None);

@@ -87,8 +87,7 @@ pub fn parse_line(text: &str, line: usize, source_name: &str) -> Result<Sample> 
         line,
         message,
     };
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let Value::Object(object) = value else {
         return Err(bad(format!(
             "expected a JSON object, found {}",
@@ -103,7 +102,12 @@ pub fn parse_line(text: &str, line: usize, source_name: &str) -> Result<Sample> 
 
     let dataset_name = match field("dataset")? {
         Value::String(s) => s,
-        other => return Err(bad(format!("`dataset` must be a string, found {}", kind(other)))),
+        other => {
+            return Err(bad(format!(
+                "`dataset` must be a string, found {}",
+                kind(other)
+            )))
+        }
     };
     let dataset = Dataset::from_name(dataset_name).ok_or_else(|| Error::UnknownDataset {
         source_name: source_name.to_string(),
@@ -130,9 +134,9 @@ pub fn parse_line(text: &str, line: usize, source_name: &str) -> Result<Sample> 
         },
         (Metric::Waf, other) => {
             return Err(bad(format!(
-                "`gt` of sentiment dataset {dataset} must be a number (the sentiment score), found {}",
-                kind(other)
-            )))
+            "`gt` of sentiment dataset {dataset} must be a number (the sentiment score), found {}",
+            kind(other)
+        )))
         }
         (metric, value) => {
             let labels = label_list(value).map_err(|found| {
@@ -151,19 +155,20 @@ pub fn parse_line(text: &str, line: usize, source_name: &str) -> Result<Sample> 
         }
     };
 
-    let pred = match field("pred")? {
-        Value::String(s) => Pred::Text(s.clone()),
-        Value::Null => Pred::Missing,
-        Value::Array(items) => Pred::List(string_items(items).map_err(|found| {
-            bad(format!("`pred` list items must be strings, found {found}"))
-        })?),
-        other => {
-            return Err(bad(format!(
-                "`pred` must be a string, a JSON list of strings or null, found {}",
-                kind(other)
-            )))
-        }
-    };
+    let pred =
+        match field("pred")? {
+            Value::String(s) => Pred::Text(s.clone()),
+            Value::Null => Pred::Missing,
+            Value::Array(items) => Pred::List(string_items(items).map_err(|found| {
+                bad(format!("`pred` list items must be strings, found {found}"))
+            })?),
+            other => {
+                return Err(bad(format!(
+                    "`pred` must be a string, a JSON list of strings or null, found {}",
+                    kind(other)
+                )))
+            }
+        };
 
     Ok(Sample {
         dataset,
@@ -235,7 +240,10 @@ mod tests {
         let err = one(r#"{"dataset":"CMU-MOSI","id":"a","gt":"1.0","pred":"positive"}"#)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 1") && err.contains("must be a number"), "{err}");
+        assert!(
+            err.contains("line 1") && err.contains("must be a number"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -248,12 +256,10 @@ mod tests {
 
     #[test]
     fn blank_lines_and_a_byte_order_mark_are_skipped_but_line_numbers_count_them() {
-        let text = "\u{feff}\n{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"\"}\n\n{oops\n";
+        let text =
+            "\u{feff}\n{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"\"}\n\n{oops\n";
         let err = parse_predictions(text.as_bytes(), "p.jsonl").unwrap_err();
-        assert!(
-            matches!(err, Error::BadLine { line: 4, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, Error::BadLine { line: 4, .. }), "{err}");
     }
 
     #[test]
@@ -261,10 +267,18 @@ mod tests {
         let ok = "{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"\"}\n\
                   {\"dataset\":\"IEMOCAP\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"\"}\n";
         assert_eq!(parse_predictions(ok.as_bytes(), "p").unwrap().len(), 2);
-        let dup = format!("{ok}{{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"x\"}}\n");
+        let dup =
+            format!("{ok}{{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"x\"}}\n");
         let err = parse_predictions(dup.as_bytes(), "p").unwrap_err();
         assert!(
-            matches!(err, Error::DuplicateId { line: 3, first_line: 1, .. }),
+            matches!(
+                err,
+                Error::DuplicateId {
+                    line: 3,
+                    first_line: 1,
+                    ..
+                }
+            ),
             "{err}"
         );
     }

@@ -141,7 +141,11 @@ impl Report {
     /// A readable table: one row per dataset (all nine; absent ones marked), then the mean.
     pub fn to_table(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "MER-UniBench (scores in percent; extraction: {})", extraction_line(&self.extraction));
+        let _ = writeln!(
+            t,
+            "MER-UniBench (scores in percent; extraction: {})",
+            extraction_line(&self.extraction)
+        );
         let _ = writeln!(
             t,
             "{:<12} {:<6} {:>9}  {:<26} {:>5}  kept",
@@ -174,7 +178,10 @@ impl Report {
                 Kept::Total(k) => k.to_string(),
                 Kept::PerWheel(v) => format!(
                     "{} (wheels 1-5)",
-                    v.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("/")
+                    v.iter()
+                        .map(|k| k.to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
                 ),
             };
             let _ = writeln!(
@@ -359,7 +366,9 @@ mod tests {
             precision: None,
             recall: None,
             accuracy: value,
-            undefined_reason: value.is_none().then(|| "every sample was skipped".to_string()),
+            undefined_reason: value
+                .is_none()
+                .then(|| "every sample was skipped".to_string()),
         }
     }
 
@@ -378,12 +387,27 @@ mod tests {
         assert_eq!(report.undefined, vec![Dataset::CmuMosei]);
         assert!(!report.complete());
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-        assert_eq!(json["datasets"]["CMU-MOSEI"]["score"], serde_json::Value::Null);
-        assert_eq!(json["datasets"]["CMU-MOSEI"]["accuracy"], serde_json::Value::Null);
-        assert!(json["datasets"]["CMU-MOSEI"]["reason"].as_str().unwrap().contains("skipped"));
+        assert_eq!(
+            json["datasets"]["CMU-MOSEI"]["score"],
+            serde_json::Value::Null
+        );
+        assert_eq!(
+            json["datasets"]["CMU-MOSEI"]["accuracy"],
+            serde_json::Value::Null
+        );
+        assert!(json["datasets"]["CMU-MOSEI"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("skipped"));
         assert_eq!(json["complete"], false);
-        assert!(json["note"].as_str().unwrap().contains("undefined: CMU-MOSEI"));
-        assert_eq!(json["mean_over"], serde_json::json!(["CMU-MOSI", "CH-SIMS"]));
+        assert!(json["note"]
+            .as_str()
+            .unwrap()
+            .contains("undefined: CMU-MOSEI"));
+        assert_eq!(
+            json["mean_over"],
+            serde_json::json!(["CMU-MOSI", "CH-SIMS"])
+        );
         let table = report.to_table();
         assert!(table.contains("undefined"), "{table}");
         assert!(table.contains("absent"), "{table}");

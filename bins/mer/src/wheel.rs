@@ -140,7 +140,11 @@ impl EmotionWheels {
         for k in 1..=N_WHEELS {
             wheels.push(read_wheel_xlsx(&dir.join(format!("wheel{k}.xlsx")))?);
         }
-        Ok(EmotionWheels::from_tables(&format_rows, &synonym_runs, &wheels))
+        Ok(EmotionWheels::from_tables(
+            &format_rows,
+            &synonym_runs,
+            &wheels,
+        ))
     }
 
     /// Builds the tables from already-read rows (steps 3 to 5 of the README).
@@ -276,8 +280,8 @@ impl Sheet {
             path: path.to_path_buf(),
             message,
         };
-        let mut workbook: Xlsx<BufReader<File>> =
-            open_workbook(path).map_err(|e: calamine::XlsxError| spreadsheet_error(e.to_string()))?;
+        let mut workbook: Xlsx<BufReader<File>> = open_workbook(path)
+            .map_err(|e: calamine::XlsxError| spreadsheet_error(e.to_string()))?;
         let range = workbook
             .worksheet_range_at(0)
             .ok_or_else(|| spreadsheet_error("the workbook has no worksheet".into()))?
@@ -405,10 +409,16 @@ mod tests {
         assert_eq!(map["bewildered"], "scared");
         assert_eq!(map["scared"], "scared");
         // The blank level-3 cell of row 3 repeats `sarcastic` under the new level-2 `angry`.
-        assert_eq!(tree.groups[0].1[1], ("angry".to_string(), vec!["sarcastic".to_string()]));
+        assert_eq!(
+            tree.groups[0].1[1],
+            ("angry".to_string(), vec!["sarcastic".to_string()])
+        );
         // The blank level-2 cell of row 4 carries `angry` into the new level-1 group `scared`,
         // which, coming later, owns it.
-        assert_eq!(tree.groups[1].1[0], ("angry".to_string(), vec!["bewildered".to_string()]));
+        assert_eq!(
+            tree.groups[1].1[0],
+            ("angry".to_string(), vec!["bewildered".to_string()])
+        );
         assert_eq!(map["angry"], "scared");
     }
 

@@ -48,13 +48,19 @@ fn assert_matches_expected(report: &Report, expected: &Value) -> f64 {
                     .as_f64()
                     .unwrap_or_else(|| panic!("{name}.{field} missing: {got_value}"));
                 worst = worst.max((have - want).abs());
-                assert!((have - want).abs() <= TOL, "{name}.{field}: {have} vs {want}");
+                assert!(
+                    (have - want).abs() <= TOL,
+                    "{name}.{field}: {have} vs {want}"
+                );
             } else {
                 assert_eq!(got_value, value, "{name}.{field}");
             }
         }
     }
-    let (have, want) = (got["mean"].as_f64().unwrap(), expected["mean"].as_f64().unwrap());
+    let (have, want) = (
+        got["mean"].as_f64().unwrap(),
+        expected["mean"].as_f64().unwrap(),
+    );
     assert!((have - want).abs() <= TOL, "mean: {have} vs {want}");
     worst.max((have - want).abs())
 }
@@ -75,10 +81,9 @@ fn shared_fixture_reproduces_expected_scores_to_1e9() {
 fn random_cases_match_the_independent_python_scorer_to_1e9() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
     let report = score_file(&dir.join("random_predictions.jsonl"));
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("random_expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("random_expected.json")).unwrap())
+            .unwrap();
     let worst = assert_matches_expected(&report, &expected);
     eprintln!("random cases: worst absolute difference {worst:e}");
 }
@@ -86,7 +91,12 @@ fn random_cases_match_the_independent_python_scorer_to_1e9() {
 #[test]
 fn neutral_is_dropped_on_every_wheel() {
     for wheel in 0..5 {
-        assert_eq!(wheels().map_label("neutral", wheel), None, "wheel {}", wheel + 1);
+        assert_eq!(
+            wheels().map_label("neutral", wheel),
+            None,
+            "wheel {}",
+            wheel + 1
+        );
     }
     // A basic-emotion set whose ground truths are all neutral keeps nothing: undefined.
     let report = score_lines(
@@ -105,7 +115,8 @@ fn neutral_is_dropped_on_every_wheel() {
 fn neutral_predictions_count_as_no_prediction() {
     // gt `sad` maps on every wheel; a `neutral` prediction maps to nothing, so precision and
     // recall are 0 on that sample, exactly like an empty prediction.
-    let with_neutral = score_lines(r#"{"dataset":"OV-MERD+","id":"a","gt":"sad","pred":"neutral"}"#);
+    let with_neutral =
+        score_lines(r#"{"dataset":"OV-MERD+","id":"a","gt":"sad","pred":"neutral"}"#);
     let empty = score_lines(r#"{"dataset":"OV-MERD+","id":"a","gt":"sad","pred":""}"#);
     assert_eq!(with_neutral.scores[0].score, Some(0.0));
     assert_eq!(with_neutral.scores[0], empty.scores[0]);
@@ -178,7 +189,10 @@ fn fewer_than_nine_datasets_give_a_mean_over_the_present_ones_flagged_incomplete
     assert_eq!(report.missing.len(), 7);
     let json: Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["complete"], false);
-    assert!(json["note"].as_str().unwrap().starts_with("mean over 2 of 9 datasets"));
+    assert!(json["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("mean over 2 of 9 datasets"));
     assert!(report.to_table().contains("absent"));
 }
 
@@ -186,12 +200,22 @@ fn fewer_than_nine_datasets_give_a_mean_over_the_present_ones_flagged_incomplete
 fn a_missing_wheel_file_is_named_in_the_error() {
     let dir = std::env::temp_dir().join(format!("mer-missing-wheel-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for name in ["format.csv", "synonym.xlsx", "wheel1.xlsx", "wheel2.xlsx", "wheel4.xlsx", "wheel5.xlsx"] {
+    for name in [
+        "format.csv",
+        "synonym.xlsx",
+        "wheel1.xlsx",
+        "wheel2.xlsx",
+        "wheel4.xlsx",
+        "wheel5.xlsx",
+    ] {
         std::fs::copy(shared_dir().join(name), dir.join(name)).unwrap();
     }
     let err = EmotionWheels::load(&dir).unwrap_err();
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(matches!(&err, Error::MissingWheelFile { path } if path.ends_with("wheel3.xlsx")), "{err}");
+    assert!(
+        matches!(&err, Error::MissingWheelFile { path } if path.ends_with("wheel3.xlsx")),
+        "{err}"
+    );
     assert!(err.to_string().contains("wheel3.xlsx"));
 }
 
@@ -203,6 +227,9 @@ fn unknown_dataset_names_are_rejected_with_the_line_number() {
     )
     .unwrap_err();
     let message = err.to_string();
-    assert!(message.contains("p.jsonl line 2") && message.contains("unknown dataset `meld`"), "{message}");
+    assert!(
+        message.contains("p.jsonl line 2") && message.contains("unknown dataset `meld`"),
+        "{message}"
+    );
     assert!(message.contains("CH-SIMS-v2"), "{message}");
 }

@@ -50,7 +50,13 @@ fn llm_extraction_uses_the_benchmark_prompts_and_a_rerun_is_served_from_cache() 
     // Distinct prompts: 4 open-set (the answer repeated on line g is asked once), then
     // sentiment for "[happy, joyful]" and "[sad]".
     assert_eq!(mock.requests(), 6);
-    let ExtractionSummary::Llm { prompts, cache_hits, calls, .. } = &summary else {
+    let ExtractionSummary::Llm {
+        prompts,
+        cache_hits,
+        calls,
+        ..
+    } = &summary
+    else {
         panic!("{summary:?}")
     };
     assert_eq!((*prompts, *cache_hits, *calls), (6, 0, 6));
@@ -72,10 +78,12 @@ fn llm_extraction_uses_the_benchmark_prompts_and_a_rerun_is_served_from_cache() 
     assert_eq!(first["messages"][0]["role"], "user");
     let sent: Vec<String> = bodies
         .iter()
-        .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()["messages"][0]["content"]
-            .as_str()
-            .unwrap()
-            .to_string())
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert!(sent.contains(&openset_prompt("There are tears in his eyes.")));
     assert!(sent.contains(&sentiment_prompt("[happy, joyful]")));
@@ -89,7 +97,12 @@ fn llm_extraction_uses_the_benchmark_prompts_and_a_rerun_is_served_from_cache() 
         .unwrap();
     assert_eq!(mock.requests(), 6);
     assert_eq!(again, samples);
-    let ExtractionSummary::Llm { cache_hits, calls, .. } = summary else { panic!() };
+    let ExtractionSummary::Llm {
+        cache_hits, calls, ..
+    } = summary
+    else {
+        panic!()
+    };
     assert_eq!((cache_hits, calls), (6, 0));
     std::fs::remove_file(&cache).unwrap();
 }
@@ -100,11 +113,17 @@ fn a_change_of_model_does_not_reuse_cached_answers() {
     let cache = temp_cache("model-change");
     let line = r#"{"dataset":"MELD","id":"b","gt":"sadness","pred":"tears"}"#;
     let mut samples = parse_predictions(line.as_bytes(), "p").unwrap();
-    LlmExtractor::new(config(&mock.url, cache.clone())).unwrap().apply(&mut samples).unwrap();
+    LlmExtractor::new(config(&mock.url, cache.clone()))
+        .unwrap()
+        .apply(&mut samples)
+        .unwrap();
     let mut other = config(&mock.url, cache.clone());
     other.model = "another-model".into();
     let mut samples = parse_predictions(line.as_bytes(), "p").unwrap();
-    LlmExtractor::new(other).unwrap().apply(&mut samples).unwrap();
+    LlmExtractor::new(other)
+        .unwrap()
+        .apply(&mut samples)
+        .unwrap();
     assert_eq!(mock.requests(), 2);
     std::fs::remove_file(&cache).unwrap();
 }
@@ -128,21 +147,38 @@ fn an_endpoint_error_is_reported_with_its_status_and_nothing_is_cached() {
 #[test]
 fn an_unreachable_endpoint_is_a_clear_error() {
     // Bind then drop a listener to get a port nobody serves.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cache = temp_cache("unreachable");
     let mut samples = parse_predictions(PREDICTIONS.as_bytes(), "p").unwrap();
-    let err = LlmExtractor::new(config(&format!("http://127.0.0.1:{port}/v1"), cache.clone()))
-        .unwrap()
-        .apply(&mut samples)
-        .unwrap_err();
-    assert!(err.to_string().starts_with("LLM extraction via http://127.0.0.1:"), "{err}");
+    let err = LlmExtractor::new(config(
+        &format!("http://127.0.0.1:{port}/v1"),
+        cache.clone(),
+    ))
+    .unwrap()
+    .apply(&mut samples)
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("LLM extraction via http://127.0.0.1:"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_corrupt_cache_line_is_reported_with_its_line_number() {
     let cache = temp_cache("corrupt");
-    std::fs::write(&cache, "{\"key\":\"k\",\"model\":\"m\",\"prompt\":\"p\",\"response\":\"r\"}\nnot json\n").unwrap();
-    let err = LlmExtractor::new(config("http://127.0.0.1:9/v1", cache.clone())).err().unwrap();
+    std::fs::write(
+        &cache,
+        "{\"key\":\"k\",\"model\":\"m\",\"prompt\":\"p\",\"response\":\"r\"}\nnot json\n",
+    )
+    .unwrap();
+    let err = LlmExtractor::new(config("http://127.0.0.1:9/v1", cache.clone()))
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::BadCache { line: 2, .. }), "{err}");
     std::fs::remove_file(&cache).unwrap();
 }

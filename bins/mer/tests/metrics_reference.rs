@@ -7,7 +7,10 @@ const TOL: f64 = 1e-12;
 
 #[test]
 fn waf_and_accuracy_match_scikit_learn_weighted_f1() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/waf_cases.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/reference/waf_cases.json"
+    );
     let cases: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     // WAF needs no wheel data; an empty table set keeps the test independent of it.
     let wheels = EmotionWheels::from_tables(&[], &[], &[]);
@@ -23,11 +26,20 @@ fn waf_and_accuracy_match_scikit_learn_weighted_f1() {
         let samples = parse_predictions(text.as_bytes(), "case").unwrap();
         let report = Report::evaluate(&wheels, &samples, ExtractionSummary::None);
         let score = &report.scores[0];
-        let (waf, acc) = (case["waf"].as_f64().unwrap(), case["accuracy"].as_f64().unwrap());
+        let (waf, acc) = (
+            case["waf"].as_f64().unwrap(),
+            case["accuracy"].as_f64().unwrap(),
+        );
         let got_waf = score.score.unwrap() / 100.0;
         let got_acc = score.accuracy.unwrap() / 100.0;
-        assert!((got_waf - waf).abs() <= TOL, "case {k}: WAF {got_waf} vs sklearn {waf}");
-        assert!((got_acc - acc).abs() <= TOL, "case {k}: accuracy {got_acc} vs sklearn {acc}");
+        assert!(
+            (got_waf - waf).abs() <= TOL,
+            "case {k}: WAF {got_waf} vs sklearn {waf}"
+        );
+        assert!(
+            (got_acc - acc).abs() <= TOL,
+            "case {k}: accuracy {got_acc} vs sklearn {acc}"
+        );
         checked += 1;
     }
     assert!(checked >= 40);

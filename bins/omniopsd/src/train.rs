@@ -2,9 +2,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod run_dir;
-pub mod eval;
 pub mod tokenizer;

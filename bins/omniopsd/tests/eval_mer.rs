@@ -49,7 +49,11 @@ fn write_predictions(dir: &Path, lines: &str) -> PathBuf {
 }
 
 fn assert_fails_with(o: &Output, needles: &[&str]) {
-    assert!(!o.status.success(), "expected failure, got success: {}", stdout(o));
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
     let err = stderr(o);
     for needle in needles {
         assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
@@ -78,7 +82,13 @@ fn json_report_reproduces_the_shared_fixture_to_1e9() {
     assert_eq!(got["complete"], true);
     assert_eq!(got["extract"]["mode"], "none");
     assert_eq!(got["datasets"]["OV-MERD+"]["n"], 40);
-    assert_eq!(got["datasets"]["OV-MERD+"]["kept_per_wheel"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        got["datasets"]["OV-MERD+"]["kept_per_wheel"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
 }
 
 #[test]
@@ -87,10 +97,20 @@ fn table_has_nine_rows_the_mean_and_kept_counts() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = stdout(&o);
     for name in [
-        "OV-MERD+", "MER2023", "MER2024", "IEMOCAP", "MELD", "CMU-MOSI", "CMU-MOSEI", "CH-SIMS ",
+        "OV-MERD+",
+        "MER2023",
+        "MER2024",
+        "IEMOCAP",
+        "MELD",
+        "CMU-MOSI",
+        "CMU-MOSEI",
+        "CH-SIMS ",
         "CH-SIMS-v2",
     ] {
-        assert!(table.lines().any(|l| l.starts_with(name)), "no row {name}: {table}");
+        assert!(
+            table.lines().any(|l| l.starts_with(name)),
+            "no row {name}: {table}"
+        );
     }
     let mean = table.lines().find(|l| l.starts_with("mean ")).unwrap();
     assert!(mean.trim_end().ends_with("38.70"), "{table}");
@@ -129,13 +149,27 @@ fn duplicate_id_within_a_dataset_fails_naming_both_lines() {
         "{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"\"}\n{\"dataset\":\"MELD\",\"id\":\"a\",\"gt\":\"joy\",\"pred\":\"joy\"}\n",
     );
     let o = with_wheels(&["--predictions", p.to_str().unwrap()]);
-    assert_fails_with(&o, &["line 2", "duplicate id `a` in dataset MELD", "first seen on line 1"]);
+    assert_fails_with(
+        &o,
+        &[
+            "line 2",
+            "duplicate id `a` in dataset MELD",
+            "first seen on line 1",
+        ],
+    );
 }
 
 #[test]
 fn missing_wheel_file_fails_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["format.csv", "synonym.xlsx", "wheel1.xlsx", "wheel2.xlsx", "wheel3.xlsx", "wheel4.xlsx"] {
+    for name in [
+        "format.csv",
+        "synonym.xlsx",
+        "wheel1.xlsx",
+        "wheel2.xlsx",
+        "wheel3.xlsx",
+        "wheel4.xlsx",
+    ] {
         std::fs::copy(shared_dir().join(name), dir.path().join(name)).unwrap();
     }
     let o = eval_mer(&[
@@ -165,7 +199,10 @@ fn undefined_metric_is_null_with_a_reason_and_undefined_in_the_table() {
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(got["datasets"]["MELD"]["score"], Value::Null);
-    assert!(got["datasets"]["MELD"]["reason"].as_str().unwrap().contains("skipped"));
+    assert!(got["datasets"]["MELD"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("skipped"));
     assert_eq!(got["mean"], 100.0);
     assert_eq!(got["mean_over"], serde_json::json!(["CMU-MOSI"]));
     assert_eq!(got["complete"], false);
@@ -183,7 +220,13 @@ fn out_is_written_atomically_and_never_overwritten_without_force() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report.json");
     let fx = fixture();
-    let args = ["--predictions", fx.to_str().unwrap(), "--json", "--out", out.to_str().unwrap()];
+    let args = [
+        "--predictions",
+        fx.to_str().unwrap(),
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let o = with_wheels(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).is_empty());
@@ -199,7 +242,14 @@ fn out_is_written_atomically_and_never_overwritten_without_force() {
     forced.push("--force");
     let o = with_wheels(&forced);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(&out).unwrap().trim_start().chars().next(), Some('{'));
+    assert_eq!(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .trim_start()
+            .chars()
+            .next(),
+        Some('{')
+    );
     // No temporary file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
@@ -213,7 +263,13 @@ fn structured_extraction_reads_answer_blocks_and_says_so() {
          {\"dataset\":\"CH-SIMS\",\"id\":\"a\",\"gt\":1.0,\"pred\":\"Upbeat voice. <answer>[Positive]</answer>\"}\n\
          {\"dataset\":\"CH-SIMS\",\"id\":\"b\",\"gt\":-1.0,\"pred\":\"negative\"}\n",
     );
-    let o = with_wheels(&["--predictions", p.to_str().unwrap(), "--json", "--extract", "structured"]);
+    let o = with_wheels(&[
+        "--predictions",
+        p.to_str().unwrap(),
+        "--json",
+        "--extract",
+        "structured",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(got["extract"]["mode"], "structured");
@@ -225,7 +281,10 @@ fn structured_extraction_reads_answer_blocks_and_says_so() {
     // Without extraction the prose is scored as written and misses.
     let o = with_wheels(&["--predictions", p.to_str().unwrap(), "--json"]);
     let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(got["datasets"]["CH-SIMS"]["score"].as_f64().unwrap() < 100.0, true);
+    assert_eq!(
+        got["datasets"]["CH-SIMS"]["score"].as_f64().unwrap() < 100.0,
+        true
+    );
 }
 
 #[test]
@@ -239,8 +298,17 @@ fn llm_extraction_calls_the_endpoint_once_and_reruns_from_cache() {
          {\"dataset\":\"CMU-MOSEI\",\"id\":\"a\",\"gt\":2.0,\"pred\":\"A big smile.\"}\n",
     );
     let args = [
-        "--predictions", p.to_str().unwrap(), "--json", "--extract", "llm",
-        "--llm-url", mock.url.as_str(), "--llm-model", "qwen", "--llm-api-key", "k",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--json",
+        "--extract",
+        "llm",
+        "--llm-url",
+        mock.url.as_str(),
+        "--llm-model",
+        "qwen",
+        "--llm-api-key",
+        "k",
     ];
     let o = with_wheels(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -252,7 +320,10 @@ fn llm_extraction_calls_the_endpoint_once_and_reruns_from_cache() {
     assert_eq!(got["extract"]["calls"], 4);
     assert_eq!(got["datasets"]["MER2024"]["score"], 100.0);
     assert_eq!(got["datasets"]["CMU-MOSEI"]["score"], 100.0);
-    assert!(dir.path().join("predictions.jsonl.llm-cache.jsonl").is_file());
+    assert!(dir
+        .path()
+        .join("predictions.jsonl.llm-cache.jsonl")
+        .is_file());
 
     let o = with_wheels(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -265,6 +336,11 @@ fn llm_extraction_calls_the_endpoint_once_and_reruns_from_cache() {
 
 #[test]
 fn llm_extraction_without_a_url_is_an_error() {
-    let o = with_wheels(&["--predictions", fixture().to_str().unwrap(), "--extract", "llm"]);
+    let o = with_wheels(&[
+        "--predictions",
+        fixture().to_str().unwrap(),
+        "--extract",
+        "llm",
+    ]);
     assert_fails_with(&o, &["--extract llm needs --llm-url"]);
 }

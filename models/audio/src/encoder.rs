@@ -101,7 +101,10 @@ impl AudioEncoderConfig {
         if self.activation_function != "gelu" {
             return Err(Error::Config {
                 field: "activation_function",
-                reason: format!("only \"gelu\" is supported, found {:?}", self.activation_function),
+                reason: format!(
+                    "only \"gelu\" is supported, found {:?}",
+                    self.activation_function
+                ),
             });
         }
         if self.encoder_attention_heads == 0 || self.d_model % self.encoder_attention_heads != 0 {
@@ -116,7 +119,10 @@ impl AudioEncoderConfig {
         if self.d_model % 2 != 0 || self.d_model < 4 {
             return Err(Error::Config {
                 field: "d_model",
-                reason: format!("sinusoidal positions need an even d_model >= 4, found {}", self.d_model),
+                reason: format!(
+                    "sinusoidal positions need an even d_model >= 4, found {}",
+                    self.d_model
+                ),
             });
         }
         if self.n_window == 0 || self.n_window > self.max_source_positions {
@@ -205,7 +211,9 @@ impl<B: Backend> EncoderLayer<B> {
             + self
                 .self_attn
                 .forward(self.self_attn_layer_norm.forward(x), key_mask);
-        let ff = self.fc2.forward(gelu(self.fc1.forward(self.final_layer_norm.forward(x.clone()))));
+        let ff = self.fc2.forward(gelu(
+            self.fc1.forward(self.final_layer_norm.forward(x.clone())),
+        ));
         x + ff
     }
 }
@@ -272,6 +280,20 @@ impl<B: Backend> AudioEncoder<B> {
 
     /// Encodes one clip's valid log-mel frames: `[output_lengths(valid_frames), output_dim]`.
     pub fn encode(&self, mel: &LogMel, device: &B::Device) -> Result<Tensor<B, 2>, Error> {
+        if mel.valid_frames > mel.n_frames || mel.data.len() != mel.n_mels * mel.n_frames {
+            return Err(Error::FeatureShape {
+                what: "log-mel buffer",
+                expected: format!(
+                    "{} x {} values with valid_frames <= n_frames",
+                    mel.n_mels, mel.n_frames
+                ),
+                found: format!(
+                    "{} values, valid_frames {}",
+                    mel.data.len(),
+                    mel.valid_frames
+                ),
+            });
+        }
         let features = Tensor::from_data(
             TensorData::new(mel.valid_features(), [mel.n_mels, mel.valid_frames]),
             device,
@@ -282,7 +304,11 @@ impl<B: Backend> AudioEncoder<B> {
     /// transformers' `audio_tower(input_features, feature_lens)`: `features` are clips'
     /// valid frames concatenated along time, `[num_mel_bins, Σ feature_lens]`; returns the
     /// clips' embeddings concatenated, `[Σ output_lengths(len), output_dim]`.
-    pub fn forward(&self, features: Tensor<B, 2>, feature_lens: &[usize]) -> Result<Tensor<B, 2>, Error> {
+    pub fn forward(
+        &self,
+        features: Tensor<B, 2>,
+        feature_lens: &[usize],
+    ) -> Result<Tensor<B, 2>, Error> {
         let [bins, total] = features.dims();
         if bins != self.num_mel_bins {
             return Err(Error::FeatureShape {
@@ -296,6 +322,13 @@ impl<B: Backend> AudioEncoder<B> {
                 what: "feature_lens",
                 expected: "one positive frame count per clip".into(),
                 found: format!("{feature_lens:?}"),
+            });
+        }
+        if let Some(&short) = feature_lens.iter().find(|&&l| output_lengths(l) == 0) {
+            return Err(Error::FeatureShape {
+                what: "clip length in frames (a clip needs >= 3 frames, i.e. > 320 samples, to yield one audio token)",
+                expected: ">= 3".into(),
+                found: short.to_string(),
             });
         }
         let sum: usize = feature_lens.iter().sum();
@@ -327,10 +360,7 @@ impl<B: Backend> AudioEncoder<B> {
             .map(|&(start, len)| {
                 let x = features.clone().narrow(1, start, len);
                 let x = if len < max_len {
-                    Tensor::cat(
-                        vec![x, Tensor::zeros([bins, max_len - len], &device)],
-                        1,
-                    )
+                    Tensor::cat(vec![x, Tensor::zeros([bins, max_len - len], &device)], 1)
                 } else {
                     x
                 };
@@ -371,8 +401,10 @@ impl<B: Backend> AudioEncoder<B> {
                 (0..stem_len).map(move |t| if t < valid { 0.0 } else { MASKED })
             })
             .collect();
-        let key_mask =
-            Tensor::<B, 4>::from_data(TensorData::new(key_mask, [n_chunks, 1, 1, stem_len]), &device);
+        let key_mask = Tensor::<B, 4>::from_data(
+            TensorData::new(key_mask, [n_chunks, 1, 1, stem_len]),
+            &device,
+        );
         let mut h = h;
         for layer in &self.layers {
             h = layer.forward(h, key_mask.clone());
@@ -399,9 +431,6 @@ impl<B: Backend> AudioEncoder<B> {
             clip_start += rows;
         }
         debug_assert_eq!(clip_start, n_valid);
-        if even.is_empty() {
-            return Ok(Tensor::zeros([0, self.output_dim], &device));
-        }
         let pooled = (h.clone().select(0, int_tensor::<B>(even, &device))
             + h.select(0, int_tensor::<B>(odd, &device)))
             / 2.0;

@@ -115,13 +115,15 @@ mod tests {
         let n = x.len();
         (0..n)
             .map(|k| {
-                x.iter().enumerate().fold(Complex::default(), |acc, (j, v)| {
-                    let a = -2.0 * core::f64::consts::PI * (j * k) as f64 / n as f64;
-                    acc.add(v.mul(Complex {
-                        re: a.cos(),
-                        im: a.sin(),
-                    }))
-                })
+                x.iter()
+                    .enumerate()
+                    .fold(Complex::default(), |acc, (j, v)| {
+                        let a = -2.0 * core::f64::consts::PI * (j * k) as f64 / n as f64;
+                        acc.add(v.mul(Complex {
+                            re: a.cos(),
+                            im: a.sin(),
+                        }))
+                    })
             })
             .collect()
     }

@@ -15,8 +15,8 @@ mod preprocess;
 
 pub use encoder::{VisionEncoder, VisionEncoderConfig};
 pub use preprocess::{
-    preprocess_image, preprocess_video, smart_resize, Frame, PixelPatches, ProcessorConfig,
-    CLIP_MEAN, CLIP_STD,
+    preprocess_image, preprocess_video, resize_bicubic, smart_resize, Frame, PixelPatches,
+    ProcessorConfig, CLIP_MEAN, CLIP_STD,
 };
 
 /// Errors from frame preprocessing and the vision tower.
@@ -38,8 +38,8 @@ pub enum Error {
         expected: usize,
         found: usize,
     },
-    /// A frame not at the processor's target size (resize it first, bicubic as the reference).
-    #[error("frame {index}: expected {}x{} pixels (HxW, the smart_resize of the first frame; resize to it), found {}x{}", expected.0, expected.1, found.0, found.1)]
+    /// A video frame whose size differs from the first frame's.
+    #[error("frame {index}: expected {}x{} pixels (HxW, like frame 0), found {}x{}", expected.0, expected.1, found.0, found.1)]
     FrameSize {
         index: usize,
         expected: (usize, usize),

@@ -90,7 +90,9 @@ impl Drop for MockLlm {
 /// Serves one request on `stream`; returns (Authorization header, body).
 fn serve(stream: TcpStream, respond: Responder) -> Option<(String, String)> {
     stream.set_nonblocking(false).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut content_length = 0usize;
     let mut authorization = String::new();
@@ -147,7 +149,12 @@ fn serve(stream: TcpStream, respond: Responder) -> Option<(String, String)> {
 pub fn emotion_responder(prompt: &str) -> Result<String, u16> {
     let input = prompt.rsplit("Input: ").next().unwrap_or("");
     if prompt.contains("Please choose the most likely sentiment") {
-        return Ok(if input.contains("happy") { "positive" } else { "negative" }.to_string());
+        return Ok(if input.contains("happy") {
+            "positive"
+        } else {
+            "negative"
+        }
+        .to_string());
     }
     Ok(if input.contains("smil") {
         "Output: [happy, joyful]\n".to_string()

@@ -169,8 +169,8 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
 
 /// Parses and checks a whole manifest; returns `Err` only when the file itself cannot be read.
 pub fn check_manifest(path: &Path, limits: &Limits) -> Result<Checked> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("reading manifest {}", path.display()))?;
+    let text =
+        fs::read_to_string(path).with_context(|| format!("reading manifest {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut checked = Checked::default();
     let mut seen = HashSet::new();

@@ -127,8 +127,8 @@ pub fn read_wav(path: &Path, expected_rate: u32, max_seconds: f64) -> Result<Aud
 
 /// Writes an 8-bit RGB PNG.
 pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
-    let file = fs::File::create(path)
-        .with_context(|| format!("creating PNG file {}", path.display()))?;
+    let file =
+        fs::File::create(path).with_context(|| format!("creating PNG file {}", path.display()))?;
     let mut encoder = png::Encoder::new(BufWriter::new(file), frame.width, frame.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -172,10 +172,9 @@ pub fn read_png(path: &Path) -> Result<Frame> {
             .chunks_exact(2)
             .flat_map(|p| [p[0], p[0], p[0]])
             .collect(),
-        png::ColorType::Indexed => bail!(
-            "frame {}: palette image was not expanded",
-            path.display()
-        ),
+        png::ColorType::Indexed => {
+            bail!("frame {}: palette image was not expanded", path.display())
+        }
     };
     if rgb.len() != pixels * 3 {
         bail!(

@@ -175,8 +175,22 @@ fn base_face(emotion: &str) -> Face {
 /// Open-vocabulary labels per emotion (each a `format.csv` name of MER-UniBench).
 fn openset_pool(emotion: &str) -> &'static [&'static str] {
     match emotion {
-        "happy" => &["joyful", "excited", "pleased", "cheerful", "delighted", "grateful"],
-        "sad" => &["disappointed", "lonely", "gloomy", "helpless", "hurt", "upset"],
+        "happy" => &[
+            "joyful",
+            "excited",
+            "pleased",
+            "cheerful",
+            "delighted",
+            "grateful",
+        ],
+        "sad" => &[
+            "disappointed",
+            "lonely",
+            "gloomy",
+            "helpless",
+            "hurt",
+            "upset",
+        ],
         "angry" => &["annoyed", "frustrated", "irritated", "furious", "resentful"],
         "surprise" => &["amazed", "astonished", "shocked", "confused"],
         "worried" => &["anxious", "nervous", "uneasy", "tense", "scared"],
@@ -497,7 +511,9 @@ fn fill_ellipse(frame: &mut Frame, cx: f64, cy: f64, rx: f64, ry: f64, c: [u8; 3
 
 /// A thick line segment, drawn as overlapping discs.
 fn line(frame: &mut Frame, a: (f64, f64), b: (f64, f64), width: f64, c: [u8; 3]) {
-    let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) * 2.0).ceil().max(1.0) as usize;
+    let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) * 2.0)
+        .ceil()
+        .max(1.0) as usize;
     for i in 0..=steps {
         let t = i as f64 / steps as f64;
         let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
@@ -510,7 +526,12 @@ fn draw_face(size: u32, face: &Face, k: f64, offset: (f64, f64), bg: [u8; 3]) ->
     let mut f = Frame {
         width: size,
         height: size,
-        rgb: bg.iter().copied().cycle().take(size as usize * size as usize * 3).collect(),
+        rgb: bg
+            .iter()
+            .copied()
+            .cycle()
+            .take(size as usize * size as usize * 3)
+            .collect(),
     };
     let s = f64::from(size) / 56.0;
     let (cx, cy) = (28.0 * s + offset.0, 29.0 * s + offset.1);
@@ -524,7 +545,14 @@ fn draw_face(size: u32, face: &Face, k: f64, offset: (f64, f64), bg: [u8; 3]) ->
     for side in [-1.0, 1.0] {
         let ex = cx + side * 8.0 * s;
         fill_ellipse(&mut f, ex, eye_y, 4.0 * s, eye_h.max(0.6 * s), WHITE);
-        fill_ellipse(&mut f, ex, eye_y, 1.6 * s, (eye_h * 0.8).clamp(0.5 * s, 1.6 * s), DARK);
+        fill_ellipse(
+            &mut f,
+            ex,
+            eye_y,
+            1.6 * s,
+            (eye_h * 0.8).clamp(0.5 * s, 1.6 * s),
+            DARK,
+        );
         let brow_y = eye_y - 6.0 * s - k * face.brow_height * s;
         let inner = (cx + side * 3.0 * s, brow_y - k * face.brow_inner * s);
         let outer = (cx + side * 13.0 * s, brow_y);
@@ -546,7 +574,14 @@ fn draw_face(size: u32, face: &Face, k: f64, offset: (f64, f64), bg: [u8; 3]) ->
     }
     let open = k * face.mouth_open * s;
     if open > 0.5 {
-        fill_ellipse(&mut f, cx, my + open * 0.4, 3.5 * s + open * 0.3, open, DARK);
+        fill_ellipse(
+            &mut f,
+            cx,
+            my + open * 0.4,
+            3.5 * s + open * 0.3,
+            open,
+            DARK,
+        );
     }
     f
 }
@@ -683,7 +718,11 @@ fn generate(cfg: &SynthConfig, index: usize) -> Sample {
 
 /// Generates the corpus into `out` (`manifest.jsonl`, `audio/`, `frames/`) and returns the
 /// records. Existing files of the same names are overwritten.
-pub fn synthesize(out: &Path, cfg: &SynthConfig, mut progress: impl FnMut(usize)) -> Result<Vec<Record>> {
+pub fn synthesize(
+    out: &Path,
+    cfg: &SynthConfig,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Record>> {
     if cfg.frames == 0 || cfg.size < 28 {
         anyhow::bail!("synth: need at least 1 frame of at least 28x28 pixels");
     }
@@ -749,7 +788,10 @@ mod tests {
             let v = &f0[e];
             v.iter().sum::<f64>() / v.len() as f64
         };
-        assert!(mean("angry") > mean("sad") * 1.5, "angry speech must be louder than sad");
+        assert!(
+            mean("angry") > mean("sad") * 1.5,
+            "angry speech must be louder than sad"
+        );
         assert!(mean("happy") > mean("worried"));
     }
 
@@ -760,7 +802,11 @@ mod tests {
             .map(|i| generate(&cfg, i).record)
             .filter(|r| r.conflict.is_some())
             .collect();
-        assert!(conflicts.len() > 15 && conflicts.len() < 80, "{}", conflicts.len());
+        assert!(
+            conflicts.len() > 15 && conflicts.len() < 80,
+            "{}",
+            conflicts.len()
+        );
         for r in &conflicts {
             assert_ne!(r.emotion, "neutral");
             let kind = r.conflict.as_deref().unwrap_or_default();

@@ -45,7 +45,10 @@ pub fn encode(sections: &Sections) -> Vec<u8> {
 pub fn decode(bytes: &[u8], origin: &Path) -> Result<Sections> {
     let name = origin.display();
     if bytes.len() < MAGIC.len() + 4 + 32 {
-        bail!("checkpoint {name}: {} bytes, too short to be a checkpoint", bytes.len());
+        bail!(
+            "checkpoint {name}: {} bytes, too short to be a checkpoint",
+            bytes.len()
+        );
     }
     if &bytes[..MAGIC.len()] != MAGIC {
         bail!("checkpoint {name}: not an omniopsd checkpoint (bad magic)");
@@ -150,7 +153,9 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     let mut out = Vec::new();
     for e in entries {
-        let p = e.with_context(|| format!("listing {}", dir.display()))?.path();
+        let p = e
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
         if let Some(step) = step_of(&p) {
             out.push((step, p));
         }
@@ -256,7 +261,11 @@ mod tests {
         let loaded = load_latest(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.step, 1);
         assert_eq!(loaded.rejected.len(), 1);
-        assert!(loaded.rejected[0].contains("checksum mismatch"), "{:?}", loaded.rejected);
+        assert!(
+            loaded.rejected[0].contains("checksum mismatch"),
+            "{:?}",
+            loaded.rejected
+        );
     }
 
     #[test]
@@ -284,6 +293,9 @@ mod tests {
         let file = dir.path().join("not-a-dir");
         fs::write(&file, b"x").unwrap();
         let err = save(&file.join("ckpts"), 1, &sections(1), 1).unwrap_err();
-        assert!(format!("{err:#}").contains("creating checkpoint directory"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("creating checkpoint directory"),
+            "{err:#}"
+        );
     }
 }

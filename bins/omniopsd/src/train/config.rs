@@ -397,8 +397,7 @@ impl TrainConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let cfg: TrainConfig =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
-        cfg.validate()
-            .with_context(|| format!("config {origin}"))?;
+        cfg.validate().with_context(|| format!("config {origin}"))?;
         Ok(cfg)
     }
 
@@ -429,14 +428,22 @@ impl TrainConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !self.name.starts_with('.');
-        need(valid_name, "name", "non-empty, of letters, digits, '-', '_', '.'")?;
+        need(
+            valid_name,
+            "name",
+            "non-empty, of letters, digits, '-', '_', '.'",
+        )?;
         need(!self.seeds.is_empty(), "seeds", "a non-empty list")?;
         need(!self.methods.is_empty(), "methods", "a non-empty list")?;
         self.device
             .parse::<omniopsd_backends::DeviceSpec>()
             .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
         need(self.data.synth_n >= 10, "data.synth_n", ">= 10")?;
-        need(self.data.max_audio_seconds > 0.0, "data.max_audio_seconds", "> 0")?;
+        need(
+            self.data.max_audio_seconds > 0.0,
+            "data.max_audio_seconds",
+            "> 0",
+        )?;
         need(self.data.max_frames >= 1, "data.max_frames", ">= 1")?;
         let m = &self.model;
         need(m.vocab_size >= 64, "model.vocab_size", ">= 64")?;
@@ -509,11 +516,19 @@ impl TrainConfig {
         )?;
         need(o.adam_epsilon > 0.0, "opsd.adam_epsilon", "> 0")?;
         need(o.weight_decay >= 0.0, "opsd.weight_decay", ">= 0")?;
-        need(o.updates_per_rollout >= 1, "opsd.updates_per_rollout", ">= 1")?;
+        need(
+            o.updates_per_rollout >= 1,
+            "opsd.updates_per_rollout",
+            ">= 1",
+        )?;
         need(o.chunk_rows >= 1, "opsd.chunk_rows", ">= 1")?;
         need(self.eval.every >= 1, "eval.every", ">= 1")?;
         need(self.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")?;
-        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", ">= 1")?;
+        need(
+            self.checkpoint.keep_last >= 1,
+            "checkpoint.keep_last",
+            ">= 1",
+        )?;
         Ok(())
     }
 }
@@ -524,7 +539,10 @@ mod tests {
 
     #[test]
     fn empty_file_is_the_default() {
-        assert_eq!(TrainConfig::from_toml("", "t").unwrap(), TrainConfig::default());
+        assert_eq!(
+            TrainConfig::from_toml("", "t").unwrap(),
+            TrainConfig::default()
+        );
     }
 
     #[test]
@@ -559,8 +577,7 @@ mod tests {
 
     #[test]
     fn methods_parse_by_name() {
-        let cfg =
-            TrainConfig::from_toml("methods = [\"opsd\", \"label-sft\"]\n", "t").unwrap();
+        let cfg = TrainConfig::from_toml("methods = [\"opsd\", \"label-sft\"]\n", "t").unwrap();
         assert_eq!(cfg.methods, vec![Method::Opsd, Method::LabelSft]);
         assert!(TrainConfig::from_toml("methods = [\"magic\"]\n", "t").is_err());
     }

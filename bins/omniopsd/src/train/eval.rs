@@ -148,11 +148,8 @@ pub fn score(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) ->
             line,
         });
     }
-    let report = omniopsd_mer::Report::evaluate(
-        wheels,
-        &samples,
-        omniopsd_mer::ExtractionSummary::None,
-    );
+    let report =
+        omniopsd_mer::Report::evaluate(wheels, &samples, omniopsd_mer::ExtractionSummary::None);
     let get = |d: Dataset| {
         report
             .scores
@@ -208,7 +205,10 @@ mod tests {
     #[test]
     fn parse_answer_tolerates_partial_answers() {
         let p = parse_answer("sentiment:  positive ; emotion: happy");
-        assert_eq!((p.emotion.as_str(), p.sentiment.as_str()), ("happy", "positive"));
+        assert_eq!(
+            (p.emotion.as_str(), p.sentiment.as_str()),
+            ("happy", "positive")
+        );
         assert!(p.openset.is_empty());
         assert_eq!(parse_answer("garbage"), Parsed::default());
     }
@@ -224,9 +224,15 @@ mod tests {
         let refs: Vec<&Record> = rs.iter().collect();
         let gold: Vec<String> = rs.iter().map(answer).collect();
         let s = score(&w, &refs, &gold);
-        assert!((s.hit - 100.0).abs() < 1e-9 && (s.waf - 100.0).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.hit - 100.0).abs() < 1e-9 && (s.waf - 100.0).abs() < 1e-9,
+            "{s:?}"
+        );
         assert!((s.fs - 100.0).abs() < 1e-9, "{s:?}");
-        let wrong: Vec<String> = rs.iter().map(|_| "emotion: happy; sentiment: positive; open: happy".into()).collect();
+        let wrong: Vec<String> = rs
+            .iter()
+            .map(|_| "emotion: happy; sentiment: positive; open: happy".into())
+            .collect();
         let s = score(&w, &refs, &wrong);
         assert!(s.hit < 50.0 && s.waf < 60.0 && s.fs < 60.0, "{s:?}");
     }

@@ -244,7 +244,9 @@ mod tests {
         let series = vec![
             Series {
                 label: "opsd".into(),
-                points: (0..20).map(|i| (i as f64, (i as f64 * 0.3).sin())).collect(),
+                points: (0..20)
+                    .map(|i| (i as f64, (i as f64 * 0.3).sin()))
+                    .collect(),
             },
             Series {
                 label: "label-sft".into(),

@@ -128,7 +128,9 @@ pub fn rows(results: &[RunResult]) -> Vec<Row> {
         .into_iter()
         .map(|method| {
             let rs = &by[&method];
-            let f = |g: &dyn Fn(&RunResult) -> f64| MeanSd::of(&rs.iter().map(|r| g(r)).collect::<Vec<_>>());
+            let f = |g: &dyn Fn(&RunResult) -> f64| {
+                MeanSd::of(&rs.iter().map(|r| g(r)).collect::<Vec<_>>())
+            };
             let divs: Vec<f64> = rs.iter().filter_map(|r| r.final_divergence).collect();
             Row {
                 hit: f(&|r| r.scores.hit),
@@ -161,7 +163,10 @@ pub fn markdown(report: &Report) -> String {
             if r.final_divergence.n == 0 {
                 "–".to_string()
             } else {
-                format!("{:.4} ± {:.4}", r.final_divergence.mean, r.final_divergence.sd)
+                format!(
+                    "{:.4} ± {:.4}",
+                    r.final_divergence.mean, r.final_divergence.sd
+                )
             },
             r.seeds
                 .iter()
@@ -233,7 +238,10 @@ mod tests {
             notes: vec!["a note".into()],
             wall_seconds: 3.0,
         });
-        assert!(md.contains("| opsd | 65.00 ± 7.07 | 50.00 ± 0.00 | 40.00 ± 0.00 | 51.67 ± 2.36 |"), "{md}");
+        assert!(
+            md.contains("| opsd | 65.00 ± 7.07 | 50.00 ± 0.00 | 40.00 ± 0.00 | 51.67 ± 2.36 |"),
+            "{md}"
+        );
         assert!(md.contains("- a note"));
     }
 }

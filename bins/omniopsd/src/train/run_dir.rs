@@ -43,9 +43,8 @@ pub struct RunDir {
 impl RunDir {
     /// Creates (or reopens) the run directory and checks that it is writable.
     pub fn create(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).with_context(|| {
-            format!("run directory {}: cannot create it", root.display())
-        })?;
+        fs::create_dir_all(root)
+            .with_context(|| format!("run directory {}: cannot create it", root.display()))?;
         let probe = root.join(".write-test");
         File::create(&probe)
             .and_then(|mut f| f.write_all(b"ok"))
@@ -78,7 +77,9 @@ impl RunDir {
 
     /// Checkpoint directory of one training.
     pub fn checkpoints(&self, method: &str, seed: u64) -> PathBuf {
-        self.root.join("checkpoints").join(format!("{method}-seed{seed}"))
+        self.root
+            .join("checkpoints")
+            .join(format!("{method}-seed{seed}"))
     }
 
     /// Appends one line to `metrics.jsonl` and flushes it.
@@ -116,7 +117,11 @@ impl RunDir {
     /// Keeps only the metric lines `keep` accepts (after a resume, the lines a killed run
     /// wrote past its last checkpoint are dropped, so every step appears once).
     pub fn retain_metrics(&self, keep: impl Fn(&MetricLine) -> bool) -> Result<()> {
-        let lines: Vec<MetricLine> = self.read_metrics()?.into_iter().filter(|m| keep(m)).collect();
+        let lines: Vec<MetricLine> = self
+            .read_metrics()?
+            .into_iter()
+            .filter(|m| keep(m))
+            .collect();
         let mut text = String::new();
         for l in &lines {
             text.push_str(&serde_json::to_string(l).context("serializing a metric line")?);
@@ -148,7 +153,10 @@ mod tests {
         for s in 0..5 {
             run.append_metric(&line(s)).unwrap();
         }
-        let mut f = OpenOptions::new().append(true).open(run.metrics_path()).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(run.metrics_path())
+            .unwrap();
         f.write_all(b"{\"kind\":\"tr").unwrap();
         assert_eq!(run.read_metrics().unwrap().len(), 5, "torn line dropped");
         run.retain_metrics(|m| m.step < 3).unwrap();

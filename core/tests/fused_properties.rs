@@ -1,0 +1,483 @@
+//! The fused, chunked loss (`omniopsd_core::fused`): chunked = unchunked for every chunk size,
+//! analytic gradients = Burn autodiff gradients of the unchunked logits loss
+//! (`Autodiff<NdArray>`), the autodiff surrogate, padding robustness, statistics and input
+//! errors.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor, TensorData};
+use omniopsd_core::divergence::{
+    loss_from_logits, Divergence, LossConfig, LossConfigError, Reduction, TopK,
+};
+use omniopsd_core::fused::{
+    fused_distillation, fused_loss_and_grads, try_fused_loss_and_grads, FusedLossError, LossGrads,
+    ResponseBatch, TeacherInput,
+};
+use proptest::prelude::*;
+
+type Cpu = NdArray<f32>;
+type Train = Autodiff<Cpu>;
+
+/// One random problem: `N, R, H, V`, student hidden `[N,R,H]` and head `[V,H]`, teacher
+/// hidden `[N,R,Ht]` and head `[V,Ht]`, tokens, mask and behaviour log-probs `[N,R]`.
+#[derive(Clone, Debug)]
+struct Problem {
+    n: usize,
+    r: usize,
+    h: usize,
+    ht: usize,
+    v: usize,
+    hidden: Vec<f32>,
+    weight: Vec<f32>,
+    teacher_hidden: Vec<f32>,
+    teacher_weight: Vec<f32>,
+    tokens: Vec<i64>,
+    mask: Vec<f32>,
+    behaviour: Vec<f32>,
+}
+
+fn problem() -> impl Strategy<Value = Problem> {
+    (1usize..4, 1usize..5, 1usize..6, 1usize..5, 2usize..12).prop_flat_map(|(n, r, h, ht, v)| {
+        let rows = n * r;
+        (
+            prop::collection::vec(-1.5f32..1.5, rows * h),
+            prop::collection::vec(-1.5f32..1.5, v * h),
+            prop::collection::vec(-1.5f32..1.5, rows * ht),
+            prop::collection::vec(-1.5f32..1.5, v * ht),
+            prop::collection::vec(0..v as i64, rows),
+            prop::collection::vec(0usize..=r, n),
+            prop::collection::vec(-1.0f32..1.0, rows),
+        )
+            .prop_map(
+                move |(hidden, weight, teacher_hidden, teacher_weight, tokens, lengths, noise)| {
+                    let mask: Vec<f32> = (0..rows)
+                        .map(|i| if i % r < lengths[i / r] { 1.0 } else { 0.0 })
+                        .collect();
+                    Problem {
+                        n,
+                        r,
+                        h,
+                        ht,
+                        v,
+                        hidden,
+                        weight,
+                        teacher_hidden,
+                        teacher_weight,
+                        tokens,
+                        mask,
+                        // Behaviour log-probs around plausible values so that some ratios clip.
+                        behaviour: noise.iter().map(|e| -(v as f32).ln() + 1.5 * e).collect(),
+                    }
+                },
+            )
+    })
+}
+
+fn config() -> impl Strategy<Value = LossConfig> {
+    let divergence = prop_oneof![
+        Just(Divergence::ForwardKl),
+        Just(Divergence::ReverseKl),
+        Just(Divergence::Jsd { beta: 0.0 }),
+        Just(Divergence::Jsd { beta: 1.0 }),
+        (0.05f32..0.95).prop_map(|beta| Divergence::Jsd { beta }),
+        (0.5f32..3.0).prop_map(|ratio_clip| Divergence::SampledReverseKl { ratio_clip }),
+    ];
+    (
+        divergence,
+        prop::option::of((1usize..14, any::<bool>()).prop_map(|(k, tail)| TopK { k, tail })),
+        any::<bool>(),
+        0.5f32..2.0,
+        prop::option::of(0.02f32..0.5),
+    )
+        .prop_map(
+            |(divergence, top_k, sequence, temperature, kl_clip)| LossConfig {
+                divergence,
+                top_k,
+                reduction: if sequence {
+                    Reduction::Sequence
+                } else {
+                    Reduction::Token
+                },
+                temperature,
+                kl_clip,
+            },
+        )
+}
+
+fn tensor<const D: usize>(data: &[f32], shape: [usize; D]) -> Tensor<Cpu, D> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape), &Default::default())
+}
+
+fn batch(p: &Problem) -> ResponseBatch<Cpu> {
+    ResponseBatch {
+        tokens: Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(p.tokens.clone(), [p.n, p.r]),
+            &Default::default(),
+        ),
+        mask: tensor(&p.mask, [p.n, p.r]),
+        behaviour_logp: tensor(&p.behaviour, [p.n, p.r]),
+    }
+}
+
+fn teacher(p: &Problem) -> TeacherInput<Cpu> {
+    TeacherInput::Hidden {
+        hidden: tensor(&p.teacher_hidden, [p.n, p.r, p.ht]),
+        weight: tensor(&p.teacher_weight, [p.v, p.ht]),
+    }
+}
+
+fn fused(p: &Problem, cfg: &LossConfig, chunk: usize) -> LossGrads<Cpu> {
+    fused_loss_and_grads(
+        tensor(&p.hidden, [p.n, p.r, p.h]),
+        tensor(&p.weight, [p.v, p.h]),
+        teacher(p),
+        &batch(p),
+        cfg,
+        chunk,
+    )
+}
+
+fn values<const D: usize>(x: Tensor<Cpu, D>) -> Vec<f32> {
+    x.into_data().to_vec().expect("f32 tensor")
+}
+
+/// Largest `|a − b| / max(1, |b|)`.
+fn max_scaled_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+/// Unchunked reference: logits `h Wᵀ` on `Autodiff<NdArray>`, [`loss_from_logits`], Burn
+/// autodiff backward. Returns (loss, ∂L/∂hidden, ∂L/∂W).
+fn autodiff_reference(p: &Problem, cfg: &LossConfig) -> (f32, Vec<f32>, Vec<f32>) {
+    let hidden = Tensor::<Train, 3>::from_inner(tensor(&p.hidden, [p.n, p.r, p.h])).require_grad();
+    let weight = Tensor::<Train, 2>::from_inner(tensor(&p.weight, [p.v, p.h])).require_grad();
+    let logits = hidden
+        .clone()
+        .matmul(weight.clone().transpose().unsqueeze_dim::<3>(0));
+    let teacher_logits = tensor(&p.teacher_hidden, [p.n, p.r, p.ht]).matmul(
+        tensor(&p.teacher_weight, [p.v, p.ht])
+            .transpose()
+            .unsqueeze_dim::<3>(0),
+    );
+    let b = batch(p);
+    let loss = loss_from_logits(
+        logits,
+        Tensor::from_inner(teacher_logits),
+        Tensor::from_inner(b.tokens),
+        Tensor::from_inner(b.mask),
+        Tensor::from_inner(b.behaviour_logp),
+        cfg,
+    );
+    let grads = loss.backward();
+    let gh = hidden
+        .grad(&grads)
+        .map(values)
+        .unwrap_or_else(|| vec![0.0; p.hidden.len()]);
+    let gw = weight
+        .grad(&grads)
+        .map(values)
+        .unwrap_or_else(|| vec![0.0; p.weight.len()]);
+    (loss.into_scalar(), gh, gw)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn chunked_loss_and_gradients_equal_the_unchunked_ones_for_every_chunk_size(
+        p in problem(),
+        cfg in config(),
+        odd_chunk in 1usize..7,
+    ) {
+        let rows = p.n * p.r;
+        let whole = fused(&p, &cfg, rows);
+        for chunk in [1, 2, odd_chunk, rows.saturating_sub(1).max(1), rows + 3] {
+            let c = fused(&p, &cfg, chunk);
+            prop_assert!((c.stats.loss - whole.stats.loss).abs() <= 1e-5 * whole.stats.loss.abs().max(1.0), "chunk {chunk}: loss {} vs {}", c.stats.loss, whole.stats.loss);
+            let eh = max_scaled_error(&values(c.grad_hidden), &values(whole.grad_hidden.clone()));
+            let ew = max_scaled_error(&values(c.grad_weight), &values(whole.grad_weight.clone()));
+            prop_assert!(eh <= 1e-5 && ew <= 1e-5, "chunk {chunk}: grad errors {eh} {ew}");
+            prop_assert!((c.stats.mean_divergence - whole.stats.mean_divergence).abs() <= 1e-5 * whole.stats.mean_divergence.abs().max(1.0));
+            prop_assert!((c.stats.student_entropy - whole.stats.student_entropy).abs() <= 1e-5 * whole.stats.student_entropy.abs().max(1.0));
+            prop_assert_eq!(c.stats.clip_fraction, whole.stats.clip_fraction);
+            prop_assert_eq!(c.stats.valid_tokens, whole.stats.valid_tokens);
+        }
+    }
+
+    #[test]
+    fn analytic_gradients_equal_burn_autodiff_of_the_unchunked_logits_loss(
+        p in problem(),
+        cfg in config(),
+        chunk in 1usize..6,
+    ) {
+        let (loss, gh, gw) = autodiff_reference(&p, &cfg);
+        let f = fused(&p, &cfg, chunk);
+        prop_assert!((f.stats.loss - loss).abs() <= 1e-5 * loss.abs().max(1.0), "loss {} vs autodiff {loss}", f.stats.loss);
+        let eh = max_scaled_error(&values(f.grad_hidden), &gh);
+        let ew = max_scaled_error(&values(f.grad_weight), &gw);
+        prop_assert!(eh <= 2e-5, "grad hidden error {eh}");
+        prop_assert!(ew <= 2e-5, "grad weight error {ew}");
+    }
+
+    #[test]
+    fn padding_content_never_changes_fused_loss_or_gradients(
+        p in problem(),
+        cfg in config(),
+        nan in any::<bool>(),
+    ) {
+        let clean = fused(&p, &cfg, 3);
+        let mut dirty = p.clone();
+        let junk = if nan { f32::NAN } else { 1e4 };
+        for row in 0..p.n * p.r {
+            if p.mask[row] <= 0.5 {
+                dirty.hidden[row * p.h..(row + 1) * p.h].fill(junk);
+                dirty.teacher_hidden[row * p.ht..(row + 1) * p.ht].fill(junk);
+                dirty.tokens[row] = -7;
+                dirty.behaviour[row] = junk;
+            }
+        }
+        let d = fused(&dirty, &cfg, 3);
+        prop_assert_eq!(d.stats, clean.stats);
+        prop_assert_eq!(values(d.grad_weight), values(clean.grad_weight));
+        let gh = values(d.grad_hidden);
+        prop_assert!(gh.iter().all(|x| x.is_finite()));
+        prop_assert_eq!(gh, values(clean.grad_hidden));
+    }
+
+    #[test]
+    fn surrogate_value_is_the_loss_and_its_backward_gives_the_analytic_gradients(
+        p in problem(),
+        cfg in config(),
+    ) {
+        // A parameter upstream of the hidden states: hidden = 2·x.
+        let doubled = Problem { hidden: p.hidden.iter().map(|x| 2.0 * x).collect(), ..p.clone() };
+        let direct = fused(&doubled, &cfg, 2);
+        let hidden = Tensor::<Train, 3>::from_inner(tensor(&p.hidden, [p.n, p.r, p.h])).require_grad();
+        let weight = Tensor::<Train, 2>::from_inner(tensor(&p.weight, [p.v, p.h])).require_grad();
+        let upstream = hidden.clone().mul_scalar(2.0);
+        let out = fused_distillation::<Train>(upstream, weight.clone(), teacher(&p), &batch(&p), &cfg, 2);
+        prop_assert_eq!(out.stats, direct.stats);
+        let value = out.surrogate.clone().into_scalar();
+        prop_assert!((value - direct.stats.loss).abs() <= 1e-6 * direct.stats.loss.abs().max(1.0), "surrogate {value} vs loss {}", direct.stats.loss);
+        let grads = out.surrogate.backward();
+        let gx = values(hidden.grad(&grads).expect("hidden grad"));
+        let expected_gx: Vec<f32> = values(direct.grad_hidden).iter().map(|g| 2.0 * g).collect();
+        prop_assert!(max_scaled_error(&gx, &expected_gx) <= 1e-6);
+        prop_assert!(max_scaled_error(&values(weight.grad(&grads).expect("weight grad")), &values(direct.grad_weight)) <= 1e-6);
+    }
+}
+
+#[test]
+fn stats_report_entropy_divergence_valid_tokens_and_clip_fraction() {
+    // One sequence, V = 2, H = 1, W = I-like column: student logits (0, 0) → uniform, entropy ln 2.
+    let device = Default::default();
+    let hidden = Tensor::<Cpu, 3>::zeros([1, 3, 1], &device);
+    let weight = tensor(&[1.0, -1.0], [2, 1]);
+    let teacher_logits = tensor(&[0.0, 0.0, 2.0, 0.0, 5.0, 5.0], [1, 3, 2]);
+    let b = ResponseBatch {
+        tokens: Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(vec![0i64, 1, 0], [1, 3]),
+            &device,
+        ),
+        mask: tensor(&[1.0, 1.0, 0.0], [1, 3]),
+        // log p_S(y) = ln 0.5; behaviour ln 0.5 (ratio 1) and ln 0.1 (ratio 5 > 2, clipped).
+        behaviour_logp: tensor(&[0.5f32.ln(), 0.1f32.ln(), 0.0], [1, 3]),
+    };
+    let cfg = LossConfig {
+        divergence: Divergence::SampledReverseKl { ratio_clip: 2.0 },
+        ..LossConfig::default()
+    };
+    let out = fused_loss_and_grads(
+        hidden,
+        weight,
+        TeacherInput::Logits(teacher_logits),
+        &b,
+        &cfg,
+        2,
+    );
+    let s = out.stats;
+    assert_eq!(s.valid_tokens, 2);
+    assert!(
+        (s.student_entropy - std::f32::consts::LN_2).abs() < 1e-6,
+        "{s:?}"
+    );
+    assert!((s.clip_fraction - 0.5).abs() < 1e-6, "{s:?}");
+    // Teacher log-probs: ln 0.5 at position 0, ln(1/(1+e²)) for token 1 at position 1.
+    let lt1 = -(1.0f32 + 2.0f32.exp()).ln();
+    let div = ((0.5f32.ln() - 0.5f32.ln()) + (0.5f32.ln() - lt1)) / 2.0;
+    assert!((s.mean_divergence - div).abs() < 1e-6, "{s:?} vs {div}");
+    // loss = −mean(ρ·A) with ρ = (1, 2) and A = (0, lt1 − ln 0.5).
+    let loss = -(2.0 * (lt1 - 0.5f32.ln())) / 2.0;
+    assert!((s.loss - loss).abs() < 1e-6, "{s:?} vs {loss}");
+}
+
+fn small() -> Problem {
+    Problem {
+        n: 1,
+        r: 2,
+        h: 2,
+        ht: 2,
+        v: 3,
+        hidden: vec![0.1, 0.2, 0.3, 0.4],
+        weight: vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        teacher_hidden: vec![0.5, 0.1, -0.2, 0.3],
+        teacher_weight: vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        tokens: vec![0, 2],
+        mask: vec![1.0, 1.0],
+        behaviour: vec![-1.0, -1.0],
+    }
+}
+
+fn try_small(
+    p: &Problem,
+    teacher: TeacherInput<Cpu>,
+    cfg: &LossConfig,
+    chunk: usize,
+) -> Result<LossGrads<Cpu>, FusedLossError> {
+    try_fused_loss_and_grads(
+        tensor(&p.hidden, [p.n, p.r, p.h]),
+        tensor(&p.weight, [p.v, p.h]),
+        teacher,
+        &batch(p),
+        cfg,
+        chunk,
+    )
+}
+
+#[test]
+fn zero_chunk_rows_is_an_error() {
+    let p = small();
+    let err = try_small(&p, teacher(&p), &LossConfig::default(), 0).err();
+    assert_eq!(err, Some(FusedLossError::ZeroChunkRows));
+}
+
+#[test]
+fn invalid_config_is_an_error_naming_the_field() {
+    let p = small();
+    let cfg = LossConfig {
+        kl_clip: Some(0.0),
+        ..LossConfig::default()
+    };
+    let err = try_small(&p, teacher(&p), &cfg, 1).err().expect("error");
+    assert_eq!(err, FusedLossError::Config(LossConfigError::KlClip(0.0)));
+    assert!(err.to_string().contains("kl_clip"), "{err}");
+}
+
+#[test]
+fn mismatched_teacher_logits_shape_is_an_error_with_expected_and_found() {
+    let p = small();
+    let wrong = TeacherInput::Logits(Tensor::<Cpu, 3>::zeros([1, 2, 4], &Default::default()));
+    let err = try_small(&p, wrong, &LossConfig::default(), 1)
+        .err()
+        .expect("error");
+    assert_eq!(
+        err,
+        FusedLossError::Shape {
+            tensor: "teacher.logits",
+            expected: vec![1, 2, 3],
+            found: vec![1, 2, 4]
+        }
+    );
+    assert!(err.to_string().contains("teacher.logits"), "{err}");
+}
+
+#[test]
+fn mismatched_teacher_weight_and_mask_shapes_are_errors() {
+    let p = small();
+    let wrong = TeacherInput::Hidden {
+        hidden: tensor(&p.teacher_hidden, [1, 2, 2]),
+        weight: Tensor::zeros([4, 2], &Default::default()),
+    };
+    let err = try_small(&p, wrong, &LossConfig::default(), 1).err();
+    assert!(
+        matches!(
+            err,
+            Some(FusedLossError::Shape {
+                tensor: "teacher.weight",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let mut q = small();
+    q.mask = vec![1.0];
+    let b = ResponseBatch {
+        mask: tensor(&q.mask, [1, 1]),
+        ..batch(&p)
+    };
+    let err = try_fused_loss_and_grads(
+        tensor(&p.hidden, [1, 2, 2]),
+        tensor(&p.weight, [3, 2]),
+        teacher(&p),
+        &b,
+        &LossConfig::default(),
+        1,
+    )
+    .err();
+    assert!(
+        matches!(
+            err,
+            Some(FusedLossError::Shape {
+                tensor: "batch.mask",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn lm_head_hidden_size_mismatch_is_an_error() {
+    let p = small();
+    let err = try_fused_loss_and_grads(
+        tensor(&p.hidden, [1, 2, 2]),
+        Tensor::zeros([3, 5], &Default::default()),
+        teacher(&p),
+        &batch(&p),
+        &LossConfig::default(),
+        1,
+    )
+    .err();
+    assert_eq!(
+        err,
+        Some(FusedLossError::Shape {
+            tensor: "weight",
+            expected: vec![3, 2],
+            found: vec![3, 5]
+        })
+    );
+}
+
+#[test]
+fn out_of_range_sampled_token_at_a_valid_position_is_an_error() {
+    let mut p = small();
+    p.tokens = vec![0, 3];
+    let cfg = LossConfig {
+        divergence: Divergence::SampledReverseKl { ratio_clip: 2.0 },
+        ..LossConfig::default()
+    };
+    let err = try_small(&p, teacher(&p), &cfg, 1).err();
+    assert_eq!(
+        err,
+        Some(FusedLossError::TokenOutOfRange { found: 3, vocab: 3 })
+    );
+    p.tokens = vec![-1, 0];
+    let err = try_small(&p, teacher(&p), &cfg, 1).err();
+    assert_eq!(
+        err,
+        Some(FusedLossError::TokenOutOfRange {
+            found: -1,
+            vocab: 3
+        })
+    );
+}
+
+#[test]
+#[should_panic(expected = "chunk_rows must be >= 1")]
+fn fused_loss_and_grads_panics_with_the_error_message() {
+    let p = small();
+    fused(&p, &LossConfig::default(), 0);
+}

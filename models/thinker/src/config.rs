@@ -1,0 +1,98 @@
+//! The thinker's `config.json` keys that shape prompts and positions.
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Serde mirror of the Qwen2.5-Omni thinker config's prompt-layout keys (verbatim names, HF
+/// defaults). Spatial merge size comes from `vision_config.spatial_merge_size`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ThinkerConfig {
+    #[serde(default = "defaults::audio_token_index")]
+    pub audio_token_index: u32,
+    #[serde(default = "defaults::image_token_index")]
+    pub image_token_index: u32,
+    #[serde(default = "defaults::video_token_index")]
+    pub video_token_index: u32,
+    #[serde(default = "defaults::audio_start_token_id")]
+    pub audio_start_token_id: u32,
+    #[serde(default = "defaults::audio_end_token_id")]
+    pub audio_end_token_id: u32,
+    #[serde(default = "defaults::vision_start_token_id")]
+    pub vision_start_token_id: u32,
+    #[serde(default = "defaults::vision_end_token_id")]
+    pub vision_end_token_id: u32,
+    #[serde(default = "defaults::position_id_per_seconds")]
+    pub position_id_per_seconds: f64,
+    #[serde(default = "defaults::seconds_per_chunk")]
+    pub seconds_per_chunk: f64,
+    #[serde(skip)]
+    pub spatial_merge_size: usize,
+}
+
+mod defaults {
+    pub fn audio_token_index() -> u32 {
+        151_646
+    }
+    pub fn image_token_index() -> u32 {
+        151_655
+    }
+    pub fn video_token_index() -> u32 {
+        151_656
+    }
+    pub fn audio_start_token_id() -> u32 {
+        151_647
+    }
+    pub fn audio_end_token_id() -> u32 {
+        151_648
+    }
+    pub fn vision_start_token_id() -> u32 {
+        151_652
+    }
+    pub fn vision_end_token_id() -> u32 {
+        151_653
+    }
+    pub fn position_id_per_seconds() -> f64 {
+        25.0
+    }
+    pub fn seconds_per_chunk() -> f64 {
+        2.0
+    }
+}
+
+impl ThinkerConfig {
+    /// Reads the thinker config from a thinker `config.json` or a full Qwen2.5-Omni one
+    /// (`thinker_config`).
+    pub fn from_json(root: &serde_json::Value) -> Result<Self, Error> {
+        let thinker = root.get("thinker_config").unwrap_or(root);
+        let mut cfg: Self = serde_json::from_value(thinker.clone()).map_err(|e| Error::Config {
+            field: "thinker_config",
+            reason: e.to_string(),
+        })?;
+        cfg.spatial_merge_size = match thinker
+            .get("vision_config")
+            .and_then(|v| v.get("spatial_merge_size"))
+        {
+            None => 2,
+            Some(v) => v.as_u64().filter(|&m| m > 0).ok_or_else(|| Error::Config {
+                field: "vision_config.spatial_merge_size",
+                reason: format!("expected a positive integer, found {v}"),
+            })? as usize,
+        };
+        if !(cfg.position_id_per_seconds > 0.0 && cfg.seconds_per_chunk > 0.0) {
+            return Err(Error::Config {
+                field: "position_id_per_seconds / seconds_per_chunk",
+                reason: format!(
+                    "must be positive, found {} and {}",
+                    cfg.position_id_per_seconds, cfg.seconds_per_chunk
+                ),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Position ids per chunk of interleaved audio and video (`25 · 2 = 50`).
+    pub fn tokens_per_chunk(&self) -> usize {
+        (self.position_id_per_seconds * self.seconds_per_chunk) as usize
+    }
+}

@@ -1,0 +1,262 @@
+//! Thinker logits parity with transformers 5.24 (`Qwen2_5OmniThinkerForConditionalGeneration`)
+//! on the tiny checkpoint of `tests/reference/gen_omni.py`, from raw media (waveforms, RGB
+//! frames) through the Rust feature extractor, processors, towers, embedding merge, TMRoPE and
+//! decoder. Tolerance: relative error (max |Δ| / max |ref|) ≤ 1e-4 in f32. Also checks the
+//! `PolicyModel` paths agree (cached decode = teacher forcing = full forward).
+
+use std::path::PathBuf;
+
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use omniopsd_audio::{FeatureExtractor, LogMel, SAMPLING_RATE};
+use omniopsd_checkpoint::Checkpoint;
+use omniopsd_core::PolicyModel;
+use omniopsd_thinker::{MediaInput, ModelError, Thinker, ThinkerConfig};
+use omniopsd_vision::{preprocess_image, preprocess_video, Frame, PixelPatches, ProcessorConfig};
+
+type B = NdArray<f32>;
+
+fn reference_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference"
+    ))
+}
+
+fn read<const D: usize>(file: &str, name: &str, shape: [usize; D]) -> Vec<f32> {
+    let ckpt = Checkpoint::open_file(&reference_dir().join(file)).unwrap();
+    ckpt.weights()
+        .tensor::<B, D>(name, shape, &Default::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn thinker() -> Thinker<B> {
+    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).unwrap();
+    Thinker::from_checkpoint(&ckpt, &Default::default()).expect("thinker loads")
+}
+
+fn mel(name: &str, len: usize) -> LogMel {
+    FeatureExtractor::qwen2_5_omni()
+        .extract(&read("omni_audio.safetensors", name, [len]), SAMPLING_RATE)
+        .unwrap()
+}
+
+fn processor() -> ProcessorConfig {
+    ProcessorConfig {
+        max_pixels: 28 * 28 * 64,
+        ..ProcessorConfig::qwen2_5_omni_image()
+    }
+}
+
+fn image() -> PixelPatches {
+    let rgb: Vec<u8> = read("omni_vision.safetensors", "image", [84, 112, 3])
+        .iter()
+        .map(|&v| v as u8)
+        .collect();
+    preprocess_image(
+        &Frame {
+            width: 112,
+            height: 84,
+            rgb: &rgb,
+        },
+        &processor(),
+    )
+    .unwrap()
+}
+
+fn video() -> PixelPatches {
+    let rgb: Vec<u8> = read("omni_vision.safetensors", "video", [3, 56, 112, 3])
+        .iter()
+        .map(|&v| v as u8)
+        .collect();
+    let per = 56 * 112 * 3;
+    let frames: Vec<Frame> = (0..3)
+        .map(|i| Frame {
+            width: 112,
+            height: 56,
+            rgb: &rgb[i * per..(i + 1) * per],
+        })
+        .collect();
+    preprocess_video(&frames, &processor()).unwrap()
+}
+
+/// Prompt A: text, audio, text, image, text, video (no audio), text.
+fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
+    let ids = [
+        vec![11, 12, 13],
+        vec![
+            cfg.audio_start_token_id,
+            cfg.audio_token_index,
+            cfg.audio_end_token_id,
+        ],
+        vec![21, 22],
+        vec![
+            cfg.vision_start_token_id,
+            cfg.image_token_index,
+            cfg.vision_end_token_id,
+        ],
+        vec![31],
+        vec![
+            cfg.vision_start_token_id,
+            cfg.video_token_index,
+            cfg.vision_end_token_id,
+        ],
+        vec![41, 42, 43],
+    ]
+    .concat();
+    let media = vec![
+        MediaInput::Audio(mel("waveform", 20_800)),
+        MediaInput::Image(image()),
+        MediaInput::Video {
+            patches: video(),
+            second_per_grid: 1.0,
+            audio: None,
+        },
+    ];
+    (ids, media)
+}
+
+/// Prompt B: text, a video with its audio track interleaved, text, a second clip, text.
+fn prompt_b(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
+    let ids = [
+        vec![11, 12, 13],
+        vec![
+            cfg.vision_start_token_id,
+            cfg.video_token_index,
+            cfg.vision_end_token_id,
+        ],
+        vec![21, 22],
+        vec![
+            cfg.audio_start_token_id,
+            cfg.audio_token_index,
+            cfg.audio_end_token_id,
+        ],
+        vec![51, 52],
+    ]
+    .concat();
+    let media = vec![
+        MediaInput::Video {
+            patches: video(),
+            second_per_grid: 2.0,
+            audio: Some(mel("waveform", 20_800)),
+        },
+        MediaInput::Audio(mel("waveform2", 7_000)),
+    ];
+    (ids, media)
+}
+
+fn logits(model: &Thinker<B>, hidden: Tensor<B, 2>) -> Vec<f32> {
+    hidden
+        .matmul(model.lm_head().transpose())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(a.len(), reference.len());
+    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+#[test]
+fn thinker_logits_match_transformers_with_audio_image_and_video() {
+    let model = thinker();
+    let (ids, media) = prompt_a(&model.config);
+    let prompt = model.prompt(&ids, &media).expect("prompt");
+    assert_eq!(prompt.ids.len(), 75);
+    let hidden = model.forward(&prompt).reshape([75, 64]);
+    let err = rel_err(
+        &logits(&model, hidden),
+        &read("omni_thinker.safetensors", "logits_a", [75, 256]),
+    );
+    eprintln!("thinker logits (audio+image+video) rel err: {err:e}");
+    assert!(err <= 1e-4, "rel err {err}");
+}
+
+#[test]
+fn thinker_logits_match_transformers_with_audio_interleaved_in_video() {
+    let model = thinker();
+    let (ids, media) = prompt_b(&model.config);
+    let prompt = model.prompt(&ids, &media).expect("prompt");
+    assert_eq!(prompt.ids.len(), 72);
+    let hidden = model.forward(&prompt).reshape([72, 64]);
+    let err = rel_err(
+        &logits(&model, hidden),
+        &read("omni_thinker.safetensors", "logits_b", [72, 256]),
+    );
+    eprintln!("thinker logits (audio in video) rel err: {err:e}");
+    assert!(err <= 1e-4, "rel err {err}");
+}
+
+#[test]
+fn cached_decode_and_teacher_forcing_reproduce_the_reference_logits() {
+    let model = thinker();
+    let (mut ids, media) = prompt_a(&model.config);
+    let response = ids.split_off(ids.len() - 3);
+    let prompt = model.prompt(&ids, &media).unwrap();
+    let reference = read("omni_thinker.safetensors", "logits_a", [75, 256]);
+    let tail = &reference[71 * 256..74 * 256];
+
+    let resp = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            response.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            [1, 3],
+        ),
+        &Default::default(),
+    );
+    let forced = model.response_hidden(&prompt, resp.repeat_dim(0, 2));
+    let forced0 = forced.clone().narrow(0, 0, 1).reshape([3, 64]);
+    let err = rel_err(&logits(&model, forced0), tail);
+    eprintln!("teacher-forced logits rel err: {err:e}");
+    assert!(err <= 1e-4, "teacher forcing rel err {err}");
+
+    let (first, mut cache) = model.prefill(&prompt, 2);
+    let mut rows = vec![first];
+    for &t in &response[..2] {
+        let tok = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(vec![t as i64; 2], [2]),
+            &Default::default(),
+        );
+        rows.push(model.decode(tok, &mut cache));
+    }
+    let decoded: Tensor<B, 3> = Tensor::stack(rows, 1);
+    let err = rel_err(
+        &decoded.into_data().to_vec::<f32>().unwrap(),
+        &forced.into_data().to_vec::<f32>().unwrap(),
+    );
+    eprintln!("cached decode vs teacher forcing hidden rel err: {err:e}");
+    assert!(err <= 1e-4, "decode vs forcing rel err {err}");
+}
+
+#[test]
+fn prompt_with_token_outside_vocabulary_is_rejected() {
+    let model = thinker();
+    let err = model.prompt(&[1, 2, 9999], &[]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenId {
+                index: 2,
+                id: 9999,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn prompt_with_missing_media_is_rejected() {
+    let model = thinker();
+    let (ids, mut media) = prompt_a(&model.config);
+    media.pop();
+    assert!(model.prompt(&ids, &media).is_err());
+}
