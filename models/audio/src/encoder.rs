@@ -19,8 +19,9 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use omniopsd_checkpoint::{Checkpoint, Weights};
 use serde::Deserialize;
 
-use crate::nn::{LayerNorm, Linear};
+use crate::nn::LayerNorm;
 use crate::{Error, LogMel};
+use omniopsd_checkpoint::Linear;
 
 /// Serde mirror of the checkpoint's `audio_config` (keys verbatim, HF defaults).
 #[derive(Clone, Debug, Deserialize)]

@@ -1,45 +1,10 @@
-//! The few layers the audio tower needs, stored in the checkpoint's layout (weights
-//! `[out, in]`, PyTorch's `nn.Linear`), so loading is a straight copy.
+//! The few layers the audio tower needs, besides `omniopsd_checkpoint::Linear`.
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 use omniopsd_checkpoint::Weights;
 
 use crate::Error;
-
-/// `y = x Wᵀ + b` (PyTorch `nn.Linear`).
-#[derive(Module, Debug)]
-pub(crate) struct Linear<B: Backend> {
-    weight: Param<Tensor<B, 2>>,
-    bias: Option<Param<Tensor<B, 1>>>,
-}
-
-impl<B: Backend> Linear<B> {
-    pub fn load(
-        w: &Weights,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        device: &B::Device,
-    ) -> Result<Self, Error> {
-        Ok(Self {
-            weight: w.param("weight", [d_out, d_in], device)?,
-            bias: if bias {
-                Some(w.param("bias", [d_out], device)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = x.matmul(self.weight.val().transpose().unsqueeze());
-        match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
-            None => y,
-        }
-    }
-}
 
 /// `y = (x − E[x]) / √(Var[x] + ε) · γ + β` over the last axis, biased variance
 /// (PyTorch `nn.LayerNorm`, ε = 1e-5).

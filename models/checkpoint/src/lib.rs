@@ -7,6 +7,9 @@
 //! f32 / bf16 / f16 tensors are converted to `f32` and handed to the backend, which casts to
 //! its own float type.
 
+mod linear;
+pub use linear::Linear;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

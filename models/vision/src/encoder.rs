@@ -20,8 +20,9 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use omniopsd_checkpoint::{Checkpoint, Weights};
 use serde::Deserialize;
 
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::RmsNorm;
 use crate::{Error, PixelPatches};
+use omniopsd_checkpoint::Linear;
 
 /// `rope_parameters` of the vision config (only the base is used: the rope is axial).
 #[derive(Clone, Debug, Deserialize)]
