@@ -32,6 +32,16 @@ impl<B: Backend> Linear<B> {
         })
     }
 
+    /// The weight `[d_out, d_in]`.
+    pub fn weight(&self) -> Tensor<B, 2> {
+        self.weight.val()
+    }
+
+    /// The bias `[d_out]`, if the layer has one.
+    pub fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(Param::val)
+    }
+
     /// Applies the layer over the last axis of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let y = x.matmul(self.weight.val().transpose().unsqueeze());

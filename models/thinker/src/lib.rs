@@ -7,7 +7,8 @@
 //!   video with its audio track interleaved in 2-second chunks);
 //! - [`rope_index`]: transformers' `get_rope_index`, the 3-row position ids for M-RoPE;
 //! - [`Thinker`]: towers + Qwen2 decoder on merged embeddings, implementing the core's
-//!   [`omniopsd_core::PolicyModel`] over a [`ThinkerPrompt`] (token ids with encoded media).
+//!   [`omniopsd_core::PolicyModel`] over the decoder's
+//!   [`omniopsd_decoder::TokenPrompt`] (expanded ids, TMRoPE rows, encoded media rows).
 //!
 //! Reference: transformers 5.24 `models/qwen2_5_omni/{processing,modeling}_qwen2_5_omni.py`.
 
@@ -17,7 +18,7 @@ mod model;
 
 pub use config::ThinkerConfig;
 pub use layout::{audio_tokens, expand_prompt, rope_index, Media, Positions};
-pub use model::{MediaInput, ModelError, Thinker, ThinkerCache, ThinkerPrompt};
+pub use model::{MediaInput, ModelError, Thinker};
 
 /// Errors from laying out a multimodal prompt.
 #[derive(Debug, thiserror::Error)]

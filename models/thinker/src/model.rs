@@ -5,15 +5,19 @@
 //! (audio rows for `<|AUDIO|>` tokens, including a video's interleaved track, image rows for
 //! `<|IMAGE|>`, video rows for `<|VIDEO|>`), and the decoder runs on those embeddings with the
 //! TMRoPE ids of [`rope_index`]. Decoded tokens continue at id `index + delta`.
+//!
+//! A prompt is encoded once into a backend-independent [`TokenPrompt`] (expanded ids, TMRoPE
+//! rows, the towers' output rows): the decoder is the trained part, and the autodiff student
+//! and the inner-backend teacher share the prompt.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use omniopsd_audio::{AudioEncoder, LogMel};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::PolicyModel;
-use omniopsd_decoder::{KvCache, Qwen2Config, Qwen2Model};
+use omniopsd_decoder::{DecoderCache, EmbeddingInserts, PromptPositions, Qwen2Model, TokenPrompt};
 use omniopsd_vision::{PixelPatches, VisionEncoder};
 
-use crate::{expand_prompt, rope_index, Error, Media, Positions, ThinkerConfig};
+use crate::{expand_prompt, rope_index, Error, Media, ThinkerConfig};
 
 /// One media input of a prompt, in order of its placeholder.
 #[derive(Clone, Debug)]
@@ -51,23 +55,6 @@ impl MediaInput {
     }
 }
 
-/// A prompt ready for the decoder: expanded token ids, their TMRoPE ids, and the input
-/// embeddings with media rows merged in (`[1, P, H]`). Built once by [`Thinker::prompt`],
-/// reused for every rollout and scoring call.
-#[derive(Clone, Debug)]
-pub struct ThinkerPrompt<B: Backend> {
-    pub ids: Vec<u32>,
-    pub positions: Positions,
-    pub embeds: Tensor<B, 3>,
-}
-
-/// Decoding state: the decoder's KV cache and the next sequence index.
-pub struct ThinkerCache<B: Backend> {
-    kv: KvCache<B>,
-    next: usize,
-    delta: i64,
-}
-
 /// Errors from loading or running the thinker.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -103,39 +90,27 @@ impl<B: Backend> Thinker<B> {
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, ModelError> {
         let root_json = ckpt.config_json();
         let config = ThinkerConfig::from_json(root_json)?;
-        let thinker_json = root_json.get("thinker_config").unwrap_or(root_json);
-        let text = thinker_json.get("text_config").ok_or(Error::Config {
-            field: "text_config",
-            reason: "missing".into(),
-        })?;
-        let text_cfg: Qwen2Config =
-            serde_json::from_value(text.clone()).map_err(|e| Error::Config {
+        if root_json.get("thinker_config").is_none() && root_json.get("text_config").is_none() {
+            return Err(Error::Config {
                 field: "text_config",
-                reason: e.to_string(),
-            })?;
-        let root = ckpt.weights();
-        let weights = if root.contains("thinker.model.embed_tokens.weight") {
-            root.pp("thinker")
-        } else {
-            root
-        };
+                reason: "missing (not a Qwen2.5-Omni thinker config)".into(),
+            }
+            .into());
+        }
+        let decoder = Qwen2Model::from_checkpoint(ckpt, device)?;
         Ok(Self {
             audio: AudioEncoder::from_checkpoint(ckpt, device)?,
             visual: VisionEncoder::from_checkpoint(ckpt, device)?,
-            decoder: Qwen2Model::load(&weights, &text_cfg, device)?,
+            vocab_size: decoder.config().vocab_size,
+            decoder,
             config,
-            vocab_size: text_cfg.vocab_size,
             device: device.clone(),
         })
     }
 
     /// Lays out a prompt: `ids` as the chat template tokenizes it (one placeholder token per
     /// media item), `media` in placeholder order. Encodes the media and merges the rows.
-    pub fn prompt(
-        &self,
-        ids: &[u32],
-        media: &[MediaInput],
-    ) -> Result<ThinkerPrompt<B>, ModelError> {
+    pub fn prompt(&self, ids: &[u32], media: &[MediaInput]) -> Result<TokenPrompt, ModelError> {
         let layout: Vec<Media> = media.iter().map(MediaInput::layout).collect();
         let ids = expand_prompt(ids, &layout, &self.config)?;
         if let Some((index, &id)) = ids
@@ -169,129 +144,73 @@ impl<B: Backend> Thinker<B> {
             }
         }
         let p = ids.len();
-        let text = self
-            .decoder
-            .embed(int_ids::<B>(&ids, &self.device).reshape([1, p]));
-        let hidden = text.dims()[2];
-        // One table (text rows, then audio, image and video rows) and a gather index that
-        // takes each placeholder's row from its modality in order.
-        let mut table = vec![text.reshape([p, hidden])];
-        let mut index: Vec<i64> = (0..p as i64).collect();
-        let mut offset = p;
-        for (token, rows) in [
+        let width = self.decoder.config().hidden_size;
+        let mut slots = Vec::new();
+        let mut rows = Vec::new();
+        // Placeholder rows of each modality in order: audio (including videos' tracks),
+        // then images, then videos, as the thinker's masked_scatter fills them.
+        for (token, encoded) in [
             (self.config.audio_token_index, audio),
             (self.config.image_token_index, image),
             (self.config.video_token_index, video),
         ] {
-            let n: usize = rows.iter().map(|r| r.dims()[0]).sum();
-            let slots: Vec<usize> = (0..p).filter(|&i| ids[i] == token).collect();
-            if slots.len() != n {
+            let n: usize = encoded.iter().map(|r| r.dims()[0]).sum();
+            let at: Vec<usize> = (0..p).filter(|&i| ids[i] == token).collect();
+            if at.len() != n {
                 return Err(Error::Layout {
-                    index: slots.first().copied().unwrap_or(0),
+                    index: at.first().copied().unwrap_or(0),
                     reason: format!(
                         "{} placeholder tokens for token id {token} but the encoders produced {n} rows",
-                        slots.len()
+                        at.len()
                     ),
                 }
                 .into());
             }
-            for (k, &slot) in slots.iter().enumerate() {
-                index[slot] = (offset + k) as i64;
+            slots.extend(at);
+            for block in encoded {
+                let values = block
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .map_err(|e| Error::Layout {
+                        index: 0,
+                        reason: format!("reading encoder output: {e:?}"),
+                    })?;
+                rows.extend(values);
             }
-            offset += n;
-            table.extend(rows);
         }
-        let embeds = Tensor::cat(table, 0)
-            .select(
-                0,
-                Tensor::from_data(TensorData::new(index, [p]), &self.device),
-            )
-            .reshape([1, p, hidden]);
-        Ok(ThinkerPrompt {
+        let prompt = TokenPrompt {
             ids,
-            positions,
-            embeds,
-        })
+            positions: Some(PromptPositions {
+                rows: positions.rows,
+                delta: positions.delta,
+            }),
+            inserts: (!slots.is_empty()).then_some(EmbeddingInserts { slots, rows, width }),
+        };
+        self.decoder.check_prompt(&prompt)?;
+        Ok(prompt)
     }
 
     /// Final hidden states `[1, P, H]` of a prompt, no cache (for logits parity and scoring).
-    pub fn forward(&self, prompt: &ThinkerPrompt<B>) -> Tensor<B, 3> {
-        let pos = positions_tensor::<B>(&prompt.positions.rows, 1, &self.device);
-        self.decoder
-            .forward_embeds(prompt.embeds.clone(), pos, None)
+    pub fn forward(&self, prompt: &TokenPrompt) -> Tensor<B, 3> {
+        self.decoder.forward_prompt(prompt)
     }
-}
-
-fn int_ids<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 1, Int> {
-    let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    Tensor::from_data(TensorData::new(v, [ids.len()]), device)
-}
-
-/// `[3, n, T]` position ids, the same rows for each of the `n` sequences.
-fn positions_tensor<B: Backend>(
-    rows: &[Vec<i64>; 3],
-    n: usize,
-    device: &B::Device,
-) -> Tensor<B, 3, Int> {
-    let t = rows[0].len();
-    let data: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| std::iter::repeat_n(r.iter().copied(), n).flatten())
-        .collect();
-    Tensor::from_data(TensorData::new(data, [3, n, t]), device)
 }
 
 impl<B: Backend> PolicyModel<B> for Thinker<B> {
-    type Prompt = ThinkerPrompt<B>;
-    type Cache = ThinkerCache<B>;
+    type Prompt = TokenPrompt;
+    type Cache = DecoderCache<B>;
 
-    fn prefill(&self, prompt: &Self::Prompt, n: usize) -> (Tensor<B, 2>, Self::Cache) {
-        let [_, p, h] = prompt.embeds.dims();
-        let mut cache = ThinkerCache {
-            kv: KvCache::new(),
-            next: p,
-            delta: prompt.positions.delta,
-        };
-        let pos = positions_tensor::<B>(&prompt.positions.rows, n, &self.device);
-        let hidden = self.decoder.forward_embeds(
-            prompt.embeds.clone().repeat_dim(0, n),
-            pos,
-            Some(&mut cache.kv),
-        );
-        (hidden.narrow(1, p - 1, 1).reshape([n, h]), cache)
+    fn prefill(&self, prompt: &TokenPrompt, n: usize) -> (Tensor<B, 2>, DecoderCache<B>) {
+        self.decoder.prefill(prompt, n)
     }
 
-    fn decode(&self, tokens: Tensor<B, 1, Int>, cache: &mut Self::Cache) -> Tensor<B, 2> {
-        let n = tokens.dims()[0];
-        let embeds = self.decoder.embed(tokens.reshape([n, 1]));
-        let id = cache.next as i64 + cache.delta;
-        let pos = Tensor::from_data(TensorData::new(vec![id; 3 * n], [3, n, 1]), &self.device);
-        let hidden = self
-            .decoder
-            .forward_embeds(embeds, pos, Some(&mut cache.kv));
-        cache.next += 1;
-        let h = hidden.dims()[2];
-        hidden.reshape([n, h])
+    fn decode(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 2> {
+        self.decoder.decode(tokens, cache)
     }
 
-    fn response_hidden(&self, prompt: &Self::Prompt, response: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [n, r] = response.dims();
-        let [_, p, h] = prompt.embeds.dims();
-        let embeds = Tensor::cat(
-            vec![
-                prompt.embeds.clone().repeat_dim(0, n),
-                self.decoder.embed(response),
-            ],
-            1,
-        );
-        let rows: [Vec<i64>; 3] = std::array::from_fn(|k| {
-            let mut row = prompt.positions.rows[k].clone();
-            row.extend((0..r as i64).map(|i| p as i64 + i + prompt.positions.delta));
-            row
-        });
-        let pos = positions_tensor::<B>(&rows, n, &self.device);
-        let hidden = self.decoder.forward_embeds(embeds, pos, None);
-        hidden.narrow(1, p - 1, r).reshape([n, r, h])
+    fn response_hidden(&self, prompt: &TokenPrompt, response: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.decoder.response_hidden(prompt, response)
     }
 
     fn lm_head(&self) -> Tensor<B, 2> {

@@ -1,0 +1,211 @@
+//! `config.json` of a Qwen2 / Qwen2.5 decoder, key for key.
+
+use serde::{Deserialize, Serialize};
+
+/// Serde mirror of transformers' `Qwen2Config` (and of `text_config` inside a Qwen2.5-Omni
+/// thinker config). Field names are the HF keys. The five shape keys are required: HF would
+/// silently default them to a 7B model, which only fails later, tensor by tensor.
+///
+/// RoPE settings come in two spellings: transformers ≥ 5 writes `rope_parameters`
+/// (`rope_type`, `rope_theta`, `mrope_section`); older checkpoints write a top-level
+/// `rope_theta` and `rope_scaling` (`type` / `rope_type`, `mrope_section`). Both are read;
+/// [`Qwen2Config::rope_theta`] and [`Qwen2Config::mrope_section`] resolve them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA key/value heads; HF default: `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// Legacy spelling of `rope_parameters.rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Legacy spelling of `rope_parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+}
+
+/// `rope_parameters` / `rope_scaling`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Rotary frequency pairs given to the temporal, height and width position rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrope_section: Option<Vec<usize>>,
+}
+
+/// A token id or a list of them (`eos_token_id` is either in HF configs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+mod defaults {
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn max_position_embeddings() -> usize {
+        32_768
+    }
+}
+
+/// HF's default RoPE base when neither spelling gives one.
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+impl Qwen2Config {
+    /// Key/value heads (HF default: one per attention head).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head size `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    fn rope(&self) -> Option<&RopeParameters> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
+
+    /// The RoPE base θ.
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .or(self.rope_scaling.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(DEFAULT_ROPE_THETA)
+    }
+
+    /// The M-RoPE split of the `head_dim / 2` frequencies over (temporal, height, width)
+    /// position rows; 1-D RoPE is the split `[head_dim / 2, 0, 0]` with equal rows.
+    pub fn mrope_section(&self) -> Vec<usize> {
+        self.rope()
+            .and_then(|r| r.mrope_section.clone())
+            .unwrap_or_else(|| vec![self.head_dim() / 2, 0, 0])
+    }
+
+    /// The stop tokens named by `eos_token_id`.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Checks what this implementation can run; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key, "must be positive".into()));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err((
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err((
+                "hidden_size",
+                format!("head dimension {} must be even for RoPE", self.head_dim()),
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err((
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err((
+                "hidden_act",
+                format!("`{}` is not supported (Qwen2 uses `silu`)", self.hidden_act),
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(("rms_norm_eps", "must be positive".into()));
+        }
+        if !(self.rope_theta() > 0.0) {
+            return Err(("rope_theta", "must be positive".into()));
+        }
+        if let Some(kind) = self.rope().and_then(|r| r.rope_type.as_deref()) {
+            if !matches!(kind, "default" | "mrope") {
+                return Err((
+                    "rope_parameters.rope_type",
+                    format!("`{kind}` is not supported (default and mrope are)"),
+                ));
+            }
+        }
+        let section = self.mrope_section();
+        if section.len() != 3 || section.iter().sum::<usize>() != self.head_dim() / 2 {
+            return Err((
+                "rope_parameters.mrope_section",
+                format!(
+                    "{section:?} must have 3 entries summing to head_dim / 2 = {}",
+                    self.head_dim() / 2
+                ),
+            ));
+        }
+        if self.use_sliding_window {
+            return Err((
+                "use_sliding_window",
+                "sliding-window attention is not supported".into(),
+            ));
+        }
+        Ok(())
+    }
+}

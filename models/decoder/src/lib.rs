@@ -1,0 +1,48 @@
+//! Qwen2 / Qwen2.5 text decoder in Burn, loaded from Hugging Face checkpoints.
+//!
+//! Architecture (transformers' `Qwen2ForCausalLM`, and the text model of Qwen2.5-Omni's
+//! thinker): token embeddings, pre-norm decoder layers with RMSNorm, grouped-query attention
+//! with q/k/v bias and rotary positions (1-D RoPE, or M-RoPE's temporal/height/width
+//! sections), SwiGLU MLP, a final RMSNorm and a tied or untied LM head. A KV cache serves
+//! decoding. [`Qwen2Model`] returns final hidden states; the core applies the head in chunks.
+//!
+//! Reference checkpoints: `Qwen/Qwen2.5-0.5B-Instruct` (`model.*`, tied head),
+//! `Qwen/Qwen2.5-Omni-7B` (`thinker.model.*`, `thinker_config.text_config`).
+
+use std::path::PathBuf;
+
+mod config;
+mod model;
+mod policy;
+
+pub use config::{Qwen2Config, RopeParameters, TokenIds};
+pub use model::{text_positions, KvCache, Qwen2Model};
+pub use policy::{check_tokenizer, DecoderCache, EmbeddingInserts, PromptPositions, TokenPrompt};
+
+/// Errors from loading or running the decoder; each names the file, key or tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config key is missing, has the wrong type, or asks for something unsupported.
+    #[error("{file}: config key `{key}`: {reason}")]
+    Config {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+    /// Reading the weights failed (missing tensor, wrong shape, bad file…).
+    #[error(transparent)]
+    Checkpoint(#[from] omniopsd_checkpoint::Error),
+    /// `tokenizer.json` could not be read.
+    #[error("{file}: {reason}")]
+    Tokenizer { file: PathBuf, reason: String },
+    /// The tokenizer can produce ids the embedding has no row for.
+    #[error("{file}: the tokenizer has {tokenizer} tokens but the model's embedding has {embedding} rows (config.json `vocab_size`); ids ≥ {embedding} could not be embedded")]
+    TokenizerVocab {
+        file: PathBuf,
+        tokenizer: usize,
+        embedding: usize,
+    },
+    /// A prompt that does not fit the model.
+    #[error("prompt: {reason}")]
+    Prompt { reason: String },
+}

@@ -1,0 +1,509 @@
+//! The Qwen2 decoder, as transformers' `Qwen2Model` + `Qwen2ForCausalLM`'s head and the text
+//! model of `Qwen2_5OmniThinkerForConditionalGeneration`.
+//!
+//! Per layer (pre-norm residual):
+//! `h = x + o_proj(attn(rope(q_proj(n₁x)), rope(k_proj(n₁x)), v_proj(n₁x)))`,
+//! `y = h + down_proj(silu(gate_proj(n₂h)) ⊙ up_proj(n₂h))`, with `nᵢ` RMSNorm
+//! `x / sqrt(mean(x²) + ε) · w`, q/k/v with bias, GQA (each key/value head serves
+//! `heads / kv_heads` query heads), causal softmax attention scaled by `1/√d`.
+//!
+//! Rotary embedding (Su et al. 2021, RoFormer): `x·cos + rotate_half(x)·sin` with angle
+//! `p·θ^(−2j/d)` for frequency `j < d/2`. M-RoPE (Qwen2-VL, Wang et al. 2024): the position
+//! `p` of frequency `j` comes from one of three position rows (temporal, height, width) as
+//! `mrope_section` assigns them; with three equal rows it is 1-D RoPE.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use omniopsd_checkpoint::{Checkpoint, Dtype, Linear, Weights};
+
+use crate::{Error, Qwen2Config};
+
+/// `x / sqrt(mean(x²) + ε) · w` over the last axis (Qwen2RMSNorm).
+#[derive(Module, Debug)]
+struct RmsNorm<B: Backend> {
+    weight: Param<Tensor<B, 1>>,
+    eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    fn load(w: &Weights, dim: usize, eps: f64, device: &B::Device) -> Result<Self, Error> {
+        Ok(Self {
+            weight: w.param("weight", [dim], device)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rms = (x.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt();
+        x / rms * self.weight.val().unsqueeze()
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention<B: Backend> {
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    heads: usize,
+    kv_heads: usize,
+}
+
+#[derive(Module, Debug)]
+struct Mlp<B: Backend> {
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+struct DecoderLayer<B: Backend> {
+    self_attn: Attention<B>,
+    mlp: Mlp<B>,
+    input_layernorm: RmsNorm<B>,
+    post_attention_layernorm: RmsNorm<B>,
+}
+
+/// Keys and values of every layer for the positions decoded so far, `[B, kv_heads, S, d]`.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> Default for KvCache<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self { layers: Vec::new() }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values to layer `layer` and returns the full ones.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        if let Some((pk, pv)) = self.layers.get(layer).cloned() {
+            let k = Tensor::cat(vec![pk, k], 2);
+            let v = Tensor::cat(vec![pv, v], 2);
+            self.layers[layer] = (k.clone(), v.clone());
+            (k, v)
+        } else {
+            self.layers.push((k.clone(), v.clone()));
+            (k, v)
+        }
+    }
+}
+
+/// Rotary tables for one forward: `cos`, `sin` as `[B, 1, T, d]`.
+struct Rotary<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = [−x₂, x₁]` on the two halves of `d`.
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        x * self.cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * self.sin.clone()
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, h] = x.dims();
+        let d = h / self.heads;
+        let split = |y: Tensor<B, 3>, heads: usize| y.reshape([b, t, heads, d]).swap_dims(1, 2);
+        let q = rotary.apply(split(self.q_proj.forward(x.clone()), self.heads));
+        let k = rotary.apply(split(self.k_proj.forward(x.clone()), self.kv_heads));
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        // Causal with the mask aligned bottom-right, so cached keys are all visible.
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let out = attention(q, k, v, None, None, options);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, self.heads * d]))
+    }
+
+    /// `[B, kv, S, d]` → `[B, heads, S, d]`, each key/value head repeated for its group.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.heads / self.kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [b, kv, s, d] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .repeat_dim(2, groups)
+            .reshape([b, kv * groups, s, d])
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rotary, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder: token embeddings, layers, final norm and the LM head (tied to the embeddings
+/// when the config says so).
+#[derive(Module, Debug)]
+pub struct Qwen2Model<B: Backend> {
+    embed_tokens: Param<Tensor<B, 2>>,
+    layers: Vec<DecoderLayer<B>>,
+    norm: RmsNorm<B>,
+    /// `None` when tied: the head is `embed_tokens`.
+    lm_head: Option<Param<Tensor<B, 2>>>,
+    /// Per frequency `j < d/2`, which position row (0 temporal, 1 height, 2 width) drives it.
+    freq_rows: Vec<usize>,
+    inv_freq: Vec<f32>,
+    config: Qwen2Config,
+}
+
+impl<B: Backend> Qwen2Model<B> {
+    /// Loads the decoder from `w`, the parent of `model.*` and `lm_head.*` (the checkpoint
+    /// root for `Qwen2ForCausalLM`, `thinker` for a full Qwen2.5-Omni checkpoint).
+    pub fn load(w: &Weights, config: &Qwen2Config, device: &B::Device) -> Result<Self, Error> {
+        config.validate().map_err(|(key, reason)| Error::Config {
+            file: "config.json".into(),
+            key: key.into(),
+            reason,
+        })?;
+        let (h, heads, kv) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.kv_heads(),
+        );
+        let d = config.head_dim();
+        let eps = config.rms_norm_eps;
+        let m = w.pp("model");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp("layers").pp(i);
+                let a = l.pp("self_attn");
+                let p = l.pp("mlp");
+                let inter = config.intermediate_size;
+                Ok(DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: Linear::load(&a.pp("q_proj"), h, heads * d, true, device)?,
+                        k_proj: Linear::load(&a.pp("k_proj"), h, kv * d, true, device)?,
+                        v_proj: Linear::load(&a.pp("v_proj"), h, kv * d, true, device)?,
+                        o_proj: Linear::load(&a.pp("o_proj"), heads * d, h, false, device)?,
+                        heads,
+                        kv_heads: kv,
+                    },
+                    mlp: Mlp {
+                        gate_proj: Linear::load(&p.pp("gate_proj"), h, inter, false, device)?,
+                        up_proj: Linear::load(&p.pp("up_proj"), h, inter, false, device)?,
+                        down_proj: Linear::load(&p.pp("down_proj"), inter, h, false, device)?,
+                    },
+                    input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), h, eps, device)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &l.pp("post_attention_layernorm"),
+                        h,
+                        eps,
+                        device,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w.param("lm_head.weight", [config.vocab_size, h], device)?)
+        };
+        let mut freq_rows = Vec::with_capacity(d / 2);
+        for (row, &n) in config.mrope_section().iter().enumerate() {
+            freq_rows.extend(std::iter::repeat_n(row, n));
+        }
+        // As transformers: θ^(2j/d) in f32 arithmetic on the exponent.
+        let theta = config.rope_theta() as f32;
+        let inv_freq = (0..d / 2)
+            .map(|j| 1.0 / theta.powf((2 * j) as f32 / d as f32))
+            .collect();
+        Ok(Self {
+            embed_tokens: m.param("embed_tokens.weight", [config.vocab_size, h], device)?,
+            layers,
+            norm: RmsNorm::load(&m.pp("norm"), h, eps, device)?,
+            lm_head,
+            freq_rows,
+            inv_freq,
+            config: config.clone(),
+        })
+    }
+
+    /// Loads a `Qwen2ForCausalLM` checkpoint (`model.*`, config at the root) or the text
+    /// model of a Qwen2.5-Omni thinker (`thinker.model.*` or bare `model.*`, config under
+    /// `thinker_config.text_config` or `text_config`).
+    pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, Error> {
+        let file = ckpt.dir().join("config.json");
+        let root = ckpt.config_json();
+        let (json, key_prefix) = match (root.get("thinker_config"), root.get("text_config")) {
+            (Some(thinker), _) => (
+                thinker.get("text_config").ok_or_else(|| Error::Config {
+                    file: file.clone(),
+                    key: "thinker_config.text_config".into(),
+                    reason: "missing".into(),
+                })?,
+                "thinker_config.text_config.",
+            ),
+            (None, Some(text)) => (text, "text_config."),
+            (None, None) => (root, ""),
+        };
+        let config = Qwen2Config::deserialize_named(json, &file, key_prefix)?;
+        config.validate().map_err(|(key, reason)| Error::Config {
+            file: file.clone(),
+            key: format!("{key_prefix}{key}"),
+            reason,
+        })?;
+        let weights = ckpt.weights();
+        let weights = if weights.contains("thinker.model.embed_tokens.weight") {
+            weights.pp("thinker")
+        } else {
+            weights
+        };
+        Self::load(&weights, &config, device)
+    }
+
+    /// The configuration the model was loaded with.
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    /// Token embeddings `[B, T, H]` of `ids: [B, T]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let table = self.embed_tokens.val();
+        let h = table.dims()[1];
+        table.select(0, ids.reshape([b * t])).reshape([b, t, h])
+    }
+
+    /// Final-norm hidden states `[B, T, H]` of input embeddings at `position_ids: [3, B, T]`
+    /// (temporal, height, width rows; equal rows for text). With a cache, the new positions
+    /// attend to everything cached and are appended to it.
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        position_ids: Tensor<B, 3, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let rotary = self.rotary(position_ids);
+        let mut x = embeds;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rotary, cache.as_deref_mut().map(|c| (c, i)));
+        }
+        self.norm.forward(x)
+    }
+
+    /// [`Self::forward_embeds`] on token ids at positions `0..T`.
+    pub fn forward_ids(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let positions = text_positions::<B>(0, b, t, &device);
+        self.forward_embeds(self.embed(ids), positions, None)
+    }
+
+    /// Logits `[B, T, V]` of hidden states `[B, T, H]` (the full head; the trainer applies it
+    /// in chunks instead).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        hidden.matmul(self.lm_head_weight().transpose().unsqueeze())
+    }
+
+    /// The LM-head weight `[V, H]`.
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed_tokens.val(),
+        }
+    }
+
+    fn rotary(&self, position_ids: Tensor<B, 3, Int>) -> Rotary<B> {
+        let [_, b, t] = position_ids.dims();
+        let device = position_ids.device();
+        let half = self.inv_freq.len();
+        let mut select = vec![0f32; 3 * half];
+        for (j, &row) in self.freq_rows.iter().enumerate() {
+            select[row * half + j] = 1.0;
+        }
+        let select = Tensor::<B, 4>::from_data(TensorData::new(select, [3, 1, 1, half]), &device);
+        let inv = Tensor::<B, 4>::from_data(
+            TensorData::new(self.inv_freq.clone(), [1, 1, 1, half]),
+            &device,
+        );
+        // Angle of frequency j = position (from its row) × inv_freq[j].
+        let angles = (position_ids.float().unsqueeze_dim::<4>(3) * inv * select)
+            .sum_dim(0)
+            .reshape([b, 1, t, half]);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+        Rotary {
+            cos: angles.clone().cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// Every weight under its HF name (`model.*`, and `lm_head.weight` unless tied), as
+    /// transformers' `Qwen2ForCausalLM` names them.
+    pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.val().into_data(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &l.mlp.gate_proj),
+                ("mlp.up_proj", &l.mlp.up_proj),
+                ("mlp.down_proj", &l.mlp.down_proj),
+            ] {
+                out.push((format!("{p}.{name}.weight"), lin.weight().into_data()));
+                if let Some(bias) = lin.bias() {
+                    out.push((format!("{p}.{name}.bias"), bias.into_data()));
+                }
+            }
+            for (name, norm) in [
+                ("input_layernorm", &l.input_layernorm),
+                ("post_attention_layernorm", &l.post_attention_layernorm),
+            ] {
+                out.push((format!("{p}.{name}.weight"), norm.weight.val().into_data()));
+            }
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            self.norm.weight.val().into_data(),
+        ));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.val().into_data()));
+        }
+        out
+    }
+
+    /// Writes a directory transformers loads with `Qwen2ForCausalLM.from_pretrained`:
+    /// `config.json` (this model's config, `architectures` and `model_type` set) and
+    /// `model.safetensors` in `dtype`. Existing files are replaced atomically.
+    pub fn save_pretrained(&self, dir: &Path, dtype: Dtype) -> Result<(), Error> {
+        let io = |file: &Path, source: std::io::Error| {
+            Error::Checkpoint(omniopsd_checkpoint::Error::Io {
+                file: file.to_path_buf(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut json = serde_json::to_value(&self.config).map_err(|e| Error::Config {
+            file: dir.join("config.json"),
+            key: String::new(),
+            reason: e.to_string(),
+        })?;
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["Qwen2ForCausalLM"]),
+            );
+            obj.insert("model_type".into(), serde_json::json!("qwen2"));
+            let name = match dtype {
+                Dtype::F32 => "float32",
+                Dtype::Bf16 => "bfloat16",
+                Dtype::F16 => "float16",
+            };
+            obj.insert("torch_dtype".into(), serde_json::json!(name));
+        }
+        let config_path = dir.join("config.json");
+        let tmp = dir.join("config.json.tmp");
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &config_path).map_err(|e| io(&config_path, e))?;
+        omniopsd_checkpoint::save_safetensors::<B>(
+            &dir.join("model.safetensors"),
+            &self.export_tensors(),
+            dtype,
+        )?;
+        Ok(())
+    }
+}
+
+/// Text position ids `[3, B, T]`: `start..start + T` in all three rows.
+pub fn text_positions<B: Backend>(
+    start: i64,
+    batch: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Int> {
+    let row: Vec<i64> = (start..start + len as i64).collect();
+    let data: Vec<i64> = std::iter::repeat_n(row, 3 * batch).flatten().collect();
+    Tensor::from_data(TensorData::new(data, [3, batch, len]), device)
+}
+
+impl Qwen2Config {
+    /// Deserializes from a JSON object; the error names `file` and the key (prefixed with
+    /// where the object sits in the file).
+    pub fn deserialize_named(
+        json: &serde_json::Value,
+        file: &Path,
+        key_prefix: &str,
+    ) -> Result<Self, Error> {
+        serde_json::from_value(json.clone()).map_err(|e| {
+            let reason = e.to_string();
+            let key = reason.split('`').nth(1).unwrap_or_default();
+            Error::Config {
+                file: file.to_path_buf(),
+                key: format!("{key_prefix}{key}"),
+                reason,
+            }
+        })
+    }
+}

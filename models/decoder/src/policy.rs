@@ -1,0 +1,326 @@
+//! The decoder as the core's [`PolicyModel`]: prompts are token ids, optionally with rows of
+//! input embeddings (media features) replacing placeholder tokens and explicit M-RoPE
+//! positions, which is how the thinker hands an omni-modal prompt to the decoder.
+
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use omniopsd_core::PolicyModel;
+
+use crate::{Error, KvCache, Qwen2Model};
+
+/// M-RoPE position rows of a prompt (temporal, height, width) and the offset of generated
+/// tokens: the token at sequence index `i ≥ P` gets position `i + delta` in all rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptPositions {
+    pub rows: [Vec<i64>; 3],
+    pub delta: i64,
+}
+
+/// Rows of input embeddings that replace the token embeddings at `slots` (row `k` of
+/// `rows`, `[slots.len(), width]` row-major, goes to position `slots[k]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingInserts {
+    pub slots: Vec<usize>,
+    pub rows: Vec<f32>,
+    pub width: usize,
+}
+
+/// A prompt: backend-independent, so the autodiff student and the inner-backend teacher
+/// share it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenPrompt {
+    pub ids: Vec<u32>,
+    /// `None`: positions `0..P` and generated tokens continue at `P`.
+    pub positions: Option<PromptPositions>,
+    pub inserts: Option<EmbeddingInserts>,
+}
+
+impl TokenPrompt {
+    /// A text prompt.
+    pub fn new(ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            positions: None,
+            inserts: None,
+        }
+    }
+
+    fn delta(&self) -> i64 {
+        self.positions.as_ref().map_or(0, |p| p.delta)
+    }
+
+    /// Position rows of the prompt followed by `extra` generated tokens.
+    fn position_rows(&self, extra: usize) -> [Vec<i64>; 3] {
+        let p = self.ids.len();
+        let tail = (p..p + extra).map(|i| i as i64 + self.delta());
+        match &self.positions {
+            Some(pos) => std::array::from_fn(|k| {
+                let mut row = pos.rows[k].clone();
+                row.extend(tail.clone());
+                row
+            }),
+            None => std::array::from_fn(|_| (0..(p + extra) as i64).collect()),
+        }
+    }
+}
+
+/// Decoding state: the KV cache, the next sequence index and the position offset.
+#[derive(Clone, Debug)]
+pub struct DecoderCache<B: Backend> {
+    pub kv: KvCache<B>,
+    next: usize,
+    delta: i64,
+}
+
+/// `[3, n, T]` position ids, the same rows for each of the `n` sequences.
+fn positions_tensor<B: Backend>(
+    rows: &[Vec<i64>; 3],
+    n: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Int> {
+    let t = rows[0].len();
+    let data: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(r.iter().copied(), n).flatten())
+        .collect();
+    Tensor::from_data(TensorData::new(data, [3, n, t]), device)
+}
+
+fn int_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
+}
+
+impl<B: Backend> Qwen2Model<B> {
+    fn device(&self) -> B::Device {
+        self.lm_head_weight().device()
+    }
+
+    /// Checks that `prompt` fits the model: ids inside the vocabulary, non-empty, position
+    /// rows and inserted rows of the right sizes. Call it once before rolling out.
+    pub fn check_prompt(&self, prompt: &TokenPrompt) -> Result<(), Error> {
+        let vocab = self.config().vocab_size;
+        let err = |reason: String| Err(Error::Prompt { reason });
+        let p = prompt.ids.len();
+        if p == 0 {
+            return err("no tokens".into());
+        }
+        if let Some((i, id)) = prompt
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return err(format!(
+                "token {i} is {id}, outside the vocabulary of {vocab}"
+            ));
+        }
+        if let Some(pos) = &prompt.positions {
+            if let Some(k) = (0..3).find(|&k| pos.rows[k].len() != p) {
+                return err(format!(
+                    "position row {k} has {} entries for {p} tokens",
+                    pos.rows[k].len()
+                ));
+            }
+        }
+        if let Some(ins) = &prompt.inserts {
+            let h = self.config().hidden_size;
+            if ins.width != h || ins.rows.len() != ins.slots.len() * h {
+                return err(format!(
+                    "{} inserted values of width {} for {} slots; expected width {h}",
+                    ins.rows.len(),
+                    ins.width,
+                    ins.slots.len()
+                ));
+            }
+            if let Some(&s) = ins.slots.iter().find(|&&s| s >= p) {
+                return err(format!("insert slot {s} is past the {p} prompt tokens"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Input embeddings of the prompt, `[1, P, H]`, inserted rows in place.
+    fn prompt_embeds(&self, prompt: &TokenPrompt) -> Tensor<B, 3> {
+        let device = self.device();
+        let p = prompt.ids.len();
+        let text = self.embed(int_tensor::<B>(&prompt.ids, &device));
+        let Some(ins) = &prompt.inserts else {
+            return text;
+        };
+        let h = text.dims()[2];
+        let m = ins.slots.len();
+        let media = Tensor::<B, 2>::from_data(TensorData::new(ins.rows.clone(), [m, h]), &device);
+        let mut index: Vec<i64> = (0..p as i64).collect();
+        for (k, &slot) in ins.slots.iter().enumerate() {
+            index[slot] = (p + k) as i64;
+        }
+        Tensor::cat(vec![text.reshape([p, h]), media], 0)
+            .select(0, Tensor::from_data(TensorData::new(index, [p]), &device))
+            .reshape([1, p, h])
+    }
+
+    /// Final hidden states `[1, P, H]` of a prompt, no cache.
+    pub fn forward_prompt(&self, prompt: &TokenPrompt) -> Tensor<B, 3> {
+        let pos = positions_tensor::<B>(&prompt.position_rows(0), 1, &self.device());
+        self.forward_embeds(self.prompt_embeds(prompt), pos, None)
+    }
+
+    /// Greedy decoding of up to `max_new_tokens` after `prompt` (argmax, first index on
+    /// ties, as transformers' `generate` with `do_sample=False`); stops after a `stop`
+    /// token. With `use_cache` false every step re-runs the whole sequence.
+    pub fn generate_greedy(
+        &self,
+        prompt: &TokenPrompt,
+        max_new_tokens: usize,
+        use_cache: bool,
+        stop: &[u32],
+    ) -> Result<Vec<u32>, Error> {
+        self.check_prompt(prompt)?;
+        let device = self.device();
+        let mut out = Vec::with_capacity(max_new_tokens);
+        let mut cache = None;
+        while out.len() < max_new_tokens {
+            let hidden = if use_cache {
+                match cache.as_mut() {
+                    None => {
+                        let (h, c) = PolicyModel::prefill(self, prompt, 1);
+                        cache = Some(c);
+                        h
+                    }
+                    Some(c) => {
+                        let last = *out.last().unwrap_or(&0) as i64;
+                        let token = Tensor::from_data(TensorData::new(vec![last], [1]), &device);
+                        PolicyModel::decode(self, token, c)
+                    }
+                }
+            } else if out.is_empty() {
+                PolicyModel::prefill(self, prompt, 1).0
+            } else {
+                // The state after the whole sequence: one uncached pass over prompt ++ out.
+                let r = out.len();
+                let embeds = Tensor::cat(
+                    vec![
+                        self.prompt_embeds(prompt),
+                        self.embed(int_tensor::<B>(&out, &device)),
+                    ],
+                    1,
+                );
+                let pos = positions_tensor::<B>(&prompt.position_rows(r), 1, &device);
+                let hidden = self.forward_embeds(embeds, pos, None);
+                let width = hidden.dims()[2];
+                hidden
+                    .narrow(1, prompt.ids.len() + r - 1, 1)
+                    .reshape([1, width])
+            };
+            let logits = hidden.matmul(self.lm_head_weight().transpose());
+            let values: Vec<f32> = logits
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| Error::Prompt {
+                    reason: format!("reading logits: {e:?}"),
+                })?;
+            let next = argmax_first(&values);
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value, the first on ties (NaN never wins).
+fn argmax_first(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] || values[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
+    type Prompt = TokenPrompt;
+    type Cache = DecoderCache<B>;
+
+    fn prefill(&self, prompt: &TokenPrompt, n: usize) -> (Tensor<B, 2>, DecoderCache<B>) {
+        let device = self.device();
+        let p = prompt.ids.len();
+        let mut cache = DecoderCache {
+            kv: KvCache::new(),
+            next: p,
+            delta: prompt.delta(),
+        };
+        let embeds = self.prompt_embeds(prompt).repeat_dim(0, n);
+        let pos = positions_tensor::<B>(&prompt.position_rows(0), n, &device);
+        let hidden = self.forward_embeds(embeds, pos, Some(&mut cache.kv));
+        let h = hidden.dims()[2];
+        (hidden.narrow(1, p - 1, 1).reshape([n, h]), cache)
+    }
+
+    fn decode(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 2> {
+        let n = tokens.dims()[0];
+        let device = tokens.device();
+        let embeds = self.embed(tokens.reshape([n, 1]));
+        let pos = cache.next as i64 + cache.delta;
+        let pos = Tensor::from_data(TensorData::new(vec![pos; 3 * n], [3, n, 1]), &device);
+        let hidden = self.forward_embeds(embeds, pos, Some(&mut cache.kv));
+        cache.next += 1;
+        let h = hidden.dims()[2];
+        hidden.reshape([n, h])
+    }
+
+    fn response_hidden(&self, prompt: &TokenPrompt, response: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [n, r] = response.dims();
+        let device = response.device();
+        let p = prompt.ids.len();
+        let embeds = Tensor::cat(
+            vec![
+                self.prompt_embeds(prompt).repeat_dim(0, n),
+                self.embed(response),
+            ],
+            1,
+        );
+        let pos = positions_tensor::<B>(&prompt.position_rows(r), n, &device);
+        let hidden = self.forward_embeds(embeds, pos, None);
+        let h = hidden.dims()[2];
+        hidden.narrow(1, p - 1, r).reshape([n, r, h])
+    }
+
+    fn lm_head(&self) -> Tensor<B, 2> {
+        self.lm_head_weight()
+    }
+}
+
+/// Reads `tokenizer.json` and checks every id it can produce has an embedding row
+/// (`vocab_size` rows; HF pads the embedding above the tokenizer's size, never below).
+pub fn check_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer, Error> {
+    let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        file: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let size = tokenizer.get_vocab_size(true);
+    if size > vocab_size {
+        return Err(Error::TokenizerVocab {
+            file: path.to_path_buf(),
+            tokenizer: size,
+            embedding: vocab_size,
+        });
+    }
+    Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax_first;
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax_first(&[0.0, 2.0, 2.0, 1.0]), 1);
+        assert_eq!(argmax_first(&[f32::NAN, 1.0]), 1);
+    }
+}
