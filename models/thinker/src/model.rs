@@ -55,6 +55,15 @@ impl MediaInput {
     }
 }
 
+/// The towers' output rows for a prompt's media, in placeholder order per modality.
+#[derive(Clone, Debug)]
+pub struct EncodedMedia<B: Backend> {
+    layout: Vec<Media>,
+    audio: Vec<Tensor<B, 2>>,
+    image: Vec<Tensor<B, 2>>,
+    video: Vec<Tensor<B, 2>>,
+}
+
 /// Errors from loading or running the thinker.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -111,21 +120,12 @@ impl<B: Backend> Thinker<B> {
     /// Lays out a prompt: `ids` as the chat template tokenizes it (one placeholder token per
     /// media item), `media` in placeholder order. Encodes the media and merges the rows.
     pub fn prompt(&self, ids: &[u32], media: &[MediaInput]) -> Result<TokenPrompt, ModelError> {
-        let layout: Vec<Media> = media.iter().map(MediaInput::layout).collect();
-        let ids = expand_prompt(ids, &layout, &self.config)?;
-        if let Some((index, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= self.vocab_size)
-        {
-            return Err(ModelError::TokenId {
-                index,
-                id,
-                vocab: self.vocab_size,
-            });
-        }
-        let positions = rope_index(&ids, &layout, &self.config)?;
+        self.prompt_encoded(ids, &self.encode_media(media)?)
+    }
 
+    /// Runs the towers once over `media`; several prompts over the same media (a student's
+    /// and its privileged teacher's) then share the result through [`Self::prompt_encoded`].
+    pub fn encode_media(&self, media: &[MediaInput]) -> Result<EncodedMedia<B>, ModelError> {
         let (mut audio, mut image, mut video) = (Vec::new(), Vec::new(), Vec::new());
         for item in media {
             match item {
@@ -143,6 +143,35 @@ impl<B: Backend> Thinker<B> {
                 }
             }
         }
+        Ok(EncodedMedia {
+            layout: media.iter().map(MediaInput::layout).collect(),
+            audio,
+            image,
+            video,
+        })
+    }
+
+    /// [`Self::prompt`] with media already encoded.
+    pub fn prompt_encoded(
+        &self,
+        ids: &[u32],
+        encoded: &EncodedMedia<B>,
+    ) -> Result<TokenPrompt, ModelError> {
+        let layout = &encoded.layout;
+        let ids = expand_prompt(ids, layout, &self.config)?;
+        if let Some((index, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= self.vocab_size)
+        {
+            return Err(ModelError::TokenId {
+                index,
+                id,
+                vocab: self.vocab_size,
+            });
+        }
+        let positions = rope_index(&ids, layout, &self.config)?;
+        let (audio, image, video) = (&encoded.audio, &encoded.image, &encoded.video);
         let p = ids.len();
         let width = self.decoder.config().hidden_size;
         let mut slots = Vec::new();
@@ -169,6 +198,7 @@ impl<B: Backend> Thinker<B> {
             slots.extend(at);
             for block in encoded {
                 let values = block
+                    .clone()
                     .into_data()
                     .convert::<f32>()
                     .into_vec::<f32>()
