@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train with rationale-privileged on-policy self-distillation; without --config, the
+    /// embedded default: synthetic corpus, tiny omni model, every ablation, 3 seeds.
+    Train(train::Args),
     /// Corpus tools: generate the synthetic corpus, validate a manifest.
     #[command(subcommand)]
     Data(data::Command),
@@ -27,6 +30,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Train(args) => train::run_cli(args),
         Command::Data(cmd) => data::run(cmd),
         Command::EvalMer(args) => eval_mer::run(args),
     };

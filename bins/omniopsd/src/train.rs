@@ -3,8 +3,152 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod omni;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod run;
 pub mod run_dir;
+pub mod sft;
 pub mod tokenizer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use omniopsd_backends::DeviceSpec;
+
+use config::{Method, TrainConfig};
+use run_dir::{write_file_atomic, RunDir};
+
+/// Arguments of `omniopsd train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// TOML config; every key is optional and unknown keys are errors. Without it: the
+    /// embedded default (synthetic corpus, tiny omni model, every ablation, 3 seeds).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue a killed or interrupted run from its directory (runs/NAME); finished
+    /// trainings are kept, the unfinished one continues from its newest valid checkpoint.
+    #[arg(long, conflicts_with_all = ["config", "name", "methods", "seeds"])]
+    pub resume: Option<PathBuf>,
+    /// Run name: outputs go to <runs_dir>/<name>/ (an existing run is never overwritten).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Methods to run, one flag each: opsd (rationale-privileged teacher), opsd-no-privileged
+    /// (plain self-distillation), opsd-label-privileged (the teacher sees only the label),
+    /// label-sft (supervised on labels, same update budget).
+    #[arg(long = "method", value_name = "METHOD")]
+    pub methods: Vec<String>,
+    /// Seeds, comma-separated; the report gives mean ± sd over them.
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// No progress bars or summary (errors still go to stderr).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print every metric line to stdout as JSON (implies no progress bars).
+    #[arg(long)]
+    pub json_logs: bool,
+}
+
+/// Runs `omniopsd train`.
+pub fn run_cli(args: Args) -> Result<()> {
+    let (cfg, run) = match &args.resume {
+        Some(dir) => {
+            let run = RunDir::open(dir)?;
+            let cfg = TrainConfig::load(&dir.join("config.toml"))?;
+            (cfg, run)
+        }
+        None => {
+            let mut cfg = match &args.config {
+                Some(path) => TrainConfig::load(path)?,
+                None => TrainConfig::default(),
+            };
+            let named = args.name.is_some() || args.config.is_some();
+            if let Some(name) = &args.name {
+                cfg.name = name.clone();
+            }
+            if !args.methods.is_empty() {
+                cfg.methods = args
+                    .methods
+                    .iter()
+                    .map(|m| {
+                        serde_json::from_value::<Method>(serde_json::Value::String(m.clone()))
+                            .map_err(|_| {
+                                anyhow!("--method {m}: expected opsd, opsd-no-privileged, opsd-label-privileged or label-sft")
+                            })
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            if !args.seeds.is_empty() {
+                cfg.seeds = args.seeds.clone();
+            }
+            cfg.validate().context("config")?;
+            let mut root = cfg.runs_dir.join(&cfg.name);
+            if root.join("config.toml").exists() {
+                if named {
+                    bail!(
+                        "run directory {} already holds a run: continue it with --resume {}, or pick another --name",
+                        root.display(),
+                        root.display()
+                    );
+                }
+                // The embedded default never overwrites an earlier run: default-2, default-3…
+                let mut k = 2;
+                while cfg.runs_dir.join(format!("{}-{k}", cfg.name)).exists() {
+                    k += 1;
+                }
+                cfg.name = format!("{}-{k}", cfg.name);
+                root = cfg.runs_dir.join(&cfg.name);
+            }
+            let run = RunDir::create(&root)?;
+            write_file_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            (cfg, run)
+        }
+    };
+    let out = run::Output {
+        quiet: args.quiet || args.json_logs,
+        json_logs: args.json_logs,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is being written is ignored on purpose: the
+        // write is atomic and quick, and the run exits right after it.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let device: DeviceSpec = cfg.device.parse().map_err(|e| anyhow!("`device`: {e}"))?;
+    if !out.quiet {
+        eprintln!("run directory: {}", run.root.display());
+    }
+    let report = match device {
+        #[cfg(feature = "ndarray")]
+        DeviceSpec::NdArray => run::train::<omniopsd_backends::NdArrayTrain>(
+            &cfg,
+            &run,
+            &omniopsd_backends::NdArrayDevice::Cpu,
+            out,
+            stop,
+        )?,
+        #[cfg(feature = "flex")]
+        DeviceSpec::Flex => {
+            run::train::<omniopsd_backends::FlexTrain>(&cfg, &run, &Default::default(), out, stop)?
+        }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => run::train::<omniopsd_backends::CudaTrain>(
+            &cfg,
+            &run,
+            &omniopsd_backends::CudaDevice::new(i),
+            out,
+            stop,
+        )?,
+        #[allow(unreachable_patterns)]
+        other => bail!("device {other} is not compiled into this build"),
+    };
+    if !out.quiet {
+        println!("{}", report::markdown(&report));
+        println!("outputs in {}", run.root.display());
+    }
+    Ok(())
+}

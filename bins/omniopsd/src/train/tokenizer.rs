@@ -11,12 +11,44 @@ use tokenizers::{
     Tokenizer, TokenizerBuilder,
 };
 
-/// Special tokens, in id order from 0: padding, end of answer, media placeholders.
-pub const SPECIALS: [&str; 4] = ["<|pad|>", "<|endoftext|>", "<|audio|>", "<|video|>"];
+/// Special tokens, in id order from 0: padding, end of text, then Qwen2.5-Omni's chat-turn
+/// markers and media tokens under their Qwen2.5-Omni names, so prompts follow its chat template
+/// and the thinker's placeholder expansion finds the tokens its `config.json` names.
+pub const SPECIALS: [&str; 11] = [
+    "<|pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+];
 /// Id of `<|pad|>`.
 pub const PAD: u32 = 0;
-/// Id of `<|endoftext|>` (the stop token).
+/// Id of `<|endoftext|>`.
 pub const EOS: u32 = 1;
+/// Id of `<|im_start|>`, which opens a chat turn.
+pub const IM_START: u32 = 2;
+/// Id of `<|im_end|>`, which closes a chat turn (the answer's stop token).
+pub const IM_END: u32 = 3;
+/// Id of `<|AUDIO|>`, one per audio-tower output row once expanded.
+pub const AUDIO: u32 = 4;
+/// Id of `<|audio_bos|>`.
+pub const AUDIO_BOS: u32 = 5;
+/// Id of `<|audio_eos|>`.
+pub const AUDIO_EOS: u32 = 6;
+/// Id of `<|IMAGE|>`.
+pub const IMAGE: u32 = 7;
+/// Id of `<|VIDEO|>`, one per merged vision-tower output row once expanded.
+pub const VIDEO: u32 = 8;
+/// Id of `<|vision_bos|>`.
+pub const VISION_BOS: u32 = 9;
+/// Id of `<|vision_eos|>`.
+pub const VISION_EOS: u32 = 10;
 
 /// Trains a byte-level BPE tokenizer of at most `vocab_size` entries on `texts`.
 pub fn train(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
@@ -98,7 +130,33 @@ mod tests {
         let text = "emotion: sad; open: lonely, hurt";
         let ids = encode(&a, text).unwrap();
         assert_eq!(decode(&a, &ids).unwrap(), text);
-        let ids = encode(&a, "<|audio|> x").unwrap();
-        assert_eq!(ids[0], 2, "media placeholder is one special token");
+        let ids = encode(&a, "<|AUDIO|> x").unwrap();
+        assert_eq!(ids[0], AUDIO, "media placeholder is one special token");
+    }
+
+    #[test]
+    fn specials_get_their_fixed_ids_and_stay_whole_inside_text() {
+        let tk = train(&texts(), 300).unwrap();
+        let ids = [
+            PAD, EOS, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, VIDEO, VISION_BOS,
+            VISION_EOS,
+        ];
+        for (s, id) in SPECIALS.iter().zip(ids) {
+            assert_eq!(tk.token_to_id(s), Some(id), "{s}");
+        }
+        let ids = encode(
+            &tk,
+            "<|im_start|>user\n<|vision_bos|><|VIDEO|><|vision_eos|>hi<|im_end|>",
+        )
+        .unwrap();
+        assert_eq!(ids[0], IM_START);
+        assert_eq!(ids.last(), Some(&IM_END));
+        let pos = ids.iter().position(|&t| t == VISION_BOS).unwrap();
+        assert_eq!(ids[pos..pos + 3], [VISION_BOS, VIDEO, VISION_EOS]);
+        assert_eq!(
+            decode(&tk, &ids).unwrap(),
+            "user\nhi",
+            "specials are skipped on decode"
+        );
     }
 }
