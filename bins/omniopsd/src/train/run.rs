@@ -30,6 +30,7 @@ use omniopsd_core::step::{
 use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use omniopsd_thinker::{MediaInput, Thinker};
+use omniopsd_vision::ProcessorConfig;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -264,22 +265,23 @@ pub fn train<B: AutodiffBackend>(
     };
 
     // Media preprocessing does not depend on the model: do it once for all seeds.
-    let media = preprocess_media(&records, &base, &limits, out)?;
+    let media = preprocess_media(&records, &base, &limits, cfg.model.dir.is_none(), out)?;
     let mut results = Vec::new();
+    // One base model for every training, as a pretrained MLLM is for real runs: the seeds
+    // vary what the methods do from it (sampling, data order), not the starting point.
+    let init = model_dir(cfg, run, &tokenizer)?;
+    let ckpt = Checkpoint::open(&init)?;
+    let samples = encode_samples::<Inner<B>>(&ctx, &ckpt, &records, &media, device)?;
+    let (train, heldout): (Vec<&Sample>, Vec<&Sample>) =
+        samples.iter().partition(|s| s.record.split == Split::Train);
+    let heldout = match cfg.eval.max_samples {
+        Some(k) => heldout.into_iter().take(k).collect(),
+        None => heldout,
+    };
+    let base_model = Qwen2Model::<B>::from_checkpoint(&ckpt, device)?;
+    let (warm, warm_results) = warmup_phase::<B>(&mut ctx, base_model, &train, &heldout, device)?;
+    results.extend(warm_results);
     for &seed in &cfg.seeds {
-        let init = model_dir(cfg, run, &tokenizer, seed)?;
-        let ckpt = Checkpoint::open(&init)?;
-        let samples = encode_samples::<Inner<B>>(&ctx, &ckpt, &records, &media, device)?;
-        let (train, heldout): (Vec<&Sample>, Vec<&Sample>) =
-            samples.iter().partition(|s| s.record.split == Split::Train);
-        let heldout = match cfg.eval.max_samples {
-            Some(k) => heldout.into_iter().take(k).collect(),
-            None => heldout,
-        };
-        let base_model = Qwen2Model::<B>::from_checkpoint(&ckpt, device)?;
-        let (warm, warm_result) =
-            warmup_phase::<B>(&mut ctx, seed, base_model, &train, &heldout, device)?;
-        results.push(warm_result);
         for &method in &cfg.methods {
             let r = method_phase::<B>(
                 &mut ctx, method, seed, &warm, &train, &heldout, &ckpt, device,
@@ -400,19 +402,19 @@ fn prepare_tokenizer(cfg: &TrainConfig, run: &RunDir, records: &[Record]) -> Res
     Ok(tk)
 }
 
-/// The checkpoint a seed starts from: the configured HF directory, or the embedded tiny omni
-/// model initialised with `init_seed + seed` in `run/init/seed{S}`.
-fn model_dir(cfg: &TrainConfig, run: &RunDir, tk: &Tokenizer, seed: u64) -> Result<PathBuf> {
+/// The checkpoint training starts from: the configured HF directory, or the embedded tiny
+/// omni model initialised with `model.init_seed` in `run/init`.
+fn model_dir(cfg: &TrainConfig, run: &RunDir, tk: &Tokenizer) -> Result<PathBuf> {
     if let Some(dir) = &cfg.model.dir {
         return Ok(dir.clone());
     }
-    let dir = run.root.join("init").join(format!("seed{seed}"));
+    let dir = run.root.join("init");
     if !dir.join("model.safetensors").is_file() {
         omni::write_tiny_omni::<burn::backend::NdArray<f32>>(
             &dir,
             &cfg.model,
             tk,
-            cfg.model.init_seed.wrapping_add(seed),
+            cfg.model.init_seed,
         )?;
     }
     Ok(dir)
@@ -423,12 +425,25 @@ fn preprocess_media(
     records: &[Record],
     base: &Path,
     limits: &Limits,
+    embedded: bool,
     out: Output,
 ) -> Result<Vec<Vec<MediaInput>>> {
+    // Qwen2.5-Omni's processor upsamples small frames to at least 128·28² pixels; the
+    // embedded model is trained from scratch on 56×56 faces, so its processor keeps them at
+    // their size (8 video tokens instead of 288 per sample).
+    let processor = match embedded {
+        true => ProcessorConfig {
+            min_pixels: 56 * 56,
+            ..omni::video_processor()
+        },
+        false => omni::video_processor(),
+    };
     let bar = progress::bar(records.len() as u64, "media", out.quiet);
     let mut all = Vec::with_capacity(records.len());
     for r in records {
-        all.push(omni::media_inputs(r, base, limits)?);
+        all.push(vec![
+            omni::record_media(r, base, limits, &processor)?.into_input()
+        ]);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -581,13 +596,14 @@ fn evaluate<B: burn::tensor::backend::Backend>(
     model: &Qwen2Model<B>,
     heldout: &[&Sample],
     label: &str,
+    prompt: impl Fn(&Sample) -> &TokenPrompt,
 ) -> Result<(Scores, Vec<String>)> {
     let bar = progress::bar(heldout.len() as u64, "eval", ctx.out.quiet);
     bar.set_message(label.to_string());
     let mut answers = Vec::with_capacity(heldout.len());
     for s in heldout {
         let ids = model.generate_greedy(
-            &s.student,
+            prompt(s),
             ctx.cfg.eval.max_new_tokens,
             true,
             &[omni::STOP_TOKEN],
@@ -756,7 +772,8 @@ fn sft_phase<B: AutodiffBackend>(
             && !heldout.is_empty()
             && !interrupted
         {
-            let (scores, _) = evaluate(ctx, &trainer.model.valid(), heldout, phase)?;
+            let (scores, _) =
+                evaluate(ctx, &trainer.model.valid(), heldout, phase, |s| &s.student)?;
             eval_line(ctx, method, seed, phase_kind(phase), step, &scores)?;
         }
         if interrupted || step == steps || (every_ckpt > 0 && step % every_ckpt == 0) {
@@ -783,16 +800,18 @@ fn phase_kind(phase: &str) -> &'static str {
 }
 
 /// The warm-up: supervised answers with the rationale in context, which gives the tiny model
-/// what a pretrained MLLM brings — reading evidence placed in its context.
+/// what a pretrained MLLM brings — reading evidence placed in its context. Scored twice on
+/// the held-out set: as the student (media and subtitle only) and as the teacher (rationale
+/// in context), the gap OPSD has to close.
 fn warmup_phase<B: AutodiffBackend>(
     ctx: &mut Ctx<'_>,
-    seed: u64,
     model: Qwen2Model<B>,
     train: &[&Sample],
     heldout: &[&Sample],
     device: &B::Device,
-) -> Result<(Qwen2Model<B>, RunResult)> {
-    let phase = format!("warmup-seed{seed}");
+) -> Result<(Qwen2Model<B>, Vec<RunResult>)> {
+    let phase = "warmup";
+    let seed = ctx.cfg.model.init_seed;
     let started = Instant::now();
     let examples: Vec<(&TokenPrompt, &[u32])> = train
         .iter()
@@ -805,33 +824,57 @@ fn warmup_phase<B: AutodiffBackend>(
         .collect();
     let w = &ctx.cfg.warmup;
     let (steps, batch, lr) = (w.steps, w.batch_size, w.learning_rate);
-    let model = sft_phase(
-        ctx,
-        &phase,
-        "warmup",
-        seed,
-        model,
-        &examples,
-        steps,
-        batch,
-        lr,
-        &[],
-        device,
-    )?;
-    if let Some(done) = read_result(ctx.run, &phase)? {
-        return Ok((model, done));
-    }
-    let (scores, _) = evaluate(ctx, &model.valid(), heldout, &phase)?;
-    eval_line(ctx, "warmup", seed, "warmup", steps, &scores)?;
-    let result = RunResult {
-        method: "warmup-only".into(),
-        seed,
-        scores,
-        final_divergence: None,
-        seconds: started.elapsed().as_secs_f64(),
+    let model = if steps == 0 {
+        model
+    } else {
+        sft_phase(
+            ctx,
+            phase,
+            "warmup",
+            seed,
+            model,
+            &examples,
+            steps,
+            batch,
+            lr,
+            &[],
+            device,
+        )?
     };
-    write_result(ctx.run, &phase, &result)?;
-    Ok((model, result))
+    let teacher_phase = "warmup-teacher-view";
+    if let (Some(a), Some(b)) = (
+        read_result(ctx.run, phase)?,
+        read_result(ctx.run, teacher_phase)?,
+    ) {
+        return Ok((model, vec![a, b]));
+    }
+    let inner = model.valid();
+    let (scores, _) = evaluate(ctx, &inner, heldout, phase, |s| &s.student)?;
+    eval_line(ctx, "warmup", seed, "warmup", steps, &scores)?;
+    let (teacher, _) = evaluate(ctx, &inner, heldout, teacher_phase, |s| {
+        s.rationale.as_ref().unwrap_or(&s.label)
+    })?;
+    eval_line(ctx, "warmup-teacher-view", seed, "warmup", steps, &teacher)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let results = vec![
+        RunResult {
+            method: "warmup-only".into(),
+            seed,
+            scores,
+            final_divergence: None,
+            seconds,
+        },
+        RunResult {
+            method: "warmup, rationale in context".into(),
+            seed,
+            scores: teacher,
+            final_divergence: None,
+            seconds: 0.0,
+        },
+    ];
+    write_result(ctx.run, phase, &results[0])?;
+    write_result(ctx.run, teacher_phase, &results[1])?;
+    Ok((model, results))
 }
 
 /// One row of the ablation table for one seed, starting from the warm-up weights.
@@ -916,7 +959,7 @@ fn method_phase<B: AutodiffBackend>(
             )?
         }
     };
-    let (scores, answers) = evaluate(ctx, &model.valid(), heldout, &phase)?;
+    let (scores, answers) = evaluate(ctx, &model.valid(), heldout, &phase, |s| &s.student)?;
     let kind = phase_kind(&phase);
     eval_line(
         ctx,
@@ -1058,7 +1101,9 @@ fn opsd_phase<B: AutodiffBackend>(
         let interrupted = ctx.stop.load(Ordering::SeqCst);
         let every_eval = ctx.cfg.eval.every;
         if every_eval > 0 && step % every_eval == 0 && step < steps && !interrupted {
-            let (scores, _) = evaluate(ctx, &trainer.model().valid(), heldout, phase)?;
+            let (scores, _) = evaluate(ctx, &trainer.model().valid(), heldout, phase, |s| {
+                &s.student
+            })?;
             eval_line(ctx, name, seed, "opsd", step, &scores)?;
         }
         let every_ckpt = ctx.cfg.checkpoint.every;
