@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod data;
 mod eval_mer;
+mod infer;
 mod train;
 
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.
@@ -25,6 +26,11 @@ enum Command {
     /// Score predictions on MER-UniBench (F_s, HIT, WAF, nine-dataset mean).
     #[command(name = "eval-mer")]
     EvalMer(eval_mer::Args),
+    /// Per-token log-probs of a response given a prompt; with --privileged, the teacher view
+    /// and the per-token teacher - student gap.
+    Score(infer::ScoreArgs),
+    /// Generate a response: greedy at temperature 0, else the trainer's rollout sampler.
+    Generate(infer::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +39,8 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => train::run_cli(args),
         Command::Data(cmd) => data::run(cmd),
         Command::EvalMer(args) => eval_mer::run(args),
+        Command::Score(args) => infer::run_score(args),
+        Command::Generate(args) => infer::run_generate(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,241 @@
+"""Decode tokens/s with a KV cache: omniopsd's Qwen2 decoder (Burn, ndarray backend) against
+transformers' `generate` on CPU, on the same weights (issue 6, "Benchmark").
+
+The script
+1. builds a random-init `Qwen2ForCausalLM` from a config (hidden 256, 4 layers, 4 heads, 2 KV
+   heads, intermediate 1024, vocab 32000; no hub access) and saves it with `save_pretrained`
+   to a temporary directory, with prompts of 0, 512 and 2048 tokens of context (0 means a
+   single-token prompt: nothing to attend to but itself);
+2. times transformers: greedy `generate` (`do_sample=False`, `use_cache=True`,
+   `min_new_tokens = max_new_tokens = N`, eager attention, f32) with a streamer that stamps
+   each new token, so decode time = stamp of token N − stamp of token 1 (prefill excluded);
+3. runs the Rust side, `cargo run --release -p omniopsd-benches --example decode`, which times
+   the same thing: after the prefill and first token, N − 1 steps of cached decode + LM head +
+   host argmax (what `Qwen2Model::generate_greedy` does per token);
+4. prints, per context, the median over `--repeats` runs of decode tokens/s for both, their
+   ratio ours/PyTorch, ms per token, and how many greedy tokens agree; plus a diagnostic
+   column, ours with the logits computed as `W_head · hᵀ` (`--row-major-head`), which shows
+   what the transposed-weight copy of `h · W_headᵀ` costs per token.
+
+Threads: Burn's ndarray backend is compiled in this workspace without its `multi-threads`
+feature (burn is a `default-features = false` dependency), so ours runs on one thread;
+`torch.set_num_threads` gets the same number (`--threads`, default 1) and the Rust side gets
+`RAYON_NUM_THREADS` to match should the feature be turned on.
+
+Python: uses /work/venv/bin/python when it exists; otherwise it creates benches/compare/.venv
+and installs torch (CPU), transformers and safetensors there with pip, then re-runs itself
+in it.
+
+Run from the repository root: python3 benches/compare/decode.py [--repeats 3] [--new-tokens 64]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED_VENV = "/work/venv"
+LOCAL_VENV = os.path.join(ROOT, "benches", "compare", ".venv")
+CONTEXTS = (0, 512, 2048)
+
+
+def ensure_python():
+    """Re-executes under a Python that has torch and transformers."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if os.environ.get("OMNIOPSD_DECODE_BENCH_REEXEC"):
+        sys.exit("torch / transformers are still missing after setting up the venv")
+    python = os.path.join(SHARED_VENV, "bin", "python")
+    if not os.path.exists(python):
+        python = os.path.join(LOCAL_VENV, "bin", "python")
+        if not os.path.exists(python):
+            subprocess.check_call([sys.executable, "-m", "venv", LOCAL_VENV])
+            subprocess.check_call(
+                [python, "-m", "pip", "install", "--index-url",
+                 "https://download.pytorch.org/whl/cpu", "torch"]
+            )
+            subprocess.check_call(
+                [python, "-m", "pip", "install", "transformers", "safetensors"]
+            )
+    env = dict(os.environ, OMNIOPSD_DECODE_BENCH_REEXEC="1")
+    os.execve(python, [python] + sys.argv, env)
+
+
+def build_model(out_dir, seed):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).float().eval()
+    model.save_pretrained(out_dir)
+    return Qwen2ForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+class Stamps:
+    """A `generate` streamer: the first `put` is the prompt, each later one a new token."""
+
+    def __init__(self):
+        self.times = []
+        self.calls = 0
+
+    def put(self, value):
+        if self.calls > 0:
+            self.times.append(time.perf_counter())
+        self.calls += 1
+
+    def end(self):
+        pass
+
+
+def torch_runs(model, ids, new_tokens, repeats):
+    import torch
+
+    x = torch.tensor([ids])
+    kwargs = dict(
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+    )
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        rates, out_ids = [], None
+        for _ in range(repeats):
+            stamps = Stamps()
+            out = model.generate(
+                x,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                streamer=stamps,
+                **kwargs,
+            )
+            assert len(stamps.times) == new_tokens, len(stamps.times)
+            rates.append((new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
+            out_ids = out[0, len(ids):].tolist()
+    return rates, out_ids
+
+
+def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=()):
+    cmd = [
+        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches",
+        "--example", "decode", "--",
+        "--model", model_dir,
+        "--prompts", prompts_file,
+        "--new-tokens", str(new_tokens),
+        "--repeats", str(repeats),
+        *extra,
+    ]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    results = {}
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            results[r["context"]] = r
+    return results
+
+
+def main():
+    ensure_python()
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3 (the table reports medians)")
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="omniopsd-decode-") as tmp:
+        model_dir = os.path.join(tmp, "qwen2")
+        model = build_model(model_dir, args.seed)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        prompts = [
+            {
+                "context": c,
+                "ids": torch.randint(1, 32000, (max(c, 1),), generator=gen).tolist(),
+            }
+            for c in CONTEXTS
+        ]
+        prompts_file = os.path.join(tmp, "prompts.json")
+        with open(prompts_file, "w") as f:
+            json.dump(prompts, f)
+
+        print(f"torch {torch.__version__}, {args.threads} thread(s); Rust: release build, "
+              f"ndarray backend; {args.new_tokens} new tokens, median of {args.repeats}",
+              flush=True)
+        rust = rust_runs(model_dir, prompts_file, args.new_tokens, args.repeats, args.threads)
+        diag = rust_runs(model_dir, prompts_file, args.new_tokens, args.repeats, args.threads,
+                         extra=("--row-major-head",))
+        rows = []
+        for p in prompts:
+            c = p["context"]
+            t_rates, t_ids = torch_runs(model, p["ids"], args.new_tokens, args.repeats)
+            r = rust[c]
+            r_rates = [(args.new_tokens - 1) / s for s in r["decode_seconds"]]
+            d_rates = [(args.new_tokens - 1) / s for s in diag[c]["decode_seconds"]]
+            steps = r["step_seconds"]
+            agree = next(
+                (i for i, (a, b) in enumerate(zip(r["ids"], t_ids)) if a != b), len(t_ids)
+            )
+            rows.append({
+                "context": c,
+                "ours": statistics.median(r_rates),
+                "torch": statistics.median(t_rates),
+                "ours_row_head": statistics.median(d_rates),
+                "ours_prefill_s": statistics.median(r["prefill_seconds"]),
+                "first_steps_ms": 1e3 * statistics.median(steps[:8]),
+                "last_steps_ms": 1e3 * statistics.median(steps[-8:]),
+                "agree": agree,
+            })
+
+    n = args.new_tokens
+    print()
+    print("| context | ours tok/s | PyTorch tok/s | ours/PyTorch | ours ms/tok | PyTorch ms/tok "
+          "| ours ms/tok first 8 → last 8 steps | ours prefill s | greedy prefix agreeing "
+          "| diagnostic: ours tok/s, head as W·hᵀ |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['context']} | {r['ours']:.1f} | {r['torch']:.1f} | "
+            f"{r['ours'] / r['torch']:.2f} | {1e3 / r['ours']:.2f} | {1e3 / r['torch']:.2f} | "
+            f"{r['first_steps_ms']:.2f} → {r['last_steps_ms']:.2f} | "
+            f"{r['ours_prefill_s']:.2f} | {r['agree']}/{n} | {r['ours_row_head']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+//! Decode throughput of the Qwen2 decoder with its KV cache: the Rust half of
+//! `benches/compare/decode.py`, which builds the checkpoint, runs transformers' `generate` on
+//! the same weights and prints the ratio.
+//!
+//! For each prompt of `--prompts` (a JSON list of `{"context": n, "ids": [...]}`) and each
+//! repeat: prefill the prompt and pick the first token (timed as `prefill_seconds`), then
+//! `new_tokens − 1` greedy steps, each one cached decode step, the LM head and a host argmax,
+//! as `Qwen2Model::generate_greedy` does (timed as `decode_seconds`). Prints one JSON line
+//! per prompt, with the per-step times of the first repeat and the generated ids.
+//!
+//! `cargo run --release -p omniopsd-benches --example decode -- --model DIR --prompts FILE
+//! [--new-tokens 64] [--repeats 3] [--row-major-head]`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use omniopsd_checkpoint::Checkpoint;
+use omniopsd_core::PolicyModel;
+use omniopsd_decoder::{Qwen2Model, TokenPrompt};
+use serde_json::{json, Value};
+
+type B = NdArray<f32>;
+
+struct Args {
+    model: PathBuf,
+    prompts: PathBuf,
+    new_tokens: usize,
+    repeats: usize,
+    /// Diagnostic: logits as `W_head · hᵀ` (the head stays in its contiguous `[V, H]`
+    /// layout) instead of `h · W_headᵀ` as `generate_greedy` and the core's rollout compute them.
+    row_major_head: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        model: PathBuf::new(),
+        prompts: PathBuf::new(),
+        new_tokens: 64,
+        repeats: 3,
+        row_major_head: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--row-major-head" {
+            args.row_major_head = true;
+            continue;
+        }
+        let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
+        let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--model" => args.model = value.into(),
+            "--prompts" => args.prompts = value.into(),
+            "--new-tokens" => args.new_tokens = number(&value)?.max(2),
+            "--repeats" => args.repeats = number(&value)?.max(1),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// First index of the largest logit, as `generate`'s argmax.
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn next_token(hidden: Tensor<B, 2>, head: &Head) -> Result<u32, String> {
+    let logits = match head {
+        Head::Transposed(head_t) => hidden.matmul(head_t.clone()),
+        Head::RowMajor(head) => head.clone().matmul(hidden.transpose()),
+    };
+    let logits = logits
+        .into_data()
+        .into_vec::<f32>()
+        .map_err(|e| format!("reading logits: {e:?}"))?;
+    Ok(argmax(&logits))
+}
+
+/// The LM head as the logits are computed from it.
+enum Head {
+    /// `[H, V]`, a transposed view of the checkpoint's `[V, H]` weight.
+    Transposed(Tensor<B, 2>),
+    /// `[V, H]` as stored.
+    RowMajor(Tensor<B, 2>),
+}
+
+/// One greedy run: `(prefill seconds, per-step decode seconds, generated ids)`.
+fn run(
+    model: &Qwen2Model<B>,
+    prompt: &TokenPrompt,
+    new_tokens: usize,
+    row_major_head: bool,
+) -> Result<(f64, Vec<f64>, Vec<u32>), String> {
+    let device = Default::default();
+    let head_t = if row_major_head {
+        Head::RowMajor(model.lm_head())
+    } else {
+        Head::Transposed(model.lm_head().transpose())
+    };
+    let start = Instant::now();
+    let (hidden, mut cache) = model.prefill(prompt, 1);
+    let mut token = next_token(hidden, &head_t)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let mut ids = vec![token];
+    let mut steps = Vec::with_capacity(new_tokens);
+    for _ in 1..new_tokens {
+        let step = Instant::now();
+        let input =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(vec![i64::from(token)], [1]), &device);
+        let hidden = model.decode(input, &mut cache);
+        token = next_token(hidden, &head_t)?;
+        steps.push(step.elapsed().as_secs_f64());
+        ids.push(token);
+    }
+    Ok((prefill, steps, ids))
+}
+
+fn main() -> Result<(), String> {
+    let args = parse_args()?;
+    let ckpt = Checkpoint::open(&args.model).map_err(|e| e.to_string())?;
+    let model =
+        Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(&args.prompts)
+        .map_err(|e| format!("{}: {e}", args.prompts.display()))?;
+    let prompts: Vec<Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
+    for entry in prompts {
+        let ids: Vec<u32> = serde_json::from_value(entry["ids"].clone())
+            .map_err(|e| format!("{}: ids: {e}", args.prompts.display()))?;
+        let prompt = TokenPrompt::new(ids);
+        model.check_prompt(&prompt).map_err(|e| e.to_string())?;
+        // One untimed run warms the allocator and the caches.
+        run(&model, &prompt, 4, args.row_major_head)?;
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        let mut first = None;
+        for _ in 0..args.repeats {
+            let (p, steps, ids) = run(&model, &prompt, args.new_tokens, args.row_major_head)?;
+            prefill.push(p);
+            decode.push(steps.iter().sum::<f64>());
+            first.get_or_insert((steps, ids));
+        }
+        let (steps, ids) = first.unwrap_or_default();
+        println!(
+            "{}",
+            json!({
+                "context": entry["context"],
+                "new_tokens": args.new_tokens,
+                "prefill_seconds": prefill,
+                "decode_seconds": decode,
+                "step_seconds": steps,
+                "ids": ids,
+            })
+        );
+    }
+    Ok(())
+}
