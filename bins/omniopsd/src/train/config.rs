@@ -188,9 +188,9 @@ pub struct WarmupConfig {
 impl Default for WarmupConfig {
     fn default() -> Self {
         Self {
-            steps: 150,
+            steps: 300,
             batch_size: 8,
-            learning_rate: 3e-3,
+            learning_rate: 5e-3,
         }
     }
 }
@@ -282,7 +282,9 @@ pub struct OpsdSection {
     /// Point-wise clip of each (token, vocabulary entry) KL term (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl_clip: Option<f32>,
-    /// Teacher weights.
+    /// Teacher weights. Default `frozen` (the weights OPSD starts from): on the embedded
+    /// default a `live` teacher drifts with the student and the answer format collapses
+    /// within 20 updates at this learning rate, while a frozen one improves steadily.
     pub teacher: TeacherName,
     /// EMA rate when `teacher = "ema"`.
     pub ema_rate: f32,
@@ -314,7 +316,7 @@ pub struct OpsdSection {
 impl Default for OpsdSection {
     fn default() -> Self {
         Self {
-            steps: 60,
+            steps: 30,
             batch_size: 4,
             grad_accumulation: 1,
             samples_per_prompt: 4,
@@ -330,9 +332,9 @@ impl Default for OpsdSection {
             reduction: ReductionName::Token,
             loss_temperature: 1.0,
             kl_clip: None,
-            teacher: TeacherName::Live,
+            teacher: TeacherName::Frozen,
             ema_rate: 0.1,
-            learning_rate: 1e-3,
+            learning_rate: 5e-4,
             lr_warmup_steps: 5,
             lr_decay: DecayName::Cosine,
             min_lr_ratio: 0.1,
@@ -365,7 +367,7 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
-            every: 20,
+            every: 10,
             max_samples: None,
             max_new_tokens: 24,
             mer_data: "../shared/mer-unibench".into(),

@@ -1211,7 +1211,7 @@ fn observations(results: &[RunResult]) -> Vec<String> {
     }
     if let Some(n) = get("opsd-no-privileged") {
         notes.push(format!(
-            "opsd-no-privileged: the teacher sees exactly the student's context, so with a live teacher the divergence is zero by construction (final divergence {:.2e}); any change comes from nothing but numerical noise",
+            "opsd-no-privileged: the teacher sees exactly the student's context, so its only signal is the gap between the current student and the teacher's weights (zero by construction for a live teacher); final divergence {:.2e}",
             n.final_divergence.mean
         ));
     }
@@ -1236,44 +1236,73 @@ fn write_outputs(
     Ok(report)
 }
 
-/// `plots/loss.png`, `plots/divergence.png`, `plots/heldout.png` from `metrics.jsonl`.
+/// The curves, from `metrics.jsonl`, one line per method averaged over seeds:
+/// `plots/warmup_loss.png`, `plots/loss.png`, `plots/divergence.png` and `plots/heldout.png`
+/// (every method starts at the warm-up's held-out score at update 0).
 fn plots(ctx: &Ctx<'_>) -> Result<()> {
     let lines = ctx.run.read_metrics()?;
-    let mut by: BTreeMap<(String, String, u64, &'static str), Vec<(f64, f64)>> = BTreeMap::new();
+    // (plot, method) → update → values over seeds
+    let mut by: BTreeMap<(&'static str, String), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    let mut warm_score = None;
     for m in &lines {
-        let key = |what: &'static str| (m.method.clone(), m.phase.clone(), m.seed, what);
-        let x = m.step as f64;
         let get = |k: &str| m.values.get(k).and_then(|v| v.as_f64());
-        if m.kind == "train" {
-            if let Some(v) = get("loss") {
-                by.entry(key("loss")).or_default().push((x, v));
+        let mut add = |plot: &'static str, v: Option<f64>| {
+            if let Some(v) = v {
+                by.entry((plot, m.method.clone()))
+                    .or_default()
+                    .entry(m.step)
+                    .or_default()
+                    .push(v);
             }
-            if let Some(v) = get("divergence") {
-                by.entry(key("divergence")).or_default().push((x, v));
+        };
+        match (m.kind.as_str(), m.phase.as_str()) {
+            ("train", "warmup") => add("warmup_loss", get("loss")),
+            ("train", _) => {
+                add("loss", get("loss"));
+                add("divergence", get("divergence"));
             }
-        } else if let Some(v) = get("mean") {
-            by.entry(key("heldout")).or_default().push((x, v));
+            ("eval", "warmup") if m.method == "warmup" => warm_score = get("mean"),
+            ("eval", "warmup") => {}
+            _ => add("heldout", get("mean")),
         }
     }
     let dir = ctx.run.root.join("plots");
-    for (what, title) in [
-        ("loss", "training loss per update"),
+    for (plot, title) in [
+        (
+            "warmup_loss",
+            "warm-up loss (answers with the rationale in context)",
+        ),
+        ("loss", "training loss per update, mean over seeds"),
         (
             "divergence",
-            "per-token divergence to the privileged teacher",
+            "per-token divergence to the teacher, mean over seeds",
         ),
-        ("heldout", "held-out score (mean of HIT, WAF, F_s)"),
+        (
+            "heldout",
+            "held-out score (mean of HIT, WAF, F_s), mean over seeds",
+        ),
     ] {
         let series: Vec<Series> = by
             .iter()
-            .filter(|(k, _)| k.3 == what)
-            .map(|(k, points)| Series {
-                label: format!("{} s{}", k.0, k.2),
-                points: points.clone(),
+            .filter(|(k, _)| k.0 == plot)
+            .map(|(k, steps)| {
+                let mut points: Vec<(f64, f64)> = Vec::new();
+                if plot == "heldout" {
+                    points.extend(warm_score.map(|w| (0.0, w)));
+                }
+                points.extend(
+                    steps
+                        .iter()
+                        .map(|(x, v)| (*x as f64, v.iter().sum::<f64>() / v.len() as f64)),
+                );
+                Series {
+                    label: k.1.clone(),
+                    points,
+                }
             })
             .collect();
         if !series.is_empty() {
-            plot::line_chart(&dir.join(format!("{what}.png")), title, "update", &series)?;
+            plot::line_chart(&dir.join(format!("{plot}.png")), title, "update", &series)?;
         }
     }
     Ok(())

@@ -1,0 +1,315 @@
+//! `omniopsd train` end to end through the built binary: a short run killed with SIGKILL and
+//! resumed reaches bit-identical students; Ctrl-C saves and exits; runs are never
+//! overwritten; bad corpora are clear errors or reported skips.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_omniopsd");
+
+fn mer_data() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/mer-unibench"
+    ))
+}
+
+/// A run small enough for the test profile: one seed, two methods, a checkpoint per update.
+fn config(dir: &Path, name: &str, cache: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"name = "{name}"
+runs_dir = "{runs}"
+seeds = [0]
+methods = ["opsd", "label-sft"]
+[data]
+cache_dir = "{cache}"
+synth_n = 20
+[model]
+hidden_size = 32
+intermediate_size = 64
+[warmup]
+steps = 4
+batch_size = 2
+[opsd]
+steps = 4
+batch_size = 2
+samples_per_prompt = 2
+max_new_tokens = 8
+lr_warmup_steps = 1
+[eval]
+every = 100
+max_samples = 3
+max_new_tokens = 8
+mer_data = "{mer}"
+[checkpoint]
+every = 1
+keep_last = 10
+{extra}
+"#,
+        runs = dir.join("runs").display(),
+        cache = cache.display(),
+        mer = mer_data().display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("train")
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .expect("runs the binary")
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("train")
+        .args(args)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns the binary")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until `path` exists (the child is making progress) or the child exits.
+fn wait_for(child: &mut Child, path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the run ended ({status}) before {} appeared",
+                path.display()
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every file under `students/` with its bytes, and the scores of every result.
+fn outcome(run: &Path) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let mut files = Vec::new();
+    for phase in fs::read_dir(run.join("students")).unwrap() {
+        let phase = phase.unwrap().path();
+        let bytes = fs::read(phase.join("model.safetensors")).unwrap();
+        files.push((phase.file_name().unwrap().to_string_lossy().into(), bytes));
+    }
+    files.sort();
+    let mut scores = Vec::new();
+    for r in fs::read_dir(run.join("results")).unwrap() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(r.unwrap().path()).unwrap()).unwrap();
+        scores.push(format!(
+            "{} {} {}",
+            v["method"], v["scores"], v["final_divergence"]
+        ));
+    }
+    scores.sort();
+    (files, scores)
+}
+
+#[test]
+fn run_killed_mid_training_resumes_to_bit_identical_students() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let straight = config(dir.path(), "straight", &cache, "");
+    ok(&train(&["--config", straight.to_str().unwrap()]));
+    let reference = outcome(&dir.path().join("runs/straight"));
+    assert_eq!(reference.0.len(), 2, "one student per method");
+
+    let killed = config(dir.path(), "killed", &cache, "");
+    let run = dir.path().join("runs/killed");
+    // Kill inside the warm-up, then inside the OPSD phase: each resume continues the phase.
+    for marker in [
+        "checkpoints/warmup/step-0000000002.ckpt",
+        "checkpoints/opsd-seed0/step-0000000002.ckpt",
+    ] {
+        let mut child = if run.join("config.toml").exists() {
+            spawn(&["--resume", run.to_str().unwrap()])
+        } else {
+            spawn(&["--config", killed.to_str().unwrap()])
+        };
+        wait_for(&mut child, &run.join(marker));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    ok(&train(&["--resume", run.to_str().unwrap()]));
+    let resumed = outcome(&run);
+    assert_eq!(resumed.1, reference.1, "same scores and divergences");
+    for ((name, a), (_, b)) in resumed.0.iter().zip(&reference.0) {
+        assert!(a == b, "student {name} differs from the uninterrupted run");
+    }
+    let metrics = fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let opsd_steps = metrics
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\"") && l.contains("\"method\":\"opsd\""))
+        .count();
+    assert_eq!(
+        opsd_steps, 4,
+        "every OPSD update logged exactly once after the resumes"
+    );
+    for f in [
+        "report.md",
+        "report.json",
+        "plots/loss.png",
+        "plots/heldout.png",
+        "config.toml",
+    ] {
+        assert!(run.join(f).is_file(), "{f} written");
+    }
+    let student = run.join("students/opsd-seed0");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(student.join(f).is_file(), "exported student has {f}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_with_a_resume_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "sigint", &dir.path().join("cache"), "");
+    let run = dir.path().join("runs/sigint");
+    let mut child = spawn(&["--config", cfg.to_str().unwrap()]);
+    wait_for(
+        &mut child,
+        &run.join("checkpoints/warmup/step-0000000001.ckpt"),
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "interrupted runs exit non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    ok(&train(&["--resume", run.to_str().unwrap()]));
+    assert!(run.join("report.json").is_file());
+}
+
+#[test]
+fn an_existing_run_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "twice", &dir.path().join("cache"), "");
+    let run = dir.path().join("runs/twice");
+    fs::create_dir_all(&run).unwrap();
+    fs::write(run.join("config.toml"), "name = \"twice\"\n").unwrap();
+    let out = train(&["--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already holds a run") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert_eq!(
+        fs::read_to_string(run.join("config.toml")).unwrap(),
+        "name = \"twice\"\n"
+    );
+}
+
+#[test]
+fn unwritable_runs_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("runs");
+    fs::write(&blocker, b"a file, not a directory").unwrap();
+    let cfg = config(dir.path(), "blocked", &dir.path().join("cache"), "");
+    let out = train(&["--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("run directory") && stderr.contains("blocked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_config_key_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "typo",
+        &dir.path().join("cache"),
+        "[extra]\nlerning_rate = 1\n",
+    );
+    let out = train(&["--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("extra"), "{stderr}");
+}
+
+/// A corpus with one sample whose WAV is missing.
+fn broken_corpus(dir: &Path) -> PathBuf {
+    let corpus = dir.join("corpus");
+    let status = Command::new(BIN)
+        .args([
+            "data",
+            "synth",
+            "--out",
+            corpus.to_str().unwrap(),
+            "--n",
+            "20",
+            "--quiet",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let manifest = corpus.join("manifest.jsonl");
+    let text = fs::read_to_string(&manifest).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    fs::remove_file(corpus.join(first["audio"].as_str().unwrap())).unwrap();
+    manifest
+}
+
+#[test]
+fn missing_media_stops_the_run_naming_the_line_unless_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = broken_corpus(dir.path());
+    let data = format!("manifest = \"{}\"\n", manifest.display());
+    let strict = config(dir.path(), "strict", &dir.path().join("cache"), "")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = fs::read_to_string(&strict)
+        .unwrap()
+        .replace("[data]\n", &format!("[data]\n{data}"));
+    fs::write(&strict, &text).unwrap();
+    let out = train(&["--config", &strict]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("manifest.jsonl:2") && stderr.contains("skip"),
+        "{stderr}"
+    );
+
+    let lenient = dir.path().join("lenient.toml");
+    fs::write(
+        &lenient,
+        text.replace("name = \"strict\"", "name = \"lenient\"")
+            .replace("[data]\n", "[data]\non_bad_sample = \"skip\"\n"),
+    )
+    .unwrap();
+    ok(&train(&["--config", lenient.to_str().unwrap()]));
+    let report = fs::read_to_string(dir.path().join("runs/lenient/report.md")).unwrap();
+    assert!(
+        report.contains("skipped") && report.contains("manifest.jsonl:2"),
+        "{report}"
+    );
+}
