@@ -67,9 +67,6 @@ pub fn privileged_text(record: &Record, kind: Privileged) -> String {
     }
 }
 
-/// The answer header after which the model writes its answer.
-pub const ANSWER_HEADER: &str = "answer:";
-
 /// A parsed answer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Parsed {

@@ -29,8 +29,7 @@ use tokenizers::Tokenizer;
 use super::config::ModelConfig;
 use super::eval::{self, Privileged};
 use super::tokenizer::{
-    self, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, IM_END, IM_START, SPECIALS, VIDEO, VISION_BOS,
-    VISION_EOS,
+    self, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, IM_END, SPECIALS, VIDEO, VISION_BOS, VISION_EOS,
 };
 use crate::data::manifest::{resolve, Limits, Record};
 use crate::data::media;
@@ -395,10 +394,6 @@ pub struct RecordMedia {
     pub second_per_grid: f64,
     /// The audio track's log-mel features.
     pub mel: LogMel,
-    /// Frames read from the record's directory (before padding).
-    pub frames: usize,
-    /// Length of the audio track in seconds.
-    pub audio_seconds: f64,
 }
 
 /// Qwen2.5-Omni's video processor settings, as [`media_inputs`] uses them.
@@ -435,14 +430,11 @@ pub fn record_media(
     let mel = FeatureExtractor::qwen2_5_omni()
         .extract(&audio.samples, audio.sample_rate)
         .with_context(|| format!("sample `{id}`: audio {}", wav.display()))?;
-    let audio_seconds = audio.seconds();
-    let fps = frames.len() as f64 / audio_seconds;
+    let fps = frames.len() as f64 / audio.seconds();
     Ok(RecordMedia {
         second_per_grid: processor.temporal_patch_size as f64 / fps,
         patches,
         mel,
-        frames: frames.len(),
-        audio_seconds,
     })
 }
 
@@ -469,6 +461,19 @@ pub fn media_inputs(record: &Record, base: &Path, limits: &Limits) -> Result<Vec
     .into_input()])
 }
 
+/// The id of a chat or media token in `tk` (the embedded tokenizer's fixed ids, or a real
+/// Qwen2.5-Omni tokenizer's); an error names the token when the tokenizer lacks it.
+pub fn special(tk: &Tokenizer, token: &str) -> Result<u32> {
+    tk.token_to_id(token).ok_or_else(|| {
+        anyhow!("tokenizer has no `{token}` token (a Qwen2.5-Omni chat tokenizer is required)")
+    })
+}
+
+/// The token that ends an answer in `tk`: `<|im_end|>`.
+pub fn stop_token(tk: &Tokenizer) -> Result<u32> {
+    special(tk, "<|im_end|>")
+}
+
 /// The view a prompt is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum View {
@@ -492,13 +497,18 @@ pub enum View {
 /// before `<|im_end|>`, and both end with the same assistant header.
 pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
     let text = |s: &str| tokenizer::encode(tk, s);
-    let mut ids = vec![IM_START];
+    let (im_start, im_end) = (special(tk, "<|im_start|>")?, special(tk, "<|im_end|>")?);
+    let mut ids = vec![im_start];
     ids.extend(text(&format!("system\n{SYSTEM_PROMPT}"))?);
-    ids.push(IM_END);
+    ids.push(im_end);
     ids.extend(text("\n")?);
-    ids.push(IM_START);
+    ids.push(im_start);
     ids.extend(text("user\n")?);
-    ids.extend([VISION_BOS, VIDEO, VISION_EOS]);
+    ids.extend([
+        special(tk, "<|vision_bos|>")?,
+        special(tk, "<|VIDEO|>")?,
+        special(tk, "<|vision_eos|>")?,
+    ]);
     ids.extend(text(&eval::student_text(record))?);
     if let View::Teacher(kind) = view {
         ids.extend(text(&eval::privileged_text(record, kind))?);
@@ -509,9 +519,9 @@ pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32
 
 /// `<|im_end|>\n<|im_start|>assistant\n`: closes the user turn and opens the answer.
 pub fn assistant_header(tk: &Tokenizer) -> Result<Vec<u32>> {
-    let mut ids = vec![IM_END];
+    let mut ids = vec![special(tk, "<|im_end|>")?];
     ids.extend(tokenizer::encode(tk, "\n")?);
-    ids.push(IM_START);
+    ids.push(special(tk, "<|im_start|>")?);
     ids.extend(tokenizer::encode(tk, "assistant\n")?);
     Ok(ids)
 }
@@ -519,7 +529,7 @@ pub fn assistant_header(tk: &Tokenizer) -> Result<Vec<u32>> {
 /// The gold answer's ids, `eval::answer(record)` then [`STOP_TOKEN`].
 pub fn answer_ids(tk: &Tokenizer, record: &Record) -> Result<Vec<u32>> {
     let mut ids = tokenizer::encode(tk, &eval::answer(record))?;
-    ids.push(STOP_TOKEN);
+    ids.push(stop_token(tk)?);
     Ok(ids)
 }
 
@@ -666,7 +676,6 @@ mod tests {
         let r = &c.records[0];
         let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
         // 4 frames of 56x56, scaled up to the video processor's minimum of 128·28² pixels.
-        assert_eq!(m.frames, 4);
         assert_eq!(m.patches.grid_thw, [2, 24, 24]);
         assert_eq!(m.patches.patch_dim, 3 * 2 * 14 * 14);
         let wav =
@@ -682,7 +691,12 @@ mod tests {
         let frames_dir = resolve(c.dir.path(), &r.video);
         fs::remove_file(frames_dir.join("003.png")).unwrap();
         let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
-        assert_eq!(m.frames, 3);
+        let wav =
+            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
+        assert!(
+            (m.second_per_grid - 2.0 * wav.seconds() / 3.0).abs() < 1e-12,
+            "three frames read"
+        );
         assert_eq!(m.patches.grid_thw[0], 2);
         // Patch rows of the second temporal patch hold frame 2 twice: the two 14x14 time
         // slices of every channel are equal.

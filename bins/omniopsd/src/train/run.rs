@@ -104,6 +104,8 @@ struct Ctx<'a> {
     out: Output,
     stop: Arc<AtomicBool>,
     notes: Vec<String>,
+    /// `<|im_end|>`: where answers stop.
+    stop_token: u32,
 }
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
@@ -147,7 +149,8 @@ pub fn opsd_config(cfg: &TrainConfig, stop_token: u32, seed: u64) -> OpsdConfig 
             samples_per_prompt: o.samples_per_prompt,
             max_new_tokens: o.max_new_tokens,
             stop_tokens: vec![stop_token],
-            pad_token: super::tokenizer::PAD,
+            // Padding is masked out, so any in-vocabulary id does.
+            pad_token: stop_token,
             logp_temperature: o.loss_temperature,
         },
         loss: LossConfig {
@@ -262,6 +265,7 @@ pub fn train<B: AutodiffBackend>(
         out,
         stop,
         notes: Vec::new(),
+        stop_token: omni::stop_token(&tokenizer)?,
     };
 
     // Media preprocessing does not depend on the model: do it once for all seeds.
@@ -431,19 +435,17 @@ fn preprocess_media(
     // Qwen2.5-Omni's processor upsamples small frames to at least 128·28² pixels; the
     // embedded model is trained from scratch on 56×56 faces, so its processor keeps them at
     // their size (8 video tokens instead of 288 per sample).
-    let processor = match embedded {
-        true => ProcessorConfig {
-            min_pixels: 56 * 56,
-            ..omni::video_processor()
-        },
-        false => omni::video_processor(),
+    let processor = ProcessorConfig {
+        min_pixels: 56 * 56,
+        ..omni::video_processor()
     };
     let bar = progress::bar(records.len() as u64, "media", out.quiet);
     let mut all = Vec::with_capacity(records.len());
     for r in records {
-        all.push(vec![
-            omni::record_media(r, base, limits, &processor)?.into_input()
-        ]);
+        all.push(match embedded {
+            true => vec![omni::record_media(r, base, limits, &processor)?.into_input()],
+            false => omni::media_inputs(r, base, limits)?,
+        });
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -524,7 +526,7 @@ struct Resumed {
 }
 
 fn load_phase(ctx: &Ctx<'_>, phase: &str, fingerprint: &str) -> Result<Option<Resumed>> {
-    let dir = ctx.run.root.join("checkpoints").join(phase);
+    let dir = ctx.run.checkpoints(phase);
     let Some(loaded) = checkpoint::load_latest(&dir)? else {
         return Ok(None);
     };
@@ -538,6 +540,14 @@ fn load_phase(ctx: &Ctx<'_>, phase: &str, fingerprint: &str) -> Result<Option<Re
             .with_context(|| format!("{}: no `meta` section", loaded.path.display()))?,
     )
     .with_context(|| format!("{}: bad `meta` section", loaded.path.display()))?;
+    ensure!(
+        meta.step == loaded.step && meta.phase == phase,
+        "{}: its file name and its `meta` section disagree (step {} / {}, phase {})",
+        loaded.path.display(),
+        loaded.step,
+        meta.step,
+        meta.phase
+    );
     ensure!(
         meta.fingerprint == fingerprint,
         "{}: saved for a different model ({}), this run has {}",
@@ -553,7 +563,7 @@ fn load_phase(ctx: &Ctx<'_>, phase: &str, fingerprint: &str) -> Result<Option<Re
 
 fn save_phase(ctx: &Ctx<'_>, meta: &Meta, mut sections: checkpoint::Sections) -> Result<()> {
     sections.insert("meta".into(), serde_json::to_vec(meta)?);
-    let dir = ctx.run.root.join("checkpoints").join(&meta.phase);
+    let dir = ctx.run.checkpoints(&meta.phase);
     checkpoint::save(
         &dir,
         meta.step,
@@ -606,9 +616,9 @@ fn evaluate<B: burn::tensor::backend::Backend>(
             prompt(s),
             ctx.cfg.eval.max_new_tokens,
             true,
-            &[omni::STOP_TOKEN],
+            &[ctx.stop_token],
         )?;
-        let ids: Vec<u32> = ids.into_iter().filter(|&t| t != omni::STOP_TOKEN).collect();
+        let ids: Vec<u32> = ids.into_iter().filter(|&t| t != ctx.stop_token).collect();
         answers.push(super::tokenizer::decode(ctx.tokenizer, &ids)?);
         bar.inc(1);
     }
@@ -995,7 +1005,7 @@ fn opsd_phase<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(Qwen2Model<B>, Option<f64>)> {
     let steps = ctx.cfg.opsd.steps;
-    let config = opsd_config(ctx.cfg, omni::STOP_TOKEN, seed);
+    let config = opsd_config(ctx.cfg, ctx.stop_token, seed);
     let print = fingerprint(&model, ctx.cfg);
     let resumed = load_phase(ctx, phase, &print)?;
     let mut trainer: OpsdTrainer<B, Qwen2Model<B>> = match &resumed {

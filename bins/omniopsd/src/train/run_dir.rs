@@ -75,11 +75,9 @@ impl RunDir {
         self.root.join("metrics.jsonl")
     }
 
-    /// Checkpoint directory of one training.
-    pub fn checkpoints(&self, method: &str, seed: u64) -> PathBuf {
-        self.root
-            .join("checkpoints")
-            .join(format!("{method}-seed{seed}"))
+    /// Checkpoint directory of one phase (`warmup`, `opsd-seed0`, …).
+    pub fn checkpoints(&self, phase: &str) -> PathBuf {
+        self.root.join("checkpoints").join(phase)
     }
 
     /// Appends one line to `metrics.jsonl` and flushes it.

@@ -28,10 +28,13 @@ pub const SPECIALS: [&str; 11] = [
     "<|vision_eos|>",
 ];
 /// Id of `<|pad|>`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub const PAD: u32 = 0;
 /// Id of `<|endoftext|>`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub const EOS: u32 = 1;
 /// Id of `<|im_start|>`, which opens a chat turn.
+#[cfg_attr(not(test), allow(dead_code))]
 pub const IM_START: u32 = 2;
 /// Id of `<|im_end|>`, which closes a chat turn (the answer's stop token).
 pub const IM_END: u32 = 3;
