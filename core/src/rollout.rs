@@ -217,7 +217,6 @@ where
     let head = model.lm_head();
     let [vocab, width] = head.dims();
     let device = head.device();
-    let head_t = head.transpose();
 
     let (mut hidden, mut cache) = model.prefill(prompt, g);
     check_hidden(&hidden, g, width, "prefill hidden")?;
@@ -228,7 +227,11 @@ where
     let mut stopped = vec![false; g];
 
     for position in 0..cfg.max_new_tokens {
-        let logits = read_f32(hidden.matmul(head_t.clone()), "logits")?;
+        // `(W hᵀ)ᵀ`, not `h Wᵀ`: NdArray would copy the transposed `[H, V]` head every step.
+        let logits = read_f32(
+            head.clone().matmul(hidden.transpose()).transpose(),
+            "logits",
+        )?;
         let mut next = Vec::with_capacity(g);
         for row in 0..g {
             if stopped[row] {

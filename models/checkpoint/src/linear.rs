@@ -1,15 +1,17 @@
-//! The one layer every architecture crate loads the same way: PyTorch `nn.Linear`, kept in the
-//! checkpoint's `[out, in]` layout so loading is a straight copy.
+//! The one layer every architecture crate loads the same way: PyTorch `nn.Linear`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::Weights;
 
-/// `y = x Wᵀ + b` (PyTorch `nn.Linear`).
+/// `y = x Wᵀ + b` (PyTorch `nn.Linear`). The weight is kept as `Wᵀ`, `[d_in, d_out]`,
+/// contiguous: backends that need contiguous matmul operands (NdArray) would otherwise copy a
+/// transposed `W` on every call. Loading and [`Linear::weight`] convert from and to the
+/// checkpoint's `[d_out, d_in]`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    weight: Param<Tensor<B, 2>>,
+    weight_t: Param<Tensor<B, 2>>,
     bias: Option<Param<Tensor<B, 1>>>,
 }
 
@@ -22,8 +24,26 @@ impl<B: Backend> Linear<B> {
         bias: bool,
         device: &B::Device,
     ) -> Result<Self, crate::Error> {
+        let weight = w.tensor::<B, 2>("weight", [d_out, d_in], device)?;
+        let values = weight
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| crate::Error::Export {
+                file: w.prefix().into(),
+                reason: format!("reading `weight`: {e:?}"),
+            })?;
+        let mut transposed = vec![0f32; values.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                transposed[i * d_out + o] = values[o * d_in + i];
+            }
+        }
         Ok(Self {
-            weight: w.param("weight", [d_out, d_in], device)?,
+            weight_t: Param::from_tensor(Tensor::from_data(
+                TensorData::new(transposed, [d_in, d_out]),
+                device,
+            )),
             bias: if bias {
                 Some(w.param("bias", [d_out], device)?)
             } else {
@@ -32,9 +52,9 @@ impl<B: Backend> Linear<B> {
         })
     }
 
-    /// The weight `[d_out, d_in]`.
+    /// The weight `[d_out, d_in]`, as the checkpoint stores it.
     pub fn weight(&self) -> Tensor<B, 2> {
-        self.weight.val()
+        self.weight_t.val().transpose()
     }
 
     /// The bias `[d_out]`, if the layer has one.
@@ -44,7 +64,7 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the layer over the last axis of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = x.matmul(self.weight.val().transpose().unsqueeze());
+        let y = x.matmul(self.weight_t.val().unsqueeze());
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,

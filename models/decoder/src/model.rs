@@ -357,7 +357,13 @@ impl<B: Backend> Qwen2Model<B> {
     /// Logits `[B, T, V]` of hidden states `[B, T, H]` (the full head; the trainer applies it
     /// in chunks instead).
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        hidden.matmul(self.lm_head_weight().transpose().unsqueeze())
+        let [b, t, h] = hidden.dims();
+        let v = self.config.vocab_size;
+        // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
+        self.lm_head_weight()
+            .matmul(hidden.reshape([b * t, h]).transpose())
+            .transpose()
+            .reshape([b, t, v])
     }
 
     /// The LM-head weight `[V, H]`.

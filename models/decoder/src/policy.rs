@@ -214,7 +214,8 @@ impl<B: Backend> Qwen2Model<B> {
                     .narrow(1, prompt.ids.len() + r - 1, 1)
                     .reshape([1, width])
             };
-            let logits = hidden.matmul(self.lm_head_weight().transpose());
+            // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
+            let logits = self.lm_head_weight().matmul(hidden.transpose()).transpose();
             let values: Vec<f32> = logits
                 .into_data()
                 .convert::<f32>()

@@ -114,9 +114,12 @@ where
             let target = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, r]), &device);
             let hidden = self.model.response_hidden(example.prompt, target.clone());
             let h = hidden.dims()[2];
-            let logits = hidden
-                .reshape([r, h])
-                .matmul(self.model.lm_head().transpose());
+            // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
+            let logits = self
+                .model
+                .lm_head()
+                .matmul(hidden.reshape([r, h]).transpose())
+                .transpose();
             let nll = log_softmax(logits, 1)
                 .gather(1, target.reshape([r, 1]))
                 .sum()
