@@ -13,9 +13,7 @@ The script
    the same thing: after the prefill and first token, N − 1 steps of cached decode + LM head +
    host argmax (what `Qwen2Model::generate_greedy` does per token);
 4. prints, per context, the median over `--repeats` runs of decode tokens/s for both, their
-   ratio ours/PyTorch, ms per token, and how many greedy tokens agree; plus a diagnostic
-   column, ours with the logits computed as `W_head · hᵀ` (`--row-major-head`), which shows
-   what the transposed-weight copy of `h · W_headᵀ` costs per token.
+   ratio ours/PyTorch, ms per token, and how many greedy tokens agree.
 
 Threads: Burn's ndarray backend is compiled in this workspace without its `multi-threads`
 feature (burn is a `default-features = false` dependency), so ours runs on one thread;
@@ -198,15 +196,12 @@ def main():
               f"ndarray backend; {args.new_tokens} new tokens, median of {args.repeats}",
               flush=True)
         rust = rust_runs(model_dir, prompts_file, args.new_tokens, args.repeats, args.threads)
-        diag = rust_runs(model_dir, prompts_file, args.new_tokens, args.repeats, args.threads,
-                         extra=("--row-major-head",))
         rows = []
         for p in prompts:
             c = p["context"]
             t_rates, t_ids = torch_runs(model, p["ids"], args.new_tokens, args.repeats)
             r = rust[c]
             r_rates = [(args.new_tokens - 1) / s for s in r["decode_seconds"]]
-            d_rates = [(args.new_tokens - 1) / s for s in diag[c]["decode_seconds"]]
             steps = r["step_seconds"]
             agree = next(
                 (i for i, (a, b) in enumerate(zip(r["ids"], t_ids)) if a != b), len(t_ids)
@@ -215,7 +210,6 @@ def main():
                 "context": c,
                 "ours": statistics.median(r_rates),
                 "torch": statistics.median(t_rates),
-                "ours_row_head": statistics.median(d_rates),
                 "ours_prefill_s": statistics.median(r["prefill_seconds"]),
                 "first_steps_ms": 1e3 * statistics.median(steps[:8]),
                 "last_steps_ms": 1e3 * statistics.median(steps[-8:]),
@@ -225,15 +219,14 @@ def main():
     n = args.new_tokens
     print()
     print("| context | ours tok/s | PyTorch tok/s | ours/PyTorch | ours ms/tok | PyTorch ms/tok "
-          "| ours ms/tok first 8 → last 8 steps | ours prefill s | greedy prefix agreeing "
-          "| diagnostic: ours tok/s, head as W·hᵀ |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| ours ms/tok first 8 → last 8 steps | ours prefill s | greedy prefix agreeing |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['context']} | {r['ours']:.1f} | {r['torch']:.1f} | "
             f"{r['ours'] / r['torch']:.2f} | {1e3 / r['ours']:.2f} | {1e3 / r['torch']:.2f} | "
             f"{r['first_steps_ms']:.2f} → {r['last_steps_ms']:.2f} | "
-            f"{r['ours_prefill_s']:.2f} | {r['agree']}/{n} | {r['ours_row_head']:.1f} |"
+            f"{r['ours_prefill_s']:.2f} | {r['agree']}/{n} |"
         )
 
 

@@ -9,7 +9,7 @@
 //! per prompt, with the per-step times of the first repeat and the generated ids.
 //!
 //! `cargo run --release -p omniopsd-benches --example decode -- --model DIR --prompts FILE
-//! [--new-tokens 64] [--repeats 3] [--row-major-head]`
+//! [--new-tokens 64] [--repeats 3]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,9 +28,6 @@ struct Args {
     prompts: PathBuf,
     new_tokens: usize,
     repeats: usize,
-    /// Diagnostic: logits as `W_head · hᵀ` (the head stays in its contiguous `[V, H]`
-    /// layout) instead of `h · W_headᵀ` as `generate_greedy` and the core's rollout compute them.
-    row_major_head: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,14 +36,9 @@ fn parse_args() -> Result<Args, String> {
         prompts: PathBuf::new(),
         new_tokens: 64,
         repeats: 3,
-        row_major_head: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--row-major-head" {
-            args.row_major_head = true;
-            continue;
-        }
         let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
         let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
@@ -71,24 +63,16 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-fn next_token(hidden: Tensor<B, 2>, head: &Head) -> Result<u32, String> {
-    let logits = match head {
-        Head::Transposed(head_t) => hidden.matmul(head_t.clone()),
-        Head::RowMajor(head) => head.clone().matmul(hidden.transpose()),
-    };
-    let logits = logits
+/// Logits as `(W hᵀ)ᵀ`, as `generate_greedy` and the core's rollout compute them (the head
+/// stays in its contiguous `[V, H]` layout).
+fn next_token(hidden: Tensor<B, 2>, head: &Tensor<B, 2>) -> Result<u32, String> {
+    let logits = head
+        .clone()
+        .matmul(hidden.transpose())
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| format!("reading logits: {e:?}"))?;
     Ok(argmax(&logits))
-}
-
-/// The LM head as the logits are computed from it.
-enum Head {
-    /// `[H, V]`, a transposed view of the checkpoint's `[V, H]` weight.
-    Transposed(Tensor<B, 2>),
-    /// `[V, H]` as stored.
-    RowMajor(Tensor<B, 2>),
 }
 
 /// One greedy run: `(prefill seconds, per-step decode seconds, generated ids)`.
@@ -96,14 +80,9 @@ fn run(
     model: &Qwen2Model<B>,
     prompt: &TokenPrompt,
     new_tokens: usize,
-    row_major_head: bool,
 ) -> Result<(f64, Vec<f64>, Vec<u32>), String> {
     let device = Default::default();
-    let head_t = if row_major_head {
-        Head::RowMajor(model.lm_head())
-    } else {
-        Head::Transposed(model.lm_head().transpose())
-    };
+    let head_t = model.lm_head();
     let start = Instant::now();
     let (hidden, mut cache) = model.prefill(prompt, 1);
     let mut token = next_token(hidden, &head_t)?;
@@ -137,12 +116,12 @@ fn main() -> Result<(), String> {
         let prompt = TokenPrompt::new(ids);
         model.check_prompt(&prompt).map_err(|e| e.to_string())?;
         // One untimed run warms the allocator and the caches.
-        run(&model, &prompt, 4, args.row_major_head)?;
+        run(&model, &prompt, 4)?;
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         let mut first = None;
         for _ in 0..args.repeats {
-            let (p, steps, ids) = run(&model, &prompt, args.new_tokens, args.row_major_head)?;
+            let (p, steps, ids) = run(&model, &prompt, args.new_tokens)?;
             prefill.push(p);
             decode.push(steps.iter().sum::<f64>());
             first.get_or_insert((steps, ids));
