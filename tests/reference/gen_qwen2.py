@@ -296,7 +296,14 @@ def references(model, tok, prefix, with_positions):
             n = len(ids)
             pos = list(range(n // 2)) + [i + 7 for i in range(n // 2, n)]
             x = torch.tensor([ids])
-            logits = model(x, position_ids=torch.tensor([pos]), use_cache=False).logits[0]
+            # An explicit all-ones mask: without one, transformers reads a jump in
+            # position_ids as the start of a packed sequence and masks across it.
+            logits = model(
+                x,
+                attention_mask=torch.ones_like(x),
+                position_ids=torch.tensor([pos]),
+                use_cache=False,
+            ).logits[0]
             plain = model(x, use_cache=False).logits[0]
             # The first half must not move (causal), the second half must.
             assert torch.allclose(logits[: n // 2], plain[: n // 2], atol=1e-5)

@@ -1,0 +1,324 @@
+//! Qwen2 decoder parity with transformers 5.24 `Qwen2ForCausalLM` on the tiny checkpoints of
+//! `tests/reference/gen_qwen2.py`: A (untied head, GQA 4/2, f32) and B (tied head, MHA, bf16
+//! weights in 3 shards, computed in f32 after upcasting as `torch_dtype=float32` does).
+//! Tolerance: relative error `max|Δ| / max|ref|` ≤ 1e-4 on logits; greedy ids identical.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use omniopsd_checkpoint::{Checkpoint, Dtype};
+use omniopsd_core::PolicyModel;
+use omniopsd_decoder::{check_tokenizer, text_positions, Error, Qwen2Model, TokenPrompt};
+
+type B = NdArray<f32>;
+
+fn reference() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference"
+    ))
+}
+
+fn fixture(name: &str) -> (Vec<f32>, Vec<usize>) {
+    Checkpoint::open_file(&reference().join("qwen2_ref.safetensors"))
+        .unwrap()
+        .read_f32(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn ids(name: &str) -> Vec<u32> {
+    fixture(name).0.iter().map(|&v| v as u32).collect()
+}
+
+fn model(dir: &str) -> Qwen2Model<B> {
+    let ckpt = Checkpoint::open(&reference().join(dir)).unwrap();
+    Qwen2Model::from_checkpoint(&ckpt, &Default::default()).expect("loads")
+}
+
+fn int2(ids: &[u32], rows: usize) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let cols = v.len() / rows;
+    Tensor::from_data(TensorData::new(v, [rows, cols]), &Default::default())
+}
+
+fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(a.len(), reference.len());
+    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+const MODELS: [(&str, &str); 2] = [("a", "qwen2_tiny"), ("b", "qwen2_tiny_tied_bf16")];
+
+#[test]
+fn logits_match_transformers_for_both_checkpoints() {
+    for (key, dir) in MODELS {
+        let m = model(dir);
+        for prompt in ["prompt0", "prompt1"] {
+            let p = ids(&format!("{key}.{prompt}.ids"));
+            let logits = m.logits(m.forward_ids(int2(&p, 1)));
+            let err = rel_err(
+                &values(logits),
+                &fixture(&format!("{key}.{prompt}.logits")).0,
+            );
+            eprintln!("{dir} {prompt} logits rel err {err:e}");
+            assert!(err <= 1e-4, "{dir} {prompt}: {err}");
+        }
+    }
+}
+
+#[test]
+fn batched_forward_matches_transformers() {
+    for (key, dir) in MODELS {
+        let m = model(dir);
+        let p = ids(&format!("{key}.batch.ids"));
+        let logits = m.logits(m.forward_ids(int2(&p, 2)));
+        let err = rel_err(&values(logits), &fixture(&format!("{key}.batch.logits")).0);
+        eprintln!("{dir} batch logits rel err {err:e}");
+        assert!(err <= 1e-4, "{dir}: {err}");
+    }
+}
+
+#[test]
+fn explicit_position_ids_are_honoured() {
+    let m = model("qwen2_tiny");
+    let p = ids("a.pos.ids");
+    let pos: Vec<i64> = fixture("a.pos.position_ids")
+        .0
+        .iter()
+        .map(|&v| v as i64)
+        .collect();
+    let t = p.len();
+    let rows: Vec<i64> = pos.iter().cycle().take(3 * t).copied().collect();
+    let positions =
+        Tensor::<B, 3, Int>::from_data(TensorData::new(rows, [3, 1, t]), &Default::default());
+    let hidden = m.forward_embeds(m.embed(int2(&p, 1)), positions, None);
+    let err = rel_err(&values(m.logits(hidden)), &fixture("a.pos.logits").0);
+    eprintln!("explicit positions logits rel err {err:e}");
+    assert!(err <= 1e-4, "{err}");
+    // And they matter: the default positions give other logits.
+    let plain = values(m.logits(m.forward_ids(int2(&p, 1))));
+    assert!(rel_err(&plain, &fixture("a.pos.logits").0) > 1e-3);
+}
+
+#[test]
+fn greedy_64_tokens_equal_transformers_generate_with_and_without_cache() {
+    for (key, dir) in MODELS {
+        let m = model(dir);
+        for (prompt, gen) in [("prompt0", "gen0"), ("prompt1", "gen1")] {
+            let p = TokenPrompt::new(ids(&format!("{key}.{prompt}.ids")));
+            let expected = ids(&format!("{key}.{gen}"));
+            let cached = m.generate_greedy(&p, 64, true, &[]).unwrap();
+            assert_eq!(cached, expected, "{dir} {prompt} with KV cache");
+            let uncached = m.generate_greedy(&p, 64, false, &[]).unwrap();
+            assert_eq!(uncached, expected, "{dir} {prompt} without cache");
+        }
+    }
+}
+
+#[test]
+fn cached_decode_equals_teacher_forcing() {
+    let m = model("qwen2_tiny");
+    let prompt = TokenPrompt::new(ids("a.prompt1.ids"));
+    let response = ids("a.gen1")[..8].to_vec();
+    let forced = m.response_hidden(&prompt, int2(&response, 1).repeat_dim(0, 3));
+    let (first, mut cache) = m.prefill(&prompt, 3);
+    let mut rows = vec![first];
+    for &t in &response[..7] {
+        let tok = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(vec![t as i64; 3], [3]),
+            &Default::default(),
+        );
+        rows.push(m.decode(tok, &mut cache));
+    }
+    assert_eq!(cache.kv.len(), prompt.ids.len() + 7);
+    let decoded: Tensor<B, 3> = Tensor::stack(rows, 1);
+    let err = rel_err(&values(decoded), &values(forced));
+    eprintln!("cached decode vs teacher forcing rel err {err:e}");
+    assert!(err <= 1e-5, "{err}");
+}
+
+#[test]
+fn response_log_probs_match_transformers() {
+    for (key, dir) in MODELS {
+        let m = model(dir);
+        let prompt = TokenPrompt::new(ids(&format!("{key}.score.prompt_ids")));
+        let response = ids(&format!("{key}.score.response_ids"));
+        let r = response.len();
+        let hidden = m.response_hidden(&prompt, int2(&response, 1));
+        let logp = burn::tensor::activation::log_softmax(m.logits(hidden).reshape([r, 448]), 1);
+        let picked = logp.gather(1, int2(&response, r));
+        let err = rel_err(
+            &values(picked),
+            &fixture(&format!("{key}.score.logprobs")).0,
+        );
+        eprintln!("{dir} response log-probs rel err {err:e}");
+        assert!(err <= 1e-4, "{dir}: {err}");
+    }
+}
+
+#[test]
+fn exported_weights_reload_to_identical_logits() {
+    for (_, dir) in MODELS {
+        let m = model(dir);
+        let out = tempfile::tempdir().unwrap();
+        m.save_pretrained(out.path(), Dtype::F32).unwrap();
+        let names: Vec<String> = m.export_tensors().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.contains(&"lm_head.weight".to_string()),
+            !m.config().tie_word_embeddings,
+            "{dir}: lm_head exported exactly when untied"
+        );
+        let reloaded = Qwen2Model::<B>::from_checkpoint(
+            &Checkpoint::open(out.path()).unwrap(),
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(reloaded.config().vocab_size, m.config().vocab_size);
+        let p = int2(&ids("a.prompt1.ids"), 1);
+        assert_eq!(
+            values(m.logits(m.forward_ids(p.clone()))),
+            values(reloaded.logits(reloaded.forward_ids(p))),
+            "{dir}"
+        );
+    }
+}
+
+#[test]
+fn text_positions_repeat_one_row_per_sequence() {
+    let p = text_positions::<B>(5, 2, 3, &Default::default());
+    let v: Vec<i64> = p.into_data().to_vec::<i64>().unwrap();
+    assert_eq!(v, [5, 6, 7].repeat(6));
+}
+
+/// A copy of checkpoint A in a temp dir, with `edit` applied to its config and tensors.
+fn broken(
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+    reshape: Option<&str>,
+) -> tempfile::TempDir {
+    let src = reference().join("qwen2_tiny");
+    let out = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit_config(&mut config);
+    std::fs::write(out.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        out.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let mut tensors = Vec::new();
+    for name in ckpt.tensor_names().filter(|n| keep(n)) {
+        let (v, mut shape) = ckpt.read_f32(name).unwrap();
+        if reshape == Some(name) {
+            shape = vec![shape.iter().product::<usize>()];
+        }
+        tensors.push((name.to_string(), TensorData::new(v, shape)));
+    }
+    omniopsd_checkpoint::save_safetensors::<B>(
+        &out.path().join("model.safetensors"),
+        &tensors,
+        Dtype::F32,
+    )
+    .unwrap();
+    out
+}
+
+fn load_err(dir: &Path) -> String {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default())
+        .err()
+        .expect("must fail")
+        .to_string()
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = broken(|_| {}, |n| n != "model.layers.1.mlp.up_proj.weight", None);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_shape_is_named_with_file_and_shapes() {
+    let dir = broken(
+        |_| {},
+        |_| true,
+        Some("model.layers.0.self_attn.k_proj.weight"),
+    );
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight")
+            && err.contains("model.safetensors")
+            && err.contains("[2048]")
+            && err.contains("[32, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_missing_a_required_key_is_named() {
+    let dir = broken(
+        |c| {
+            c.as_object_mut().unwrap().remove("hidden_size");
+        },
+        |_| true,
+        None,
+    );
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("config.json") && err.contains("hidden_size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_config_is_named() {
+    let dir = broken(|c| c["use_sliding_window"] = true.into(), |_| true, None);
+    let err = load_err(dir.path());
+    assert!(err.contains("use_sliding_window"), "{err}");
+    let dir = broken(|c| c["num_key_value_heads"] = 3.into(), |_| true, None);
+    assert!(load_err(dir.path()).contains("num_key_value_heads"));
+}
+
+#[test]
+fn tokenizer_larger_than_the_embedding_is_refused() {
+    let path = reference().join("qwen2_tiny/tokenizer.json");
+    let tk = check_tokenizer(&path, 448).expect("fits the real embedding");
+    let size = tk.get_vocab_size(true);
+    match check_tokenizer(&path, size - 1) {
+        Err(Error::TokenizerVocab {
+            file,
+            tokenizer,
+            embedding,
+        }) => {
+            assert_eq!((tokenizer, embedding), (size, size - 1));
+            assert!(file.ends_with("tokenizer.json"));
+        }
+        other => panic!("expected TokenizerVocab, got {other:?}"),
+    }
+}
+
+#[test]
+fn prompt_outside_the_vocabulary_is_refused() {
+    let m = model("qwen2_tiny");
+    let err = m
+        .generate_greedy(&TokenPrompt::new(vec![1, 2, 448]), 4, true, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("448") && err.contains("vocabulary"), "{err}");
+    assert!(m.check_prompt(&TokenPrompt::new(Vec::new())).is_err());
+}
