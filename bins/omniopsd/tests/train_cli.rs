@@ -313,3 +313,51 @@ fn missing_media_stops_the_run_naming_the_line_unless_skipping() {
         "{report}"
     );
 }
+
+fn reference(dir: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference"
+    ))
+    .join(dir)
+}
+
+#[test]
+fn trains_a_text_only_hf_checkpoint_and_exports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("[model]\ndir = \"{}\"\n", reference("qwen2_tiny").display());
+    let path = config(dir.path(), "text", &dir.path().join("cache"), "");
+    let text = fs::read_to_string(&path).unwrap().replace(
+        "[model]\nhidden_size = 32\nintermediate_size = 64\n",
+        &model,
+    );
+    fs::write(&path, text).unwrap();
+    ok(&train(&["--config", path.to_str().unwrap()]));
+    let run = dir.path().join("runs/text");
+    let report = fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("text-only checkpoint"), "{report}");
+    let student = run.join("students/opsd-seed0");
+    let exported: serde_json::Value =
+        serde_json::from_slice(&fs::read(student.join("config.json")).unwrap()).unwrap();
+    assert_eq!(exported["architectures"][0], "Qwen2ForCausalLM");
+    assert!(student.join("model.safetensors").is_file());
+}
+
+#[test]
+fn checkpoint_without_tokenizer_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("[model]\ndir = \"{}\"\n", reference("omni_tiny").display());
+    let path = config(dir.path(), "notok", &dir.path().join("cache"), "");
+    let text = fs::read_to_string(&path).unwrap().replace(
+        "[model]\nhidden_size = 32\nintermediate_size = 64\n",
+        &model,
+    );
+    fs::write(&path, text).unwrap();
+    let out = train(&["--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("omni_tiny") && stderr.contains("tokenizer.json"),
+        "{stderr}"
+    );
+}

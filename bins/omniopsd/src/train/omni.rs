@@ -496,6 +496,16 @@ pub enum View {
 /// tokenized on its own, so the teacher's ids are the student's with the block's ids inserted
 /// before `<|im_end|>`, and both end with the same assistant header.
 pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
+    chat_ids(tk, record, view, true)
+}
+
+/// [`prompt_ids`] for a text-only model (a `Qwen2ForCausalLM` checkpoint): the same chat
+/// layout without the video block, so the student has the subtitle alone.
+pub fn text_prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
+    chat_ids(tk, record, view, false)
+}
+
+fn chat_ids(tk: &Tokenizer, record: &Record, view: View, video: bool) -> Result<Vec<u32>> {
     let text = |s: &str| tokenizer::encode(tk, s);
     let (im_start, im_end) = (special(tk, "<|im_start|>")?, special(tk, "<|im_end|>")?);
     let mut ids = vec![im_start];
@@ -504,11 +514,13 @@ pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32
     ids.extend(text("\n")?);
     ids.push(im_start);
     ids.extend(text("user\n")?);
-    ids.extend([
-        special(tk, "<|vision_bos|>")?,
-        special(tk, "<|VIDEO|>")?,
-        special(tk, "<|vision_eos|>")?,
-    ]);
+    if video {
+        ids.extend([
+            special(tk, "<|vision_bos|>")?,
+            special(tk, "<|VIDEO|>")?,
+            special(tk, "<|vision_eos|>")?,
+        ]);
+    }
     ids.extend(text(&eval::student_text(record))?);
     if let View::Teacher(kind) = view {
         ids.extend(text(&eval::privileged_text(record, kind))?);

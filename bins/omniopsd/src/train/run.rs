@@ -268,14 +268,23 @@ pub fn train<B: AutodiffBackend>(
         stop_token: omni::stop_token(&tokenizer)?,
     };
 
-    // Media preprocessing does not depend on the model: do it once for all seeds.
-    let media = preprocess_media(&records, &base, &limits, cfg.model.dir.is_none(), out)?;
     let mut results = Vec::new();
     // One base model for every training, as a pretrained MLLM is for real runs: the seeds
     // vary what the methods do from it (sampling, data order), not the starting point.
     let init = model_dir(cfg, run, &tokenizer)?;
     let ckpt = Checkpoint::open(&init)?;
-    let samples = encode_samples::<Inner<B>>(&ctx, &ckpt, &records, &media, device)?;
+    let json = ckpt.config_json();
+    let omni_model = json.get("thinker_config").is_some() || json.get("text_config").is_some();
+    let samples = if omni_model {
+        let media = preprocess_media(&records, &base, &limits, cfg.model.dir.is_none(), out)?;
+        encode_samples::<Inner<B>>(&ctx, &ckpt, &records, &media, device)?
+    } else {
+        ctx.notes.push(format!(
+            "{} is a text-only checkpoint: prompts hold the subtitle (and the privileged block), no media",
+            init.display()
+        ));
+        text_samples::<Inner<B>>(&ctx, &ckpt, &records, device)?
+    };
     let (train, heldout): (Vec<&Sample>, Vec<&Sample>) =
         samples.iter().partition(|s| s.record.split == Split::Train);
     let heldout = match cfg.eval.max_samples {
@@ -487,6 +496,38 @@ fn encode_samples<B: burn::tensor::backend::Backend>(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Every view's prompt for a text-only decoder (`Qwen2ForCausalLM`).
+fn text_samples<B: burn::tensor::backend::Backend>(
+    ctx: &Ctx<'_>,
+    ckpt: &Checkpoint,
+    records: &[Record],
+    device: &B::Device,
+) -> Result<Vec<Sample>> {
+    let decoder = Qwen2Model::<B>::from_checkpoint(ckpt, device)?;
+    let tk = ctx.tokenizer;
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let prompt = |view| -> Result<TokenPrompt> {
+            let p = TokenPrompt::new(omni::text_prompt_ids(tk, r, view)?);
+            decoder
+                .check_prompt(&p)
+                .with_context(|| format!("sample `{}`", r.id))?;
+            Ok(p)
+        };
+        out.push(Sample {
+            student: prompt(View::Student)?,
+            rationale: match &r.rationale {
+                Some(_) => Some(prompt(View::Teacher(Privileged::Rationale))?),
+                None => None,
+            },
+            label: prompt(View::Teacher(Privileged::Label))?,
+            target: omni::answer_ids(tk, r)?,
+            record: r.clone(),
+        });
+    }
     Ok(out)
 }
 
