@@ -152,6 +152,18 @@ pub struct AdamWSettings {
     pub weight_decay: f32,
 }
 
+impl AdamWSettings {
+    /// A fresh Burn AdamW optimizer for module `M` with these settings.
+    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> OptimizerAdaptor<AdamW, M, B> {
+        AdamWConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay)
+            .init()
+    }
+}
+
 impl Default for AdamWSettings {
     /// PyTorch / TRL defaults, without weight decay (fine-tuning from a pretrained model).
     fn default() -> Self {
@@ -519,12 +531,7 @@ where
     }
 
     fn optimizer(config: &OpsdConfig) -> OpsdOptimizer<B, M> {
-        AdamWConfig::new()
-            .with_beta_1(config.adamw.beta_1)
-            .with_beta_2(config.adamw.beta_2)
-            .with_epsilon(config.adamw.epsilon)
-            .with_weight_decay(config.adamw.weight_decay)
-            .init()
+        config.adamw.init()
     }
 
     /// The trainer's state besides the model weights (save it with [`Self::model`]).

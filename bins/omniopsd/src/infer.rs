@@ -339,14 +339,7 @@ fn read_video(dir: &Path, fps: f64) -> Result<MediaInput> {
         bail!("--fps {fps}: must be a positive number");
     }
     let frames = media::read_frames(dir, MAX_FRAMES)?;
-    let views: Vec<omniopsd_vision::Frame> = frames
-        .iter()
-        .map(|f| omniopsd_vision::Frame {
-            width: f.width as usize,
-            height: f.height as usize,
-            rgb: &f.rgb,
-        })
-        .collect();
+    let views = media::vision_frames(&frames);
     let processor = ProcessorConfig::qwen2_5_omni_video();
     let patches =
         preprocess_video(&views, &processor).with_context(|| format!("video {}", dir.display()))?;

@@ -212,6 +212,18 @@ pub fn frame_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Borrowed views of `frames` in the vision processor's input type.
+pub fn vision_frames(frames: &[Frame]) -> Vec<omniopsd_vision::Frame<'_>> {
+    frames
+        .iter()
+        .map(|f| omniopsd_vision::Frame {
+            width: f.width as usize,
+            height: f.height as usize,
+            rgb: &f.rgb,
+        })
+        .collect()
+}
+
 /// Reads every frame of a video directory; all frames must share one size, and there must be
 /// between 1 and `max_frames` of them.
 pub fn read_frames(dir: &Path, max_frames: usize) -> Result<Vec<Frame>> {

@@ -413,14 +413,7 @@ pub fn record_media(
     let video_dir = resolve(base, &record.video);
     let frames = media::read_frames(&video_dir, limits.max_frames)
         .with_context(|| format!("sample `{id}`"))?;
-    let views: Vec<omniopsd_vision::Frame> = frames
-        .iter()
-        .map(|f| omniopsd_vision::Frame {
-            width: f.width as usize,
-            height: f.height as usize,
-            rgb: &f.rgb,
-        })
-        .collect();
+    let views = media::vision_frames(&frames);
     let patches = preprocess_video(&views, processor)
         .with_context(|| format!("sample `{id}`: video {}", video_dir.display()))?;
 

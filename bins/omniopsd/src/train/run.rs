@@ -477,26 +477,34 @@ fn encode_samples<B: burn::tensor::backend::Backend>(
         let enc = thinker
             .encode_media(m)
             .with_context(|| format!("sample `{}`", r.id))?;
-        let prompt = |view| -> Result<TokenPrompt> {
+        out.push(sample(tk, r, |view| {
             let ids = omni::prompt_ids(tk, r, view)?;
             thinker
                 .prompt_encoded(&ids, &enc)
                 .with_context(|| format!("sample `{}`", r.id))
-        };
-        out.push(Sample {
-            student: prompt(View::Student)?,
-            rationale: match &r.rationale {
-                Some(_) => Some(prompt(View::Teacher(Privileged::Rationale))?),
-                None => None,
-            },
-            label: prompt(View::Teacher(Privileged::Label))?,
-            target: omni::answer_ids(tk, r)?,
-            record: r.clone(),
-        });
+        })?);
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// A record's prompts in every view, laid out by `prompt`, and its answer's ids.
+fn sample(
+    tk: &Tokenizer,
+    record: &Record,
+    prompt: impl Fn(View) -> Result<TokenPrompt>,
+) -> Result<Sample> {
+    Ok(Sample {
+        student: prompt(View::Student)?,
+        rationale: match &record.rationale {
+            Some(_) => Some(prompt(View::Teacher(Privileged::Rationale))?),
+            None => None,
+        },
+        label: prompt(View::Teacher(Privileged::Label))?,
+        target: omni::answer_ids(tk, record)?,
+        record: record.clone(),
+    })
 }
 
 /// Every view's prompt for a text-only decoder (`Qwen2ForCausalLM`).
@@ -510,23 +518,13 @@ fn text_samples<B: burn::tensor::backend::Backend>(
     let tk = ctx.tokenizer;
     let mut out = Vec::with_capacity(records.len());
     for r in records {
-        let prompt = |view| -> Result<TokenPrompt> {
+        out.push(sample(tk, r, |view| {
             let p = TokenPrompt::new(omni::text_prompt_ids(tk, r, view)?);
             decoder
                 .check_prompt(&p)
                 .with_context(|| format!("sample `{}`", r.id))?;
             Ok(p)
-        };
-        out.push(Sample {
-            student: prompt(View::Student)?,
-            rationale: match &r.rationale {
-                Some(_) => Some(prompt(View::Teacher(Privileged::Rationale))?),
-                None => None,
-            },
-            label: prompt(View::Teacher(Privileged::Label))?,
-            target: omni::answer_ids(tk, r)?,
-            record: r.clone(),
-        });
+        })?);
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 use anyhow::{ensure, Result};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -85,12 +85,7 @@ where
     }
 
     fn optimizer(config: &SftConfig) -> SftOptimizer<B, M> {
-        AdamWConfig::new()
-            .with_beta_1(config.adamw.beta_1)
-            .with_beta_2(config.adamw.beta_2)
-            .with_epsilon(config.adamw.epsilon)
-            .with_weight_decay(config.adamw.weight_decay)
-            .init()
+        config.adamw.init()
     }
 
     /// The optimizer state to save.
