@@ -361,3 +361,30 @@ fn checkpoint_without_tokenizer_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn json_logs_print_one_metric_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "json", &dir.path().join("cache"), "");
+    let out = Command::new(BIN)
+        .args(["train", "--config", cfg.to_str().unwrap(), "--json-logs"])
+        .args(["--method", "label-sft"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["kind"] == "train" && l["phase"] == "warmup"));
+    assert!(lines
+        .iter()
+        .any(|l| l["kind"] == "eval" && l["method"] == "label-sft"));
+    assert!(
+        lines.iter().all(|l| l["method"] != "opsd"),
+        "--method picks the rows"
+    );
+}
