@@ -47,8 +47,11 @@ pub struct Qwen2Config {
 /// `rope_parameters` / `rope_scaling`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RopeParameters {
-    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
+    /// Older spelling of `rope_type`; real configs often carry both.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     /// Rotary frequency pairs given to the temporal, height and width position rows.
@@ -182,7 +185,10 @@ impl Qwen2Config {
         if !(self.rope_theta() > 0.0) {
             return Err(("rope_theta", "must be positive".into()));
         }
-        if let Some(kind) = self.rope().and_then(|r| r.rope_type.as_deref()) {
+        if let Some(kind) = self
+            .rope()
+            .and_then(|r| r.rope_type.as_deref().or(r.kind.as_deref()))
+        {
             if !matches!(kind, "default" | "mrope") {
                 return Err((
                     "rope_parameters.rope_type",
@@ -207,5 +213,59 @@ impl Qwen2Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.json` of `Qwen/Qwen2.5-0.5B-Instruct`, as published.
+    const QWEN2_5_0_5B: &str = r#"{
+      "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+      "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+      "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+      "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+      "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+      "sliding_window": 32768, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.43.1", "use_cache": true, "use_sliding_window": false,
+      "vocab_size": 151936}"#;
+
+    /// `thinker_config.text_config` of `Qwen/Qwen2.5-Omni-7B` (rope keys as published: both
+    /// `rope_type` and `type`).
+    const OMNI_TEXT: &str = r#"{
+      "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+      "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+      "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+      "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": false,
+      "vocab_size": 152064, "tie_word_embeddings": false, "hidden_act": "silu"}"#;
+
+    #[test]
+    fn published_qwen2_5_config_parses_with_its_rope_and_gqa() {
+        let c: Qwen2Config = serde_json::from_str(QWEN2_5_0_5B).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.head_dim(), c.kv_heads()), (64, 2));
+        assert_eq!(c.rope_theta(), 1e6);
+        assert_eq!(c.mrope_section(), vec![32, 0, 0]);
+        assert_eq!(c.eos_ids(), vec![151645]);
+        assert!(c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn published_omni_text_config_parses_with_both_rope_type_spellings() {
+        let c: Qwen2Config = serde_json::from_str(OMNI_TEXT).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.mrope_section(), vec![16, 24, 24]);
+        assert_eq!(c.rope_theta(), 1e6);
+    }
+
+    #[test]
+    fn unsupported_rope_type_is_refused_naming_the_key() {
+        let json = OMNI_TEXT.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+        let c: Qwen2Config = serde_json::from_str(&json).unwrap();
+        let (key, reason) = c.validate().unwrap_err();
+        assert_eq!(key, "rope_parameters.rope_type");
+        assert!(reason.contains("yarn"), "{reason}");
     }
 }
