@@ -322,3 +322,22 @@ fn prompt_outside_the_vocabulary_is_refused() {
     assert!(err.contains("448") && err.contains("vocabulary"), "{err}");
     assert!(m.check_prompt(&TokenPrompt::new(Vec::new())).is_err());
 }
+
+#[test]
+fn compute_dtype_follows_the_backend_f64_matches_too() {
+    type B64 = NdArray<f64>;
+    let ckpt = Checkpoint::open(&reference().join("qwen2_tiny_tied_bf16")).unwrap();
+    let m = Qwen2Model::<B64>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+    let p: Vec<i64> = ids("b.prompt1.ids").iter().map(|&t| t as i64).collect();
+    let n = p.len();
+    let x = Tensor::<B64, 2, Int>::from_data(TensorData::new(p, [1, n]), &Default::default());
+    let logits: Vec<f32> = m
+        .logits(m.forward_ids(x))
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
+    let err = rel_err(&logits, &fixture("b.prompt1.logits").0);
+    eprintln!("bf16 weights computed in f64: logits rel err {err:e}");
+    assert!(err <= 1e-4, "{err}");
+}
