@@ -149,14 +149,35 @@ impl<B: Backend> Attention<B> {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        // Causal with the mask aligned bottom-right, so cached keys are all visible.
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
+        let groups = self.heads / self.kv_heads;
+        let out = if t == 1 && groups > 1 {
+            // One new position sees every cached key, so no mask is needed and each key/value
+            // head can serve its query group directly: `[B, kv, groups, d]` queries, no
+            // repeated copy of the cache.
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            };
+            attention(
+                q.reshape([b, self.kv_heads, groups, d]),
+                k,
+                v,
+                None,
+                None,
+                options,
+            )
+            .reshape([b, self.heads, 1, d])
+        } else {
+            let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+            // Causal with the mask aligned bottom-right, so cached keys are all visible.
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            attention(q, k, v, None, None, options)
         };
-        let out = attention(q, k, v, None, None, options);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, self.heads * d]))
     }
