@@ -113,8 +113,23 @@ pub fn load_wheels(dir: &Path) -> Result<EmotionWheels> {
     })
 }
 
-/// HIT, WAF and F_s (percent) of `answers` for `records`.
+/// HIT, WAF and F_s (percent) of `answers` for `records`, and HIT on the records whose
+/// subtitle misleads.
 pub fn score(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) -> Scores {
+    let (misleading, answers_misleading): (Vec<&Record>, Vec<String>) = records
+        .iter()
+        .zip(answers)
+        .filter(|(r, _)| r.conflict.is_some())
+        .map(|(r, a)| (*r, a.clone()))
+        .unzip();
+    let mut scores = score_all(wheels, records, answers);
+    if !misleading.is_empty() {
+        scores.hit_misleading = Some(score_all(wheels, &misleading, &answers_misleading).hit);
+    }
+    scores
+}
+
+fn score_all(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) -> Scores {
     let mut samples = Vec::with_capacity(records.len() * 3);
     for (i, (r, a)) in records.iter().zip(answers).enumerate() {
         let p = parse_answer(a);
@@ -159,6 +174,7 @@ pub fn score(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) ->
         hit: get(Dataset::Mer2023),
         waf: get(Dataset::CmuMosi),
         fs: get(Dataset::OvMerdPlus),
+        hit_misleading: None,
     }
 }
 
@@ -232,5 +248,26 @@ mod tests {
             .collect();
         let s = score(&w, &refs, &wrong);
         assert!(s.hit < 50.0 && s.waf < 60.0 && s.fs < 60.0, "{s:?}");
+        assert_eq!(s.hit_misleading, None, "no misleading subtitle among these");
+    }
+
+    #[test]
+    fn misleading_subtitle_samples_get_their_own_hit() {
+        let w = wheels();
+        let mut sarcastic = record("angry", -2.0, &["angry"]);
+        sarcastic.conflict = Some("sarcasm".into());
+        let plain = record("happy", 1.5, &["happy"]);
+        let refs = [&sarcastic, &plain];
+        let answers = [
+            "emotion: happy; sentiment: positive; open: happy".to_string(),
+            answer(&plain),
+        ];
+        let s = score(&w, &refs, &answers);
+        assert_eq!(
+            s.hit_misleading,
+            Some(0.0),
+            "the text-led answer misses the sarcasm"
+        );
+        assert!((s.hit - 50.0).abs() < 1e-9, "{s:?}");
     }
 }

@@ -16,6 +16,10 @@ pub struct Scores {
     pub waf: f64,
     /// F_s of the open-vocabulary set (OV-MERD+ protocol).
     pub fs: f64,
+    /// HIT on the samples whose subtitle misleads (sarcasm, masking, understatement), where
+    /// reading the text alone fails; `None` when there are none.
+    #[serde(default)]
+    pub hit_misleading: Option<f64>,
 }
 
 impl Scores {
@@ -71,6 +75,10 @@ impl MeanSd {
         Self { mean, sd, n }
     }
 
+    fn empty() -> Self {
+        Self::of(&[])
+    }
+
     fn cell(&self) -> String {
         if self.mean.is_nan() {
             "–".into()
@@ -91,6 +99,9 @@ pub struct Row {
     pub waf: MeanSd,
     /// F_s.
     pub fs: MeanSd,
+    /// HIT on misleading-subtitle samples.
+    #[serde(default = "MeanSd::empty")]
+    pub hit_misleading: MeanSd,
     /// Mean of the three.
     pub mean: MeanSd,
     /// Final divergence (OPSD methods).
@@ -136,6 +147,11 @@ pub fn rows(results: &[RunResult]) -> Vec<Row> {
                 hit: f(&|r| r.scores.hit),
                 waf: f(&|r| r.scores.waf),
                 fs: f(&|r| r.scores.fs),
+                hit_misleading: MeanSd::of(
+                    &rs.iter()
+                        .filter_map(|r| r.scores.hit_misleading)
+                        .collect::<Vec<_>>(),
+                ),
                 mean: f(&|r| r.scores.mean()),
                 final_divergence: MeanSd::of(&divs),
                 seeds: rs.iter().map(|r| r.seed).collect(),
@@ -149,17 +165,18 @@ pub fn rows(results: &[RunResult]) -> Vec<Row> {
 pub fn markdown(report: &Report) -> String {
     let mut s = format!(
         "# OmniOPSD run `{}`\n\nHeld-out scores in percent (MER-UniBench metrics), mean ± sd over seeds.\n\n\
-         | method | HIT | WAF | F_s | mean | final divergence | seeds |\n|---|---|---|---|---|---|---|\n",
+         | method | HIT | WAF | F_s | mean | HIT, misleading subtitle | final divergence | seeds |\n|---|---|---|---|---|---|---|---|\n",
         report.name
     );
     for r in &report.rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.method,
             r.hit.cell(),
             r.waf.cell(),
             r.fs.cell(),
             r.mean.cell(),
+            r.hit_misleading.cell(),
             if r.final_divergence.n == 0 {
                 "–".to_string()
             } else {
@@ -205,6 +222,7 @@ mod tests {
                 hit,
                 waf: 50.0,
                 fs: 40.0,
+                hit_misleading: None,
             },
             final_divergence: None,
             seconds: 1.0,

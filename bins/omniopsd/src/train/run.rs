@@ -687,6 +687,7 @@ fn eval_line(
                 ("waf", scores.waf),
                 ("fs", scores.fs),
                 ("mean", scores.mean()),
+                ("hit_misleading", scores.hit_misleading.unwrap_or(f64::NAN)),
             ]),
         },
     )
