@@ -1,0 +1,130 @@
+"""One OPSD training step, this project vs PyTorch, on the same Qwen2 weights.
+
+For each configuration (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1,024;
+vocabulary 32,000 and 512) the script
+
+1. builds a random-init `Qwen2ForCausalLM` with transformers and saves it;
+2. times PyTorch doing a faithful OPSD step: `generate` G = 4 samples of exactly 32 tokens
+   from a 64-token student prompt (temperature 1), the teacher (same weights, `no_grad`) on the
+   privileged prompt (student prompt + 64 tokens) followed by the sampled response, the
+   student forward on prompt + response, TRL's generalized JSD (β = 0.5) over the full
+   vocabulary on the response positions, `backward`, `torch.optim.AdamW.step`;
+3. times the same step in Rust (`cargo run --release -p omniopsd-benches --example
+   train_step`: the core's `OpsdTrainer` on Burn's NdArray backend, which is built here
+   without its multi-threads feature, so both sides use one thread);
+4. prints response tokens per second (G·32 per step; median over the steps after a warm-up)
+   and the ratio ours / PyTorch.
+
+Python comes from decode.py's environment logic (the shared venv, or benches/compare/.venv).
+Run from the repository root: python3 benches/compare/train_step.py [--steps 4]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import ROOT, ensure_python  # noqa: E402
+
+PROMPT, PRIVILEGED, GROUP, NEW = 64, 64, 4, 32
+
+
+def ids(start, length, vocab):
+    """The Rust example's deterministic ids."""
+    return [1 + (i * 7919) % (vocab - 1) for i in range(start, start + length)]
+
+
+def build(out_dir, vocab):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def generalized_jsd(student_logits, teacher_logits, beta=0.5):
+    """TRL's `GKDTrainer.generalized_jsd_loss` (temperature 1, mean over tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    s = F.log_softmax(student_logits, dim=-1)
+    t = F.log_softmax(teacher_logits, dim=-1)
+    m = torch.logsumexp(torch.stack([s + torch.log(torch.tensor(1 - beta)),
+                                     t + torch.log(torch.tensor(beta))]), dim=0)
+    kl_t = F.kl_div(m, t, reduction="none", log_target=True)
+    kl_s = F.kl_div(m, s, reduction="none", log_target=True)
+    return (beta * kl_t + (1 - beta) * kl_s).sum(-1).mean()
+
+
+def torch_steps(model, vocab, steps):
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    student = torch.tensor([ids(0, PROMPT, vocab)] * GROUP)
+    teacher = torch.tensor([ids(0, PROMPT, vocab) + ids(PROMPT, PRIVILEGED, vocab)] * GROUP)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(student, attention_mask=torch.ones_like(student), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW,
+                                 min_new_tokens=NEW, pad_token_id=0)
+            response = out[:, PROMPT:]
+            t_logits = model(torch.cat([teacher, response], 1)).logits[:, PROMPT + PRIVILEGED - 1:-1]
+        s_logits = model(torch.cat([student, response], 1)).logits[:, PROMPT - 1:-1]
+        loss = generalized_jsd(s_logits, t_logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rust_steps(model_dir, steps, threads):
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", "--example",
+           "train_step", "--", "--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
+           "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("{"))
+    return json.loads(line)["step_seconds"]
+
+
+def main():
+    ensure_python()
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokens = GROUP * NEW
+    rows = []
+    for vocab in (32000, 512):
+        with tempfile.TemporaryDirectory(prefix="omniopsd-step-") as tmp:
+            model = build(tmp, vocab)
+            ours = rust_steps(tmp, args.steps + 1, args.threads)[1:]
+            theirs = torch_steps(model, vocab, args.steps + 1)[1:]
+        rows.append((vocab, tokens / statistics.median(ours), tokens / statistics.median(theirs)))
+    print(f"\ntorch {torch.__version__}, {args.threads} thread(s); G={GROUP} x {NEW} new tokens, "
+          f"prompt {PROMPT} (+{PRIVILEGED} privileged); median of {args.steps} steps after a warm-up")
+    print("| vocab | ours tok/s | PyTorch tok/s | ours/PyTorch |")
+    print("|---:|---:|---:|---:|")
+    for vocab, o, t in rows:
+        print(f"| {vocab} | {o:.1f} | {t:.1f} | {o / t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
