@@ -388,3 +388,85 @@ fn json_logs_print_one_metric_object_per_line() {
         "--method picks the rows"
     );
 }
+
+/// omni_tiny (a Qwen2.5-Omni thinker checkpoint) with a word-level tokenizer whose chat and
+/// media tokens sit at the ids its config names.
+fn omni_checkpoint(dir: &Path) -> PathBuf {
+    let out = dir.join("omni");
+    fs::create_dir_all(&out).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        fs::copy(reference("omni_tiny").join(name), out.join(name)).unwrap();
+    }
+    let specials = [
+        ("<|AUDIO|>", 240),
+        ("<|IMAGE|>", 241),
+        ("<|VIDEO|>", 242),
+        ("<|audio_bos|>", 243),
+        ("<|audio_eos|>", 244),
+        ("<|vision_bos|>", 245),
+        ("<|vision_eos|>", 246),
+        ("<|im_start|>", 248),
+        ("<|im_end|>", 249),
+    ];
+    let mut vocab = serde_json::Map::new();
+    let mut free = (0u32..).filter(|id| !specials.iter().any(|s| s.1 == *id));
+    for word in [
+        "<unk>",
+        "system",
+        "user",
+        "assistant",
+        "emotion:",
+        "happy;",
+        "sad;",
+    ] {
+        vocab.insert(word.into(), free.next().unwrap().into());
+    }
+    for (token, id) in specials {
+        vocab.insert(token.into(), id.into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .map(|(content, id)| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    fs::write(out.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn trains_a_qwen2_5_omni_thinker_checkpoint_and_exports_its_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!(
+        "[model]\ndir = \"{}\"\n",
+        omni_checkpoint(dir.path()).display()
+    );
+    let path = config(dir.path(), "omni", &dir.path().join("cache"), "");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "methods = [\"opsd\", \"label-sft\"]",
+            "methods = [\"opsd\"]",
+        )
+        .replace(
+            "[model]\nhidden_size = 32\nintermediate_size = 64\n",
+            &model,
+        )
+        .replace("synth_n = 20", "synth_n = 12");
+    fs::write(&path, text).unwrap();
+    ok(&train(&["--config", path.to_str().unwrap()]));
+    let student = dir.path().join("runs/omni/students/opsd-seed0");
+    let exported =
+        omniopsd_checkpoint::Checkpoint::open(&student).expect("the student is a checkpoint");
+    let names: Vec<&str> = exported.tensor_names().collect();
+    assert!(names.iter().any(|n| n.starts_with("audio_tower.")));
+    assert!(names.iter().any(|n| n.starts_with("visual.")));
+    assert!(names.contains(&"lm_head.weight"));
+}
