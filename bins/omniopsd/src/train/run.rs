@@ -760,8 +760,6 @@ fn sft_phase<B: AutodiffBackend>(
     }
     let bar = progress::bar(steps, phase, ctx.out.quiet);
     bar.set_position(step);
-    let every_eval = ctx.cfg.eval.every;
-    let every_ckpt = ctx.cfg.checkpoint.every;
     let save = |ctx: &Ctx<'_>, trainer: &SftTrainer<B, Qwen2Model<B>>, step: u64, done: bool| {
         let mut sections = checkpoint::Sections::new();
         sections.insert(
@@ -799,43 +797,88 @@ fn sft_phase<B: AutodiffBackend>(
         step += 1;
         bar.set_position(step);
         bar.set_message(format!("loss {:.4}", m.loss));
-        metric(
+        let values = values(&[
+            ("loss", f64::from(m.loss)),
+            ("grad_norm", f64::from(m.grad_norm)),
+            ("lr", m.lr),
+            ("skipped", if m.skipped { 1.0 } else { 0.0 }),
+        ]);
+        let at = Progress {
+            phase,
+            method,
+            seed,
+            step,
+            steps,
+        };
+        after_update(
             ctx,
-            MetricLine {
-                kind: "train".into(),
-                method: method.into(),
-                seed,
-                phase: phase_kind(phase).into(),
-                step,
-                values: values(&[
-                    ("loss", f64::from(m.loss)),
-                    ("grad_norm", f64::from(m.grad_norm)),
-                    ("lr", m.lr),
-                    ("skipped", if m.skipped { 1.0 } else { 0.0 }),
-                ]),
-            },
+            &at,
+            values,
+            heldout,
+            &bar,
+            || trainer.model.valid(),
+            |done| save(ctx, &trainer, step, done),
         )?;
-        let interrupted = ctx.stop.load(Ordering::SeqCst);
-        if every_eval > 0
-            && step % every_eval == 0
-            && step < steps
-            && !heldout.is_empty()
-            && !interrupted
-        {
-            let (scores, _) =
-                evaluate(ctx, &trainer.model.valid(), heldout, phase, |s| &s.student)?;
-            eval_line(ctx, method, seed, phase_kind(phase), step, &scores)?;
-        }
-        if interrupted || step == steps || (every_ckpt > 0 && step % every_ckpt == 0) {
-            save(ctx, &trainer, step, step == steps)?;
-        }
-        if interrupted {
-            bar.abandon();
-            return Err(Interrupted(ctx.run.root.clone()).into());
-        }
     }
     bar.finish_and_clear();
     Ok(trainer.model)
+}
+
+/// Where a phase's loop stands after an update.
+struct Progress<'a> {
+    phase: &'a str,
+    method: &'a str,
+    seed: u64,
+    /// Updates done, this one included.
+    step: u64,
+    steps: u64,
+}
+
+/// What every phase does after an update: log it; evaluate the held-out set when due (not
+/// after the last update: the phase's caller scores the final model); checkpoint when due, at
+/// the end (`done`) and on Ctrl-C, which then stops the run with [`Interrupted`].
+fn after_update<B: burn::tensor::backend::Backend>(
+    ctx: &Ctx<'_>,
+    at: &Progress<'_>,
+    values: serde_json::Map<String, serde_json::Value>,
+    heldout: &[&Sample],
+    bar: &indicatif::ProgressBar,
+    model: impl FnOnce() -> Qwen2Model<B>,
+    save: impl FnOnce(bool) -> Result<()>,
+) -> Result<()> {
+    let kind = phase_kind(at.phase);
+    metric(
+        ctx,
+        MetricLine {
+            kind: "train".into(),
+            method: at.method.into(),
+            seed: at.seed,
+            phase: kind.into(),
+            step: at.step,
+            values,
+        },
+    )?;
+    let interrupted = ctx.stop.load(Ordering::SeqCst);
+    let every_eval = ctx.cfg.eval.every;
+    if every_eval > 0
+        && at.step % every_eval == 0
+        && at.step < at.steps
+        && !heldout.is_empty()
+        && !interrupted
+    {
+        let (scores, _) = evaluate(ctx, &model(), heldout, at.phase, |s| &s.student)?;
+        eval_line(ctx, at.method, at.seed, kind, at.step, &scores)?;
+    }
+    let every_ckpt = ctx.cfg.checkpoint.every;
+    let done = at.step == at.steps;
+    if interrupted || done || (every_ckpt > 0 && at.step % every_ckpt == 0) {
+        save(done)?;
+    }
+    if interrupted {
+        bar.abandon();
+        return Err(Interrupted(ctx.run.root.clone()).into());
+    }
+    Ok(())
 }
 
 /// `warmup`, `opsd` or `sft`: the `phase` field of metric lines.
@@ -1127,43 +1170,33 @@ fn opsd_phase<B: AutodiffBackend>(
         last_divergence = Some(f64::from(m.mean_divergence));
         bar.set_position(step);
         bar.set_message(format!("loss {:.4} div {:.4}", m.loss, m.mean_divergence));
-        metric(
+        let values = values(&[
+            ("loss", f64::from(m.loss)),
+            ("divergence", f64::from(m.mean_divergence)),
+            ("entropy", f64::from(m.student_entropy)),
+            ("clip_fraction", f64::from(m.clip_fraction)),
+            ("grad_norm", f64::from(m.grad_norm)),
+            ("lr", m.lr),
+            ("response_length", f64::from(m.response_length)),
+            ("stop_fraction", f64::from(m.stop_fraction)),
+            ("skipped", if m.skipped { 1.0 } else { 0.0 }),
+        ]);
+        let at = Progress {
+            phase,
+            method: name,
+            seed,
+            step,
+            steps,
+        };
+        after_update(
             ctx,
-            MetricLine {
-                kind: "train".into(),
-                method: name.into(),
-                seed,
-                phase: "opsd".into(),
-                step,
-                values: values(&[
-                    ("loss", f64::from(m.loss)),
-                    ("divergence", f64::from(m.mean_divergence)),
-                    ("entropy", f64::from(m.student_entropy)),
-                    ("clip_fraction", f64::from(m.clip_fraction)),
-                    ("grad_norm", f64::from(m.grad_norm)),
-                    ("lr", m.lr),
-                    ("response_length", f64::from(m.response_length)),
-                    ("stop_fraction", f64::from(m.stop_fraction)),
-                    ("skipped", if m.skipped { 1.0 } else { 0.0 }),
-                ]),
-            },
+            &at,
+            values,
+            heldout,
+            &bar,
+            || trainer.model().valid(),
+            |done| save(ctx, &trainer, step, done),
         )?;
-        let interrupted = ctx.stop.load(Ordering::SeqCst);
-        let every_eval = ctx.cfg.eval.every;
-        if every_eval > 0 && step % every_eval == 0 && step < steps && !interrupted {
-            let (scores, _) = evaluate(ctx, &trainer.model().valid(), heldout, phase, |s| {
-                &s.student
-            })?;
-            eval_line(ctx, name, seed, "opsd", step, &scores)?;
-        }
-        let every_ckpt = ctx.cfg.checkpoint.every;
-        if interrupted || step == steps || (every_ckpt > 0 && step % every_ckpt == 0) {
-            save(ctx, &trainer, step, step == steps)?;
-        }
-        if interrupted {
-            bar.abandon();
-            return Err(Interrupted(ctx.run.root.clone()).into());
-        }
     }
     bar.finish_and_clear();
     Ok((trainer.into_model(), last_divergence))
