@@ -1,4 +1,4 @@
-"""Decode tokens/s with a KV cache: omniopsd's Qwen2 decoder (Burn, ndarray backend) against
+"""Decode tokens/s with a KV cache: omniopsd's Qwen2 decoder (Burn, ndarray or flex) against
 transformers' `generate` on CPU, on the same weights (issue 6, "Benchmark").
 
 The script
@@ -16,9 +16,9 @@ The script
    ratio ours/PyTorch, ms per token, and how many greedy tokens agree.
 
 Threads: Burn's ndarray backend is compiled in this workspace without its `multi-threads`
-feature (burn is a `default-features = false` dependency), so ours runs on one thread;
-`torch.set_num_threads` gets the same number (`--threads`, default 1) and the Rust side gets
-`RAYON_NUM_THREADS` to match should the feature be turned on.
+feature (burn is a `default-features = false` dependency), so on `--backend ndarray` ours
+runs on one thread; `--backend flex` (Burn's Flex CPU backend) uses rayon, capped by
+`RAYON_NUM_THREADS`. `torch.set_num_threads` and `RAYON_NUM_THREADS` both get `--threads`.
 
 Python: uses /work/venv/bin/python when it exists; otherwise it creates benches/compare/.venv
 and installs torch (CPU), transformers and safetensors there with pip, then re-runs itself
@@ -40,6 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SHARED_VENV = "/work/venv"
 LOCAL_VENV = os.path.join(ROOT, "benches", "compare", ".venv")
 CONTEXTS = (0, 512, 2048)
+# Cargo flags of the Rust side's backend (`--backend flex` adds `--features flex`).
+BACKEND_FLAGS = ()
 
 
 def ensure_python():
@@ -144,7 +146,7 @@ def torch_runs(model, ids, new_tokens, repeats):
 
 def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=()):
     cmd = [
-        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches",
+        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *BACKEND_FLAGS,
         "--example", "decode", "--",
         "--model", model_dir,
         "--prompts", prompts_file,
@@ -172,7 +174,11 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=("ndarray", "flex"), default="ndarray",
+                        help="Burn CPU backend of the Rust side")
     args = parser.parse_args()
+    global BACKEND_FLAGS
+    BACKEND_FLAGS = ("--features", "flex") if args.backend == "flex" else ()
     if args.repeats < 3:
         parser.error("--repeats must be at least 3 (the table reports medians)")
     torch.set_num_threads(args.threads)
@@ -193,7 +199,7 @@ def main():
             json.dump(prompts, f)
 
         print(f"torch {torch.__version__}, {args.threads} thread(s); Rust: release build, "
-              f"ndarray backend; {args.new_tokens} new tokens, median of {args.repeats}",
+              f"{args.backend} backend; {args.new_tokens} new tokens, median of {args.repeats}",
               flush=True)
         rust = rust_runs(model_dir, prompts_file, args.new_tokens, args.repeats, args.threads)
         rows = []

@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import ROOT, ensure_python  # noqa: E402
 
 PROMPT, PRIVILEGED, GROUP, NEW = 64, 64, 4, 32
+# Cargo flags of the Rust side's backend (`--backend flex` adds `--features flex`).
+BACKEND_FLAGS = ()
 
 
 def ids(start, length, vocab):
@@ -92,7 +94,7 @@ def torch_steps(model, vocab, steps):
 
 
 def rust_steps(model_dir, steps, threads):
-    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", "--example",
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *BACKEND_FLAGS, "--example",
            "train_step", "--", "--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
            "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
@@ -108,7 +110,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", choices=("ndarray", "flex"), default="ndarray",
+                        help="Burn CPU backend of the Rust side")
     args = parser.parse_args()
+    global BACKEND_FLAGS
+    BACKEND_FLAGS = ("--features", "flex") if args.backend == "flex" else ()
     torch.set_num_threads(args.threads)
     tokens = GROUP * NEW
     rows = []
@@ -118,7 +124,7 @@ def main():
             ours = rust_steps(tmp, args.steps + 1, args.threads)[1:]
             theirs = torch_steps(model, vocab, args.steps + 1)[1:]
         rows.append((vocab, tokens / statistics.median(ours), tokens / statistics.median(theirs)))
-    print(f"\ntorch {torch.__version__}, {args.threads} thread(s); G={GROUP} x {NEW} new tokens, "
+    print(f"\nours on {args.backend}; torch {torch.__version__}, {args.threads} thread(s); G={GROUP} x {NEW} new tokens, "
           f"prompt {PROMPT} (+{PRIVILEGED} privileged); median of {args.steps} steps after a warm-up")
     print("| vocab | ours tok/s | PyTorch tok/s | ours/PyTorch |")
     print("|---:|---:|---:|---:|")

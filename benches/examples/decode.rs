@@ -14,14 +14,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::{json, Value};
 
-type B = NdArray<f32>;
+#[cfg(not(feature = "flex"))]
+type B = burn::backend::NdArray<f32>;
+/// `--features flex`: Burn's Flex CPU backend.
+#[cfg(feature = "flex")]
+type B = burn::backend::Flex<f32>;
 
 struct Args {
     model: PathBuf,

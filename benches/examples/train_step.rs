@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::Autodiff;
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
@@ -22,7 +22,11 @@ use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::json;
 
-type B = Autodiff<NdArray<f32>>;
+#[cfg(not(feature = "flex"))]
+type B = Autodiff<burn::backend::NdArray<f32>>;
+/// `--features flex`: Burn's Flex CPU backend.
+#[cfg(feature = "flex")]
+type B = Autodiff<burn::backend::Flex<f32>>;
 
 struct Args {
     model: PathBuf,
