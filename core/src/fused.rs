@@ -364,8 +364,10 @@ fn fused_core<B: Backend>(
 
 /// Logits `[c, V] = (W hᵀ)ᵀ` for hidden rows `h` `[c, H]` and head `W` `[V, H]`, made
 /// row-major again by the reshape: row reductions over a column-major `[c, V]` view would sum
-/// the vocabulary sequentially (O(V·ε) rounding) instead of lane-wise.
-fn lm_logits<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+/// the vocabulary sequentially (O(V·ε) rounding) instead of lane-wise. `W hᵀ` rather than
+/// `h Wᵀ`, because backends that need contiguous matmul operands (NdArray) would copy the
+/// whole transposed head on every call.
+pub fn lm_logits<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
     let [c, _] = h.dims();
     let v = weight.dims()[0];
     weight.matmul(h.transpose()).transpose().reshape([c, v])

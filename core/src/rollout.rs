@@ -11,6 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
+use crate::fused::lm_logits;
 use crate::model::PolicyModel;
 use crate::sampling::{self, SamplingConfig, SamplingError};
 
@@ -227,11 +228,7 @@ where
     let mut stopped = vec![false; g];
 
     for position in 0..cfg.max_new_tokens {
-        // `(W hᵀ)ᵀ`, not `h Wᵀ`: NdArray would copy the transposed `[H, V]` head every step.
-        let logits = read_f32(
-            head.clone().matmul(hidden.transpose()).transpose(),
-            "logits",
-        )?;
+        let logits = read_f32(lm_logits(hidden, head.clone()), "logits")?;
         let mut next = Vec::with_capacity(g);
         for row in 0..g {
             if stopped[row] {

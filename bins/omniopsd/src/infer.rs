@@ -19,6 +19,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use clap::Args;
 use omniopsd_backends::DeviceSpec;
 use omniopsd_checkpoint::Checkpoint;
+use omniopsd_core::fused::lm_logits;
 use omniopsd_core::rollout::{rollout, RolloutConfig};
 use omniopsd_core::sampling::{log_softmax_at, SamplingConfig};
 use omniopsd_core::PolicyModel;
@@ -363,9 +364,7 @@ fn response_logprobs<B: Backend>(
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, r]), device);
     let hidden = decoder.response_hidden(prompt, ids);
     let h = hidden.dims()[2];
-    let logits = hidden
-        .reshape([r, h])
-        .matmul(PolicyModel::lm_head(decoder).transpose());
+    let logits = lm_logits(hidden.reshape([r, h]), PolicyModel::lm_head(decoder));
     let vocab = logits.dims()[1];
     let values = logits
         .into_data()

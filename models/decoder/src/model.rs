@@ -20,6 +20,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use omniopsd_checkpoint::{Checkpoint, Dtype, Linear, Weights};
+use omniopsd_core::fused::lm_logits;
 
 use crate::{Error, Qwen2Config};
 
@@ -380,11 +381,7 @@ impl<B: Backend> Qwen2Model<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = hidden.dims();
         let v = self.config.vocab_size;
-        // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
-        self.lm_head_weight()
-            .matmul(hidden.reshape([b * t, h]).transpose())
-            .transpose()
-            .reshape([b, t, v])
+        lm_logits(hidden.reshape([b * t, h]), self.lm_head_weight()).reshape([b, t, v])
     }
 
     /// The LM-head weight `[V, H]`.

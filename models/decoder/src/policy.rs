@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use omniopsd_core::fused::lm_logits;
 use omniopsd_core::PolicyModel;
 
 use crate::{Error, KvCache, Qwen2Model};
@@ -214,8 +215,7 @@ impl<B: Backend> Qwen2Model<B> {
                     .narrow(1, prompt.ids.len() + r - 1, 1)
                     .reshape([1, width])
             };
-            // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
-            let logits = self.lm_head_weight().matmul(hidden.transpose()).transpose();
+            let logits = lm_logits(hidden, self.lm_head_weight());
             let values: Vec<f32> = logits
                 .into_data()
                 .convert::<f32>()

@@ -396,7 +396,7 @@ pub struct RecordMedia {
     pub mel: LogMel,
 }
 
-/// Qwen2.5-Omni's video processor settings, as [`media_inputs`] uses them.
+/// Qwen2.5-Omni's video processor settings (real checkpoints; the embedded model keeps small frames).
 pub fn video_processor() -> ProcessorConfig {
     ProcessorConfig::qwen2_5_omni_video()
 }
@@ -440,18 +440,6 @@ impl RecordMedia {
             audio: Some(self.mel),
         }
     }
-}
-
-/// A record's media as the thinker's inputs for [`prompt_ids`]' single `<|VIDEO|>`
-/// placeholder: its frames (Qwen2.5-Omni's video processor) with its WAV interleaved.
-pub fn media_inputs(record: &Record, base: &Path, limits: &Limits) -> Result<Vec<MediaInput>> {
-    Ok(vec![record_media(
-        record,
-        base,
-        limits,
-        &video_processor(),
-    )?
-    .into_input()])
 }
 
 /// The id of a chat or media token in `tk` (the embedded tokenizer's fixed ids, or a real
@@ -771,7 +759,11 @@ mod tests {
         let ckpt = Checkpoint::open(out.path()).unwrap();
         let thinker = omniopsd_thinker::Thinker::<B>::from_checkpoint(&ckpt, &dev).unwrap();
         let r = &c.records[0];
-        let media = media_inputs(r, c.dir.path(), &Limits::default()).unwrap();
+        let media = vec![
+            record_media(r, c.dir.path(), &Limits::default(), &video_processor())
+                .unwrap()
+                .into_input(),
+        ];
         let MediaInput::Video {
             patches,
             audio: Some(mel),

@@ -211,23 +211,22 @@ fn batch_indices(seed: u64, phase: &str, step: u64, n: usize, per_step: usize) -
     let key = phase.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });
+    let permutation = |epoch: u64| {
+        let mut perm: Vec<usize> = (0..n).collect();
+        let mut rng = synth::SplitMix64::new(seed ^ key, epoch);
+        for i in (1..n).rev() {
+            perm.swap(i, rng.below(i + 1));
+        }
+        perm
+    };
     let mut out = Vec::with_capacity(per_step);
-    let mut cached: Option<(u64, Vec<usize>)> = None;
+    let (mut epoch, mut perm) = (u64::MAX, Vec::new());
     for j in 0..per_step as u64 {
         let k = step * per_step as u64 + j;
-        let epoch = k / n as u64;
-        if cached.as_ref().map(|c| c.0) != Some(epoch) {
-            let mut perm: Vec<usize> = (0..n).collect();
-            let mut rng = synth::SplitMix64::new(seed ^ key, epoch);
-            for i in (1..n).rev() {
-                perm.swap(i, rng.below(i + 1));
-            }
-            cached = Some((epoch, perm));
+        if k / n as u64 != epoch {
+            epoch = k / n as u64;
+            perm = permutation(epoch);
         }
-        let perm = &cached
-            .as_ref()
-            .map(|c| &c.1)
-            .unwrap_or_else(|| unreachable!());
         out.push(perm[(k % n as u64) as usize]);
     }
     out
@@ -444,17 +443,19 @@ fn preprocess_media(
     // Qwen2.5-Omni's processor upsamples small frames to at least 128·28² pixels; the
     // embedded model is trained from scratch on 56×56 faces, so its processor keeps them at
     // their size (8 video tokens instead of 288 per sample).
-    let processor = ProcessorConfig {
-        min_pixels: 56 * 56,
-        ..omni::video_processor()
+    let processor = match embedded {
+        true => ProcessorConfig {
+            min_pixels: 56 * 56,
+            ..omni::video_processor()
+        },
+        false => omni::video_processor(),
     };
     let bar = progress::bar(records.len() as u64, "media", out.quiet);
     let mut all = Vec::with_capacity(records.len());
     for r in records {
-        all.push(match embedded {
-            true => vec![omni::record_media(r, base, limits, &processor)?.into_input()],
-            false => omni::media_inputs(r, base, limits)?,
-        });
+        all.push(vec![
+            omni::record_media(r, base, limits, &processor)?.into_input()
+        ]);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -1054,14 +1055,7 @@ fn method_phase<B: AutodiffBackend>(
     };
     let (scores, answers) = evaluate(ctx, &model.valid(), heldout, &phase, |s| &s.student)?;
     let kind = phase_kind(&phase);
-    eval_line(
-        ctx,
-        method.name(),
-        seed,
-        kind,
-        if kind == "sft" { o.steps } else { o.steps },
-        &scores,
-    )?;
+    eval_line(ctx, method.name(), seed, kind, o.steps, &scores)?;
     write_predictions(ctx, &phase, heldout, &answers)?;
     export_student(ctx, &phase, &model.valid(), init)?;
     let result = RunResult {

@@ -9,6 +9,7 @@ use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use omniopsd_core::fused::lm_logits;
 use omniopsd_core::step::{clip_global_grad_norm, AdamWSettings, LrSchedule};
 use omniopsd_core::PolicyModel;
 
@@ -109,12 +110,7 @@ where
             let target = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, r]), &device);
             let hidden = self.model.response_hidden(example.prompt, target.clone());
             let h = hidden.dims()[2];
-            // `(W hᵀ)ᵀ`: a transposed `[H, V]` operand would be copied whole on NdArray.
-            let logits = self
-                .model
-                .lm_head()
-                .matmul(hidden.reshape([r, h]).transpose())
-                .transpose();
+            let logits = lm_logits(hidden.reshape([r, h]), self.model.lm_head());
             let nll = log_softmax(logits, 1)
                 .gather(1, target.reshape([r, 1]))
                 .sum()
