@@ -63,11 +63,20 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Applies the layer over the last axis of `x`.
+    ///
+    /// The leading axes are folded into rows first, so forward and backward are each one
+    /// `[rows, in] × [in, out]` product instead of a batch of small ones followed by a sum
+    /// over the batch for the weight gradient.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = x.matmul(self.weight_t.val().unsqueeze());
-        match &self.bias {
+        let mut dims = x.dims();
+        let inputs = dims[D - 1];
+        let rows = x.shape().num_elements() / inputs.max(1);
+        let y = x.reshape([rows, inputs]).matmul(self.weight_t.val());
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
-        }
+        };
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
     }
 }

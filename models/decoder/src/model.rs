@@ -98,6 +98,19 @@ impl<B: Backend> KvCache<B> {
         self.len() == 0
     }
 
+    /// The cache of a batch of one repeated for `n` sequences.
+    pub fn repeat(self, n: usize) -> Self {
+        if n == 1 {
+            return self;
+        }
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|(k, v)| (k.repeat_dim(0, n), v.repeat_dim(0, n)))
+            .collect();
+        Self { layers }
+    }
+
     /// Appends this step's keys and values to layer `layer` and returns the full ones.
     fn append(
         &mut self,

@@ -248,19 +248,23 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
     type Prompt = TokenPrompt;
     type Cache = DecoderCache<B>;
 
+    /// The prompt runs once, as a batch of one, and its keys and values are repeated for the
+    /// `n` sequences: every sequence shares it, so there is nothing to gain from `n` copies of
+    /// the same forward (the prompt is most of the tokens of an omni-modal episode).
     fn prefill(&self, prompt: &TokenPrompt, n: usize) -> (Tensor<B, 2>, DecoderCache<B>) {
         let device = self.device();
         let p = prompt.ids.len();
-        let mut cache = DecoderCache {
-            kv: KvCache::new(),
+        let mut kv = KvCache::new();
+        let pos = positions_tensor::<B>(&prompt.position_rows(0), 1, &device);
+        let hidden = self.forward_embeds(self.prompt_embeds(prompt), pos, Some(&mut kv));
+        let h = hidden.dims()[2];
+        let last = hidden.narrow(1, p - 1, 1).reshape([1, h]).repeat_dim(0, n);
+        let cache = DecoderCache {
+            kv: kv.repeat(n),
             next: p,
             delta: prompt.delta(),
         };
-        let embeds = self.prompt_embeds(prompt).repeat_dim(0, n);
-        let pos = positions_tensor::<B>(&prompt.position_rows(0), n, &device);
-        let hidden = self.forward_embeds(embeds, pos, Some(&mut cache.kv));
-        let h = hidden.dims()[2];
-        (hidden.narrow(1, p - 1, 1).reshape([n, h]), cache)
+        (last, cache)
     }
 
     fn decode(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 2> {
@@ -275,21 +279,24 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
         hidden.reshape([n, h])
     }
 
+    /// The shared prompt once (see [`PolicyModel::prefill`]), then `response[..r-1]` for the
+    /// `n` sequences against its cached keys and values: the same states as one causal pass
+    /// over each `prompt ++ response`, and gradients reach the prompt through the cache.
     fn response_hidden(&self, prompt: &TokenPrompt, response: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [n, r] = response.dims();
         let device = response.device();
+        let (last, mut cache) = PolicyModel::prefill(self, prompt, n);
+        let h = last.dims()[1];
+        let first = last.reshape([n, 1, h]);
+        if r == 1 {
+            return first;
+        }
         let p = prompt.ids.len();
-        let embeds = Tensor::cat(
-            vec![
-                self.prompt_embeds(prompt).repeat_dim(0, n),
-                self.embed(response),
-            ],
-            1,
-        );
-        let pos = positions_tensor::<B>(&prompt.position_rows(r), n, &device);
-        let hidden = self.forward_embeds(embeds, pos, None);
-        let h = hidden.dims()[2];
-        hidden.narrow(1, p - 1, r).reshape([n, r, h])
+        let tail = prompt.position_rows(r - 1).map(|row| row[p..].to_vec());
+        let pos = positions_tensor::<B>(&tail, n, &device);
+        let embeds = self.embed(response.narrow(1, 0, r - 1));
+        let rest = self.forward_embeds(embeds, pos, Some(&mut cache.kv));
+        Tensor::cat(vec![first, rest], 1)
     }
 
     fn lm_head(&self) -> Tensor<B, 2> {

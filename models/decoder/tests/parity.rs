@@ -341,3 +341,124 @@ fn compute_dtype_follows_the_backend_f64_matches_too() {
     eprintln!("bf16 weights computed in f64: logits rel err {err:e}");
     assert!(err <= 1e-4, "{err}");
 }
+
+/// `response_hidden` runs the shared prompt once and the responses against its cache; it must
+/// give the states and the gradients of one uncached causal pass over each
+/// `prompt ++ response`, here with M-RoPE rows and an offset so the response positions matter.
+#[test]
+fn shared_prompt_response_states_and_gradients_equal_full_sequence_passes() {
+    use burn::backend::Autodiff;
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    use omniopsd_decoder::PromptPositions;
+    type A = Autodiff<B>;
+
+    let ckpt = Checkpoint::open(&reference().join("qwen2_tiny")).unwrap();
+    let m = Qwen2Model::<A>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+    let ids_p = ids("a.prompt1.ids");
+    let p = ids_p.len();
+    // Three distinct responses of 6 tokens, and M-RoPE rows that differ per row (a 2×3 grid
+    // in the middle of the prompt), generated positions continuing at P + delta.
+    let responses: Vec<u32> = (0..18).map(|i| (7 + 31 * i) % 448).collect();
+    let (n, r) = (3, 6);
+    let rows: [Vec<i64>; 3] = std::array::from_fn(|k| {
+        (0..p as i64)
+            .map(|i| {
+                if (3..9).contains(&i) {
+                    3 + (i - 3) * (k as i64 + 1) % 5
+                } else {
+                    i
+                }
+            })
+            .collect()
+    });
+    let delta = -2;
+    let prompt = TokenPrompt {
+        ids: ids_p.clone(),
+        positions: Some(PromptPositions {
+            rows: rows.clone(),
+            delta,
+        }),
+        inserts: None,
+    };
+    let device = Default::default();
+    let response = {
+        let v: Vec<i64> = responses.iter().map(|&t| t as i64).collect();
+        Tensor::<A, 2, Int>::from_data(TensorData::new(v, [n, r]), &device)
+    };
+    let weights = Tensor::<A, 3>::random(
+        [n, r, 64],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+
+    let shared = m.response_hidden(&prompt, response.clone());
+
+    // Reference: every sequence in full, positions spelled out, no cache.
+    let mut full_ids = Vec::new();
+    for s in 0..n {
+        full_ids.extend(ids_p.iter().map(|&t| t as i64));
+        full_ids.extend(responses[s * r..(s + 1) * r].iter().map(|&t| t as i64));
+    }
+    let full_ids = Tensor::<A, 2, Int>::from_data(TensorData::new(full_ids, [n, p + r]), &device);
+    let pos: Vec<i64> = (0..3)
+        .flat_map(|k| {
+            let mut row = rows[k].clone();
+            row.extend((p..p + r).map(|i| i as i64 + delta));
+            std::iter::repeat_n(row, n).flatten()
+        })
+        .collect();
+    let pos = Tensor::<A, 3, Int>::from_data(TensorData::new(pos, [3, n, p + r]), &device);
+    let full = m
+        .forward_embeds(m.embed(full_ids), pos, None)
+        .narrow(1, p - 1, r);
+
+    let err = rel_err(
+        &full.clone().inner().into_data().to_vec::<f32>().unwrap(),
+        &shared.clone().inner().into_data().to_vec::<f32>().unwrap(),
+    );
+    eprintln!("shared-prompt states vs full passes rel err {err:e}");
+    assert!(err <= 1e-5, "{err}");
+
+    let grad_of = |hidden: Tensor<A, 3>| {
+        let grads = (hidden * weights.clone()).sum().backward();
+        let grads = GradientsParams::from_grads(grads, &m);
+        let mut collect = CollectGrads {
+            grads: &grads,
+            out: Vec::new(),
+        };
+        m.visit(&mut collect);
+        collect.out
+    };
+    let g_shared = grad_of(shared);
+    let g_full = grad_of(full);
+    assert_eq!(g_shared.len(), g_full.len());
+    // Every weight but the (untied) LM head reaches these states.
+    assert!(g_full.len() > 10, "only {} gradients", g_full.len());
+    let mut worst = 0f32;
+    for (k, ((id_a, a), (id_b, b))) in g_shared.iter().zip(&g_full).enumerate() {
+        assert_eq!(id_a, id_b);
+        let err = rel_err(a, b);
+        assert!(err <= 1e-4, "parameter {k}: gradient rel err {err}");
+        worst = worst.max(err);
+    }
+    eprintln!("shared-prompt gradients vs full passes worst rel err {worst:e}");
+}
+
+/// Each parameter's gradient, in visiting order.
+struct CollectGrads<'a> {
+    grads: &'a burn::optim::GradientsParams,
+    out: Vec<(burn::module::ParamId, Vec<f32>)>,
+}
+
+impl burn::module::ModuleVisitor<burn::backend::Autodiff<B>> for CollectGrads<'_> {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &burn::module::Param<Tensor<burn::backend::Autodiff<B>, D>>,
+    ) {
+        if let Some(g) = self.grads.get::<B, D>(param.id) {
+            self.out
+                .push((param.id, g.into_data().to_vec::<f32>().unwrap()));
+        }
+    }
+}
