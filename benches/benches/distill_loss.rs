@@ -48,7 +48,7 @@ fn distill_loss(c: &mut Criterion) {
     let skip_naive = std::env::var("OMNIOPSD_BENCH_SKIP_NAIVE").is_ok_and(|s| s == "1");
     let r = 256.min(rows);
     let n = rows / r;
-    let problem = Problem::random(n, r, h, v);
+    let problem = Problem::<omniopsd_benches::Cpu>::random(n, r, h, v);
     let cfg = LossConfig::default();
     println!(
         "distill_loss: V={v} H={h} N*R={} ({n}x{r}) chunk_rows={chunk} {cfg:?}",

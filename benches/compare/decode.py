@@ -71,26 +71,27 @@ def ensure_python():
     os.execve(python, [python] + sys.argv, env)
 
 
-def build_model(out_dir, seed):
+# The decode table's model: hidden 256, 4 layers, 4 heads, 2 KV heads, vocab 32,000.
+SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def build_model(out_dir, seed, shape=SMALL):
+    """A random-init `Qwen2ForCausalLM` of `shape` (Qwen2Config keywords), saved to `out_dir`
+    and reloaded from it in f32 with eager attention."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
         use_sliding_window=False,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=0,
+        **shape,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).float().eval()
@@ -116,10 +117,12 @@ class Stamps:
         pass
 
 
-def torch_runs(model, ids, new_tokens, repeats):
+def torch_runs(model, ids, new_tokens, repeats, batch=1):
+    """Greedy `generate` of `batch` copies of the prompt: decode tokens/s (all sequences) of
+    each repeat, and the ids of the first sequence."""
     import torch
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids] * batch)
     kwargs = dict(
         attention_mask=torch.ones_like(x),
         do_sample=False,
@@ -139,14 +142,17 @@ def torch_runs(model, ids, new_tokens, repeats):
                 **kwargs,
             )
             assert len(stamps.times) == new_tokens, len(stamps.times)
-            rates.append((new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
+            rates.append(batch * (new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
             out_ids = out[0, len(ids):].tolist()
     return rates, out_ids
 
 
-def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=()):
+def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=(), flags=None):
+    """The Rust example's JSON line per prompt, keyed by context (`extra`: more example flags,
+    such as `--batch 8`; `flags`: cargo flags, default the `--backend` ones)."""
+    flags = BACKEND_FLAGS if flags is None else flags
     cmd = [
-        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *BACKEND_FLAGS,
+        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *flags,
         "--example", "decode", "--",
         "--model", model_dir,
         "--prompts", prompts_file,

@@ -41,14 +41,17 @@ def ids(start, length, vocab):
     return [1 + (i * 7919) % (vocab - 1) for i in range(start, start + length)]
 
 
-def build(out_dir, vocab):
+def build(out_dir, vocab, shape=None):
+    """A random-init `Qwen2ForCausalLM` saved to `out_dir`: hidden 256, 4 layers, 4 heads,
+    2 KV heads, untied, unless `shape` (Qwen2Config keywords) says otherwise."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=1024,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=False)
+    shape = shape or dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          tie_word_embeddings=False)
+    config = Qwen2Config(**dict(shape, vocab_size=vocab))
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(out_dir)
     return model
@@ -93,8 +96,10 @@ def torch_steps(model, vocab, steps):
     return times
 
 
-def rust_steps(model_dir, steps, threads):
-    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *BACKEND_FLAGS, "--example",
+def rust_steps(model_dir, steps, threads, flags=None):
+    """Seconds of each of `steps` Rust steps (`flags`: cargo flags, default `--backend`'s)."""
+    flags = BACKEND_FLAGS if flags is None else flags
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *flags, "--example",
            "train_step", "--", "--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
            "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))

@@ -6,10 +6,12 @@
 //! repeat: prefill the prompt and pick the first token (timed as `prefill_seconds`), then
 //! `new_tokens − 1` greedy steps, each one cached decode step, the LM head and a host argmax,
 //! as `Qwen2Model::generate_greedy` does (timed as `decode_seconds`). Prints one JSON line
-//! per prompt, with the per-step times of the first repeat and the generated ids.
+//! per prompt, with the per-step times of the first repeat and the generated ids (of the first
+//! sequence). `--batch n` decodes `n` sequences of the prompt together, as a rollout group
+//! does (the prompt is prefilled once and its cache shared).
 //!
 //! `cargo run --release -p omniopsd-benches --example decode -- --model DIR --prompts FILE
-//! [--new-tokens 64] [--repeats 3]`
+//! [--new-tokens 64] [--repeats 3] [--batch 1]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +33,7 @@ struct Args {
     prompts: PathBuf,
     new_tokens: usize,
     repeats: usize,
+    batch: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         prompts: PathBuf::new(),
         new_tokens: 64,
         repeats: 3,
+        batch: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
             "--prompts" => args.prompts = value.into(),
             "--new-tokens" => args.new_tokens = number(&value)?.max(2),
             "--repeats" => args.repeats = number(&value)?.max(1),
+            "--batch" => args.batch = number(&value)?.max(1),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -66,40 +71,46 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Logits as `(W hᵀ)ᵀ`, as `generate_greedy` and the core's rollout compute them (the head
-/// stays in its contiguous `[V, H]` layout).
-fn next_token(hidden: Tensor<B, 2>, head: &Tensor<B, 2>) -> Result<u32, String> {
+/// Next token of each of the `n` rows of `hidden: [n, H]`: logits as `(W hᵀ)ᵀ`, as
+/// `generate_greedy` and the core's rollout compute them (the head stays in its contiguous
+/// `[V, H]` layout), then a host argmax per row.
+fn next_tokens(hidden: Tensor<B, 2>, head: &Tensor<B, 2>) -> Result<Vec<u32>, String> {
+    let n = hidden.dims()[0];
     let logits = head
         .clone()
         .matmul(hidden.transpose())
+        .transpose()
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| format!("reading logits: {e:?}"))?;
-    Ok(argmax(&logits))
+    let v = logits.len() / n;
+    Ok(logits.chunks(v).map(argmax).collect())
 }
 
-/// One greedy run: `(prefill seconds, per-step decode seconds, generated ids)`.
+/// One greedy run of `batch` sequences: `(prefill seconds, per-step decode seconds, ids of
+/// the first sequence)`.
 fn run(
     model: &Qwen2Model<B>,
     prompt: &TokenPrompt,
     new_tokens: usize,
+    batch: usize,
 ) -> Result<(f64, Vec<f64>, Vec<u32>), String> {
     let device = Default::default();
     let head_t = model.lm_head();
     let start = Instant::now();
-    let (hidden, mut cache) = model.prefill(prompt, 1);
-    let mut token = next_token(hidden, &head_t)?;
+    let (hidden, mut cache) = model.prefill(prompt, batch);
+    let mut tokens = next_tokens(hidden, &head_t)?;
     let prefill = start.elapsed().as_secs_f64();
-    let mut ids = vec![token];
+    let mut ids = vec![tokens[0]];
     let mut steps = Vec::with_capacity(new_tokens);
     for _ in 1..new_tokens {
         let step = Instant::now();
-        let input =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(vec![i64::from(token)], [1]), &device);
+        let input: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::<B, 1, Int>::from_data(TensorData::new(input, [batch]), &device);
         let hidden = model.decode(input, &mut cache);
-        token = next_token(hidden, &head_t)?;
+        tokens = next_tokens(hidden, &head_t)?;
         steps.push(step.elapsed().as_secs_f64());
-        ids.push(token);
+        ids.push(tokens[0]);
     }
     Ok((prefill, steps, ids))
 }
@@ -119,12 +130,12 @@ fn main() -> Result<(), String> {
         let prompt = TokenPrompt::new(ids);
         model.check_prompt(&prompt).map_err(|e| e.to_string())?;
         // One untimed run warms the allocator and the caches.
-        run(&model, &prompt, 4)?;
+        run(&model, &prompt, 4, args.batch)?;
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         let mut first = None;
         for _ in 0..args.repeats {
-            let (p, steps, ids) = run(&model, &prompt, args.new_tokens)?;
+            let (p, steps, ids) = run(&model, &prompt, args.new_tokens, args.batch)?;
             prefill.push(p);
             decode.push(steps.iter().sum::<f64>());
             first.get_or_insert((steps, ids));
@@ -134,6 +145,7 @@ fn main() -> Result<(), String> {
             "{}",
             json!({
                 "context": entry["context"],
+                "batch": args.batch,
                 "new_tokens": args.new_tokens,
                 "prefill_seconds": prefill,
                 "decode_seconds": decode,

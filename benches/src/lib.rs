@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
 use omniopsd_core::divergence::{loss_from_logits, LossConfig};
 use omniopsd_core::fused::{fused_loss_and_grads, ResponseBatch, TeacherInput};
 
@@ -94,18 +94,18 @@ unsafe impl GlobalAlloc for CountingAllocator {
 /// One benchmark problem: student and teacher hidden states `[N, R, H]` sharing the LM head
 /// `[V, H]` (self-distillation), with a response batch.
 #[derive(Clone)]
-pub struct Problem {
+pub struct Problem<B: Backend = Cpu> {
     /// Student hidden states.
-    pub hidden: Tensor<Cpu, 3>,
+    pub hidden: Tensor<B, 3>,
     /// Teacher hidden states.
-    pub teacher_hidden: Tensor<Cpu, 3>,
+    pub teacher_hidden: Tensor<B, 3>,
     /// LM head.
-    pub weight: Tensor<Cpu, 2>,
+    pub weight: Tensor<B, 2>,
     /// Tokens, mask, behaviour log-probs.
-    pub batch: ResponseBatch<Cpu>,
+    pub batch: ResponseBatch<B>,
 }
 
-impl Problem {
+impl<B: Backend> Problem<B> {
     /// Random problem with `n·r` rows, hidden size `h`, vocabulary `v`; the last quarter of
     /// each sequence is padding.
     pub fn random(n: usize, r: usize, h: usize, v: usize) -> Self {
@@ -116,9 +116,50 @@ impl Problem {
         let teacher_hidden = Tensor::random([n, r, h], Distribution::Normal(0.0, 1.0), &device);
         let weight = Tensor::random([v, h], Distribution::Normal(0.0, 2.0 * scale), &device);
         let tokens =
-            Tensor::<Cpu, 2, Int>::random([n, r], Distribution::Uniform(0.0, v as f64), &device);
+            Tensor::<B, 2, Int>::random([n, r], Distribution::Uniform(0.0, v as f64), &device);
+        Self::assemble(hidden, teacher_hidden, weight, tokens)
+    }
+
+    /// The same problem as `benches/compare/loss.py` builds, with no random generator to
+    /// agree on: element `i` of a tensor is `a · sin(c · i + φ)` computed in f64 (student
+    /// hidden: c = 0.7071, φ = 0, a = 1; teacher hidden: c = 0.5773, φ = 1, a = 1; head:
+    /// c = 0.3183, φ = 2, a = 2/√h), token `k` is `(k · 7919) mod v`, and the last quarter
+    /// of each sequence is padding.
+    pub fn deterministic(n: usize, r: usize, h: usize, v: usize) -> Self {
+        let device = Default::default();
+        let wave = |len: usize, c: f64, phase: f64, a: f64| -> Vec<f32> {
+            (0..len)
+                .map(|i| (a * (c * i as f64 + phase).sin()) as f32)
+                .collect()
+        };
+        let scale = 2.0 / (h as f64).sqrt();
+        let hidden = Tensor::from_data(
+            TensorData::new(wave(n * r * h, 0.7071, 0.0, 1.0), [n, r, h]),
+            &device,
+        );
+        let teacher_hidden = Tensor::from_data(
+            TensorData::new(wave(n * r * h, 0.5773, 1.0, 1.0), [n, r, h]),
+            &device,
+        );
+        let weight = Tensor::from_data(
+            TensorData::new(wave(v * h, 0.3183, 2.0, scale), [v, h]),
+            &device,
+        );
+        let tokens: Vec<i64> = (0..n * r).map(|k| ((k * 7919) % v) as i64).collect();
+        let tokens = Tensor::from_data(TensorData::new(tokens, [n, r]), &device);
+        Self::assemble(hidden, teacher_hidden, weight, tokens)
+    }
+
+    fn assemble(
+        hidden: Tensor<B, 3>,
+        teacher_hidden: Tensor<B, 3>,
+        weight: Tensor<B, 2>,
+        tokens: Tensor<B, 2, Int>,
+    ) -> Self {
+        let [n, r, _] = hidden.dims();
+        let device = hidden.device();
         let valid = r - r / 4;
-        let mask = Tensor::<Cpu, 1, Int>::arange(0..r as i64, &device)
+        let mask = Tensor::<B, 1, Int>::arange(0..r as i64, &device)
             .lower_elem(valid as i64)
             .float()
             .unsqueeze_dim::<2>(0)
@@ -138,9 +179,12 @@ impl Problem {
 
 /// Naive path: full `[N·R, V]` logits for student and teacher, loss from logits, Burn
 /// autodiff backward. Returns the loss and the gradients w.r.t. hidden and weight.
-pub fn naive(problem: &Problem, cfg: &LossConfig) -> (f32, Tensor<Cpu, 3>, Tensor<Cpu, 2>) {
-    let hidden = Tensor::<Train, 3>::from_inner(problem.hidden.clone()).require_grad();
-    let weight = Tensor::<Train, 2>::from_inner(problem.weight.clone()).require_grad();
+pub fn naive<B: Backend>(
+    problem: &Problem<B>,
+    cfg: &LossConfig,
+) -> (f32, Tensor<B, 3>, Tensor<B, 2>) {
+    let hidden = Tensor::<Autodiff<B>, 3>::from_inner(problem.hidden.clone()).require_grad();
+    let weight = Tensor::<Autodiff<B>, 2>::from_inner(problem.weight.clone()).require_grad();
     let student_logits = hidden
         .clone()
         .matmul(weight.clone().transpose().unsqueeze_dim::<3>(0));
@@ -159,15 +203,15 @@ pub fn naive(problem: &Problem, cfg: &LossConfig) -> (f32, Tensor<Cpu, 3>, Tenso
     let grads = loss.backward();
     let grad_hidden = hidden.grad(&grads).expect("hidden requires grad");
     let grad_weight = weight.grad(&grads).expect("weight requires grad");
-    (loss.into_scalar(), grad_hidden, grad_weight)
+    (loss.into_scalar().elem(), grad_hidden, grad_weight)
 }
 
 /// Chunked path: [`fused_loss_and_grads`] with the teacher given as hidden states + LM head.
-pub fn chunked(
-    problem: &Problem,
+pub fn chunked<B: Backend>(
+    problem: &Problem<B>,
     cfg: &LossConfig,
     chunk_rows: usize,
-) -> (f32, Tensor<Cpu, 3>, Tensor<Cpu, 2>) {
+) -> (f32, Tensor<B, 3>, Tensor<B, 2>) {
     let out = fused_loss_and_grads(
         problem.hidden.clone(),
         problem.weight.clone(),

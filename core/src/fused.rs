@@ -264,11 +264,11 @@ fn fused_core<B: Backend>(
     let mut divergence_sum = Tensor::<B, 1>::zeros([1], &device);
     let mut entropy_sum = Tensor::<B, 1>::zeros([1], &device);
     let mut clipped_sum = Tensor::<B, 1>::zeros([1], &device);
-    let mut grad_weight = Tensor::<B, 2>::zeros([v, h], &device);
+    // ∂L/∂W in vocabulary slices, each sized like one `[chunk_rows, V]` chunk.
+    let vocab_slice = (chunk_rows.saturating_mul(v) / h.max(1)).clamp(1, v.max(1));
+    let mut grad_weight: Vec<Tensor<B, 2>> = Vec::new();
     let mut grad_hidden = Vec::with_capacity(rows.div_ceil(chunk_rows));
 
-    // Vocabulary slice of the ∂L/∂W accumulation, sized like one `[chunk_rows, V]` chunk.
-    let vocab_slice = (chunk_rows.saturating_mul(v) / h.max(1)).clamp(1, v.max(1));
     let mut start = 0;
     while start < rows {
         let len = chunk_rows.min(rows - start);
@@ -321,24 +321,30 @@ fn fused_core<B: Backend>(
         }
         let g = terms.grad_z.mul(w.div_scalar(tau));
         grad_hidden.push(g.clone().matmul(weight.clone()));
-        // ∂L/∂W += Gᵀ h, one vocabulary slice at a time: a full `[V, H]` product per chunk
-        // would double the peak memory, while a slice is added into the accumulator in place
-        // (backends mutate uniquely-owned tensors).
+        // ∂L/∂W += Gᵀ h, one vocabulary slice at a time, each added into its own accumulator:
+        // a full `[V, H]` product per chunk would double the peak memory, and the addition
+        // happens in place (backends mutate uniquely-owned tensors). Writing slices into one
+        // `[V, H]` tensor instead would copy all of it per slice on backends whose
+        // `slice_assign` is not in place (Flex 0.21).
+        let mut previous = core::mem::take(&mut grad_weight).into_iter();
         let mut v0 = 0;
         while v0 < v {
             let vs = vocab_slice.min(v - v0);
-            let partial = g
-                .clone()
-                .narrow(1, v0, vs)
-                .transpose()
-                .matmul(h_c.clone())
-                .add(grad_weight.clone().narrow(0, v0, vs));
-            grad_weight = grad_weight.slice_assign([v0..v0 + vs, 0..h], partial);
+            let partial = g.clone().narrow(1, v0, vs).transpose().matmul(h_c.clone());
+            grad_weight.push(match previous.next() {
+                Some(acc) => acc.add(partial),
+                None => partial,
+            });
             v0 += vs;
         }
         start += len;
     }
 
+    let grad_weight = match grad_weight.len() {
+        0 => Tensor::zeros([v, h], &device),
+        1 => grad_weight.remove(0),
+        _ => Tensor::cat(grad_weight, 0),
+    };
     let grad_hidden = if grad_hidden.is_empty() {
         Tensor::zeros([n, r, h], &device)
     } else {

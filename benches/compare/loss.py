@@ -1,0 +1,160 @@
+"""Workload 3: the distillation loss, forward + backward, peak memory and time. PyTorch's naive
+path (full `[N·R, V]` student and teacher logits, TRL's generalized JSD β = 0.5 over the
+vocabulary, token-mean over the valid positions, `backward`) against this project's chunked
+fused loss (`cargo run --release -p omniopsd-benches --example loss`), on identical inputs.
+
+Inputs need no shared random generator: element i of a tensor is a·sin(c·i + φ) in f64 (student
+hidden c = 0.7071, φ = 0, a = 1; teacher hidden c = 0.5773, φ = 1, a = 1; head c = 0.3183,
+φ = 2, a = 2/√H), token k is (k·7919) mod V, and the last quarter of each 256-row sequence is
+padding, as `Problem::deterministic` in benches/src/lib.rs builds them. Both sides report the
+loss and the sums of |gradient| so the table can show they computed the same thing.
+
+Peak memory, both sides the same way: resident set high-water mark (`VmHWM`, reset through
+/proc/self/clear_refs just before the work) minus the resident size before it. Each side runs
+in its own fresh process. Linux only.
+
+Run from the repository root: python3 benches/compare/loss.py [--rows 2048] [--vocab 151936]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import ROOT, ensure_python  # noqa: E402
+
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def wave(length, c, phase, a):
+    import torch
+
+    i = torch.arange(length, dtype=torch.float64)
+    return (a * torch.sin(c * i + phase)).float()
+
+
+def torch_side(rows, hidden, vocab, repeats, threads):
+    """Runs in a child process (see `main`): prints one JSON line."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    r = min(256, rows)
+    n = -(-rows // r)
+    h_s = wave(n * r * hidden, 0.7071, 0.0, 1.0).reshape(n, r, hidden)
+    h_t = wave(n * r * hidden, 0.5773, 1.0, 1.0).reshape(n, r, hidden)
+    w = wave(vocab * hidden, 0.3183, 2.0, 2.0 / hidden ** 0.5).reshape(vocab, hidden)
+    mask = (torch.arange(r) < r - r // 4).float().expand(n, r)
+    beta = 0.5
+
+    def step():
+        hs = h_s.clone().requires_grad_()
+        ws = w.clone().requires_grad_()
+        s = F.log_softmax(hs @ ws.T, dim=-1)
+        with torch.no_grad():
+            t = F.log_softmax(h_t @ w.T, dim=-1)
+        m = torch.logsumexp(torch.stack([s + torch.log(torch.tensor(1 - beta)),
+                                         t + torch.log(torch.tensor(beta))]), dim=0)
+        kl_t = F.kl_div(m, t, reduction="none", log_target=True)
+        kl_s = F.kl_div(m, s, reduction="none", log_target=True)
+        per_token = (beta * kl_t + (1 - beta) * kl_s).sum(-1)
+        loss = (per_token * mask).sum() / mask.sum()
+        loss.backward()
+        return loss.item(), hs.grad.abs().double().sum().item(), ws.grad.abs().double().sum().item()
+
+    rss_before = status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = time.perf_counter()
+    loss, g_h, g_w = step()
+    seconds = [time.perf_counter() - start]
+    peak = status_bytes("VmHWM:") - rss_before
+    for _ in range(1, repeats):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"loss": loss, "grad_hidden_abs_sum": g_h, "grad_weight_abs_sum": g_w,
+                      "peak_rss_bytes": peak, "seconds": seconds}))
+
+
+def run_torch(rows, hidden, vocab, repeats, threads):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows),
+           "--hidden", str(hidden), "--vocab", str(vocab), "--repeats", str(repeats),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_ours(rows, hidden, vocab, chunk, repeats, threads, backend_flags=()):
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *backend_flags,
+           "--example", "loss", "--", "--rows", str(rows), "--hidden", str(hidden),
+           "--vocab", str(vocab), "--chunk", str(chunk), "--repeats", str(repeats)]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("{")))
+
+
+def compare(rows, hidden, vocab, chunk, repeats, threads, backend_flags=()):
+    """One row of workload 3: both sides and their ratios."""
+    ours = run_ours(rows, hidden, vocab, chunk, repeats, threads, backend_flags)
+    theirs = run_torch(rows, hidden, vocab, repeats, threads)
+    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)  # noqa: E731
+    return {
+        "rows": rows, "hidden": hidden, "vocab": vocab, "chunk": chunk,
+        "ours_peak": ours["peak_rss_bytes"], "ours_heap": ours["peak_heap_bytes"],
+        "torch_peak": theirs["peak_rss_bytes"],
+        "ours_s": statistics.median(ours["seconds"]),
+        "torch_s": statistics.median(theirs["seconds"]),
+        "loss_rel": rel(ours["loss"], theirs["loss"]),
+        "grad_rel": max(rel(ours["grad_hidden_abs_sum"], theirs["grad_hidden_abs_sum"]),
+                        rel(ours["grad_weight_abs_sum"], theirs["grad_weight_abs_sum"])),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2048, help="N·R response rows")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--chunk", type=int, default=128, help="rows per chunk (ours)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", choices=("ndarray", "flex"), default="flex")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    ensure_python()
+    if args.child:
+        torch_side(args.rows, args.hidden, args.vocab, args.repeats, args.threads)
+        return
+    flags = ("--features", "flex") if args.backend == "flex" else ()
+    r = compare(args.rows, args.hidden, args.vocab, args.chunk, args.repeats, args.threads, flags)
+    print(format_table([r]))
+
+
+def format_table(rows):
+    gib = lambda b: b / 2 ** 30  # noqa: E731
+    out = ["| N·R × H × V | ours peak GiB (heap) | PyTorch naive peak GiB | ours/naive memory "
+           "| ours s | PyTorch s | ours/PyTorch speed | loss rel. diff | grad rel. diff |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['rows']} × {r['hidden']} × {r['vocab']} | {gib(r['ours_peak']):.3f} "
+            f"({gib(r['ours_heap']):.3f}) | {gib(r['torch_peak']):.3f} | "
+            f"{100 * r['ours_peak'] / r['torch_peak']:.1f}% | {r['ours_s']:.2f} | "
+            f"{r['torch_s']:.2f} | {r['torch_s'] / r['ours_s']:.2f}× | {r['loss_rel']:.1e} | "
+            f"{r['grad_rel']:.1e} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
