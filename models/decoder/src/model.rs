@@ -130,19 +130,23 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Rotary tables for one forward: `cos`, `sin` as `[B, 1, T, d]`.
+/// Rotary tables for one forward, `cos` and `sin` as `[B, T, heads, d]` for the query heads
+/// and the key heads: materialized at the full shape (they are small) so rotating a
+/// projection is contiguous elementwise work, not a broadcast over a permuted view, which
+/// CPU backends run through a slow strided path.
 struct Rotary<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    q: (Tensor<B, 4>, Tensor<B, 4>),
+    k: (Tensor<B, 4>, Tensor<B, 4>),
 }
 
 impl<B: Backend> Rotary<B> {
-    /// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = [−x₂, x₁]` on the two halves of `d`.
-    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `x·cos + rotate_half(x)·sin` for `x: [B, T, heads, d]`,
+    /// `rotate_half(x) = [−x₂, x₁]` on the two halves of `d`.
+    fn apply(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
         let d = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
-        x * self.cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * self.sin.clone()
+        x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
     }
 }
 
@@ -155,10 +159,27 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, h] = x.dims();
         let d = h / self.heads;
-        let split = |y: Tensor<B, 3>, heads: usize| y.reshape([b, t, heads, d]).swap_dims(1, 2);
-        let q = rotary.apply(split(self.q_proj.forward(x.clone()), self.heads));
-        let k = rotary.apply(split(self.k_proj.forward(x.clone()), self.kv_heads));
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        // Rotated in the projections' own `[B, T, heads, d]` layout, then viewed as
+        // `[B, heads, T, d]`.
+        let q = Rotary::apply(
+            self.q_proj
+                .forward(x.clone())
+                .reshape([b, t, self.heads, d]),
+            &rotary.q,
+        )
+        .swap_dims(1, 2);
+        let k = Rotary::apply(
+            self.k_proj
+                .forward(x.clone())
+                .reshape([b, t, self.kv_heads, d]),
+            &rotary.k,
+        )
+        .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, self.kv_heads, d])
+            .swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -422,10 +443,12 @@ impl<B: Backend> Qwen2Model<B> {
         let angles = (position_ids.float().unsqueeze_dim::<4>(3) * inv * select)
             .sum_dim(0)
             .reshape([b, 1, t, half]);
-        let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 3).reshape([b, t, 1, 2 * half]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let heads = |n: usize| (cos.clone().repeat_dim(2, n), sin.clone().repeat_dim(2, n));
         Rotary {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
+            q: heads(self.config.num_attention_heads),
+            k: heads(self.config.kv_heads()),
         }
     }
 
