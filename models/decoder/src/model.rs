@@ -159,27 +159,12 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, h] = x.dims();
         let d = h / self.heads;
-        // Rotated in the projections' own `[B, T, heads, d]` layout, then viewed as
-        // `[B, heads, T, d]`.
-        let q = Rotary::apply(
-            self.q_proj
-                .forward(x.clone())
-                .reshape([b, t, self.heads, d]),
-            &rotary.q,
-        )
-        .swap_dims(1, 2);
-        let k = Rotary::apply(
-            self.k_proj
-                .forward(x.clone())
-                .reshape([b, t, self.kv_heads, d]),
-            &rotary.k,
-        )
-        .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, self.kv_heads, d])
-            .swap_dims(1, 2);
+        // `[B, T, heads, d]` as projected; q and k are rotated in that layout, then all three
+        // are viewed as `[B, heads, T, d]`.
+        let heads = |proj: &Linear<B>, n: usize| proj.forward(x.clone()).reshape([b, t, n, d]);
+        let q = Rotary::apply(heads(&self.q_proj, self.heads), &rotary.q).swap_dims(1, 2);
+        let k = Rotary::apply(heads(&self.k_proj, self.kv_heads), &rotary.k).swap_dims(1, 2);
+        let v = heads(&self.v_proj, self.kv_heads).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
