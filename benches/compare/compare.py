@@ -20,6 +20,15 @@ Qwen2.5-0.5B layout, fewer layers). PyTorch runs eager mode with its default att
 Each number is the median over `--repeats` after a warm-up. `torch.set_num_threads` and
 `RAYON_NUM_THREADS` both get `--threads`.
 
+Allocator: our binaries keep freed large buffers in the heap (glibc `M_MMAP_MAX = 0`,
+`M_TRIM_THRESHOLD` 2 GiB; `omniopsd_backends::keep_freed_memory`), which saves every large
+intermediate from being page-faulted in again. PyTorch gains from the same setting, so by
+default (`--torch-allocator same`) the script re-runs itself with the equivalent
+`MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` environment and both sides allocate alike;
+`--torch-allocator default` measures PyTorch with glibc's defaults instead. Workload 3's
+PyTorch side always runs with glibc's defaults (its 18 GiB naive loss does not fit in 23 GiB
+with heap retention).
+
 Python: the shared venv, or benches/compare/.venv created and filled with pip (decode.py's
 `ensure_python`). CI does not run this.
 
@@ -90,7 +99,12 @@ def main():
     parser.add_argument("--vocabs", default="151936,512")
     parser.add_argument("--workloads", default="1,2,3")
     parser.add_argument("--json", help="also write every measurement here")
+    parser.add_argument("--torch-allocator", choices=("same", "default"), default="same",
+                        help="PyTorch's glibc allocator settings: as ours, or glibc's defaults")
     args = parser.parse_args()
+    if args.torch_allocator == "same" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         parser.error(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
@@ -137,8 +151,9 @@ def main():
                           f"{r['torch_peak'] / 2**30:.3f} GiB"))
             print(f"loss {name}: {note}", flush=True)
 
-    print(f"\nours: Rust release, {args.backend} backend; PyTorch {torch.__version__} eager f32; "
-          f"{args.threads} thread(s) each; {os.cpu_count()} CPU(s); median of {args.repeats}\n")
+    print(f"\nours: Rust release, {args.backend} backend; PyTorch {torch.__version__} eager f32, "
+          f"{args.torch_allocator} allocator settings; {args.threads} thread(s) each; "
+          f"{os.cpu_count()} CPU(s); median of {args.repeats}\n")
     print("| workload | model | ours | PyTorch | ours/PyTorch | notes |")
     print("|---|---|---:|---:|---:|---|")
     for workload, name, unit, ours, theirs, note in table:
@@ -154,6 +169,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"backend": args.backend, "threads": args.threads,
+                       "torch_allocator": args.torch_allocator,
                        "torch": torch.__version__, "repeats": args.repeats,
                        "rows": [dict(zip(("workload", "model", "unit", "ours", "torch", "note"),
                                          row)) for row in table],

@@ -91,7 +91,10 @@ def run_torch(rows, hidden, vocab, repeats, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows),
            "--hidden", str(hidden), "--vocab", str(vocab), "--repeats", str(repeats),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # glibc's default allocator: with `compare.py`'s heap-retention settings inherited, the
+    # ~18 GiB naive loss fragments the heap past this machine's memory (killed at 23 GiB).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -116,6 +116,7 @@ fn run(
 }
 
 fn main() -> Result<(), String> {
+    omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
     let ckpt = Checkpoint::open(&args.model).map_err(|e| e.to_string())?;
     let model =

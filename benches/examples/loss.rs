@@ -61,6 +61,7 @@ fn checksum<const D: usize>(t: Tensor<B, D>) -> Result<f64, String> {
 }
 
 fn main() -> Result<(), String> {
+    omniopsd_backends::keep_freed_memory();
     let (mut rows, mut hidden, mut vocab, mut chunk, mut repeats) = (2048, 1024, 151_936, 128, 3);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

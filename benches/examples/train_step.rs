@@ -71,6 +71,7 @@ fn ids(start: usize, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn main() -> Result<(), String> {
+    omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
     let ckpt = Checkpoint::open(&args.model).map_err(|e| e.to_string())?;
     let model =

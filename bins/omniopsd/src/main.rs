@@ -34,6 +34,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    omniopsd_backends::keep_freed_memory();
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(args) => train::run_cli(args),
