@@ -75,6 +75,10 @@ pub struct Args {
     /// Print every metric line to stdout as JSON (implies no progress bars).
     #[arg(long)]
     pub json_logs: bool,
+    /// Device, overriding the config's `device`: cpu, ndarray, flex, cuda, cuda:N (flex and
+    /// cuda need the build's `--features flex` / `--features cuda`).
+    #[arg(long, conflicts_with = "resume")]
+    pub device: Option<String>,
 }
 
 /// Runs `omniopsd train`.
@@ -108,6 +112,9 @@ pub fn run_cli(args: Args) -> Result<()> {
             }
             if !args.seeds.is_empty() {
                 cfg.seeds = args.seeds.clone();
+            }
+            if let Some(device) = &args.device {
+                cfg.device = device.clone();
             }
             cfg.validate().context("config")?;
             let mut root = cfg.runs_dir.join(&cfg.name);

@@ -255,6 +255,27 @@ fn unknown_config_key_is_an_error_naming_it() {
     assert!(stderr.contains("extra"), "{stderr}");
 }
 
+#[test]
+fn device_flag_overrides_the_config_and_bad_devices_fail_before_any_run_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "dev", &dir.path().join("cache"), "");
+    let out = train(&["--config", cfg.to_str().unwrap(), "--device", "tpu"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("device") && stderr.contains("tpu"),
+        "{stderr}"
+    );
+    // The tests build without the flex feature: the flag reaches the backend check.
+    if !cfg!(feature = "flex") {
+        let out = train(&["--config", cfg.to_str().unwrap(), "--device", "flex"]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--features flex"), "{stderr}");
+    }
+    assert!(!dir.path().join("runs").join("dev").exists());
+}
+
 /// A corpus with one sample whose WAV is missing.
 fn broken_corpus(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus");
