@@ -147,28 +147,23 @@ def torch_runs(model, ids, new_tokens, repeats, batch=1):
     return rates, out_ids
 
 
+def run_example(name, args, threads, flags):
+    """Runs `benches/examples/NAME.rs` (release, cargo `flags`) on `threads` rayon threads and
+    returns the JSON objects it printed, one per line."""
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *flags,
+           "--example", name, "--", *args]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return [json.loads(l) for l in map(str.strip, out.stdout.splitlines()) if l.startswith("{")]
+
+
 def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=(), flags=None):
     """The Rust example's JSON line per prompt, keyed by context (`extra`: more example flags,
     such as `--batch 8`; `flags`: cargo flags, default the `--backend` ones)."""
+    args = ["--model", model_dir, "--prompts", prompts_file, "--new-tokens", str(new_tokens),
+            "--repeats", str(repeats), *extra]
     flags = BACKEND_FLAGS if flags is None else flags
-    cmd = [
-        "cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *flags,
-        "--example", "decode", "--",
-        "--model", model_dir,
-        "--prompts", prompts_file,
-        "--new-tokens", str(new_tokens),
-        "--repeats", str(repeats),
-        *extra,
-    ]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    results = {}
-    for line in out.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            r = json.loads(line)
-            results[r["context"]] = r
-    return results
+    return {r["context"]: r for r in run_example("decode", args, threads, flags)}
 
 
 def main():

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import ROOT, ensure_python  # noqa: E402
+from decode import ensure_python, run_example  # noqa: E402
 
 
 def status_bytes(field):
@@ -99,12 +99,9 @@ def run_torch(rows, hidden, vocab, repeats, threads):
 
 
 def run_ours(rows, hidden, vocab, chunk, repeats, threads, backend_flags=()):
-    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *backend_flags,
-           "--example", "loss", "--", "--rows", str(rows), "--hidden", str(hidden),
-           "--vocab", str(vocab), "--chunk", str(chunk), "--repeats", str(repeats)]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("{")))
+    args = ["--rows", str(rows), "--hidden", str(hidden), "--vocab", str(vocab),
+            "--chunk", str(chunk), "--repeats", str(repeats)]
+    return run_example("loss", args, threads, backend_flags)[0]
 
 
 def compare(rows, hidden, vocab, chunk, repeats, threads, backend_flags=()):

@@ -20,16 +20,14 @@ Run from the repository root: python3 benches/compare/train_step.py [--steps 4]
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import ROOT, ensure_python  # noqa: E402
+from decode import ensure_python, run_example  # noqa: E402
 
 PROMPT, PRIVILEGED, GROUP, NEW = 64, 64, 4, 32
 # Cargo flags of the Rust side's backend (`--backend flex` adds `--features flex`).
@@ -99,13 +97,9 @@ def torch_steps(model, vocab, steps):
 def rust_steps(model_dir, steps, threads, flags=None):
     """Seconds of each of `steps` Rust steps (`flags`: cargo flags, default `--backend`'s)."""
     flags = BACKEND_FLAGS if flags is None else flags
-    cmd = ["cargo", "run", "--release", "--quiet", "-p", "omniopsd-benches", *flags, "--example",
-           "train_step", "--", "--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
-           "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("{"))
-    return json.loads(line)["step_seconds"]
+    args = ["--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
+            "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
+    return run_example("train_step", args, threads, flags)[0]["step_seconds"]
 
 
 def main():

@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
+use omniopsd_benches::{count, flag_values};
 use omniopsd_checkpoint::Checkpoint;
+use omniopsd_core::fused::lm_logits;
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::{json, Value};
@@ -44,16 +46,13 @@ fn parse_args() -> Result<Args, String> {
         repeats: 3,
         batch: 1,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
-        let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
+    for (flag, value) in flag_values()? {
         match flag.as_str() {
             "--model" => args.model = value.into(),
             "--prompts" => args.prompts = value.into(),
-            "--new-tokens" => args.new_tokens = number(&value)?.max(2),
-            "--repeats" => args.repeats = number(&value)?.max(1),
-            "--batch" => args.batch = number(&value)?.max(1),
+            "--new-tokens" => args.new_tokens = count(&flag, &value, 2)?,
+            "--repeats" => args.repeats = count(&flag, &value, 1)?,
+            "--batch" => args.batch = count(&flag, &value, 1)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -71,15 +70,11 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Next token of each of the `n` rows of `hidden: [n, H]`: logits as `(W hᵀ)ᵀ`, as
-/// `generate_greedy` and the core's rollout compute them (the head stays in its contiguous
-/// `[V, H]` layout), then a host argmax per row.
+/// Next token of each of the `n` rows of `hidden: [n, H]`: logits from the core's
+/// `lm_logits`, as `generate_greedy` and the rollout compute them, then a host argmax per row.
 fn next_tokens(hidden: Tensor<B, 2>, head: &Tensor<B, 2>) -> Result<Vec<u32>, String> {
     let n = hidden.dims()[0];
-    let logits = head
-        .clone()
-        .matmul(hidden.transpose())
-        .transpose()
+    let logits = lm_logits(hidden, head.clone())
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| format!("reading logits: {e:?}"))?;

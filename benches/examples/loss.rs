@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use omniopsd_benches::{chunked, CountingAllocator, Problem};
+use omniopsd_benches::{chunked, count, flag_values, CountingAllocator, Problem};
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use serde_json::json;
 
@@ -63,13 +63,8 @@ fn checksum<const D: usize>(t: Tensor<B, D>) -> Result<f64, String> {
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let (mut rows, mut hidden, mut vocab, mut chunk, mut repeats) = (2048, 1024, 151_936, 128, 3);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
-        let number = value
-            .parse::<usize>()
-            .map_err(|e| format!("{flag} {value}: {e}"))?
-            .max(1);
+    for (flag, value) in flag_values()? {
+        let number = count(&flag, &value, 1)?;
         match flag.as_str() {
             "--rows" => rows = number,
             "--hidden" => hidden = number,

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use omniopsd_benches::{count, flag_values};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
@@ -46,17 +47,14 @@ fn parse_args() -> Result<Args, String> {
         group: 4,
         new: 32,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
-        let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
+    for (flag, value) in flag_values()? {
         match flag.as_str() {
             "--model" => args.model = value.into(),
-            "--steps" => args.steps = number(&value)?.max(2),
-            "--prompt" => args.prompt = number(&value)?.max(1),
-            "--privileged" => args.privileged = number(&value)?,
-            "--group" => args.group = number(&value)?.max(1),
-            "--new" => args.new = number(&value)?.max(1),
+            "--steps" => args.steps = count(&flag, &value, 2)?,
+            "--prompt" => args.prompt = count(&flag, &value, 1)?,
+            "--privileged" => args.privileged = count(&flag, &value, 0)?,
+            "--group" => args.group = count(&flag, &value, 1)?,
+            "--new" => args.new = count(&flag, &value, 1)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }

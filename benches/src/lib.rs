@@ -91,6 +91,25 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 }
 
+/// The `--flag value` pairs of this process's command line, in order (the examples' syntax).
+pub fn flag_values() -> Result<Vec<(String, String)>, String> {
+    let mut it = std::env::args().skip(1);
+    let mut pairs = Vec::new();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
+        pairs.push((flag, value));
+    }
+    Ok(pairs)
+}
+
+/// `value` of `flag` as a count, raised to at least `min`.
+pub fn count(flag: &str, value: &str, min: usize) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .map(|n| n.max(min))
+        .map_err(|e| format!("{flag} {value}: {e}"))
+}
+
 /// One benchmark problem: student and teacher hidden states `[N, R, H]` sharing the LM head
 /// `[V, H]` (self-distillation), with a response batch.
 #[derive(Clone)]
