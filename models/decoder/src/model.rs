@@ -427,8 +427,8 @@ impl<B: Backend> Qwen2Model<B> {
         // Angle of frequency j = position (from its row) × inv_freq[j].
         let angles = (position_ids.float().unsqueeze_dim::<4>(3) * inv * select)
             .sum_dim(0)
-            .reshape([b, 1, t, half]);
-        let angles = Tensor::cat(vec![angles.clone(), angles], 3).reshape([b, t, 1, 2 * half]);
+            .reshape([b, t, 1, half]);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 3);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
         let heads = |n: usize| (cos.clone().repeat_dim(2, n), sin.clone().repeat_dim(2, n));
         Rotary {
