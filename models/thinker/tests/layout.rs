@@ -1,82 +1,33 @@
 //! Prompt layout parity with transformers 5.24 (`Qwen2_5OmniProcessor` placeholder expansion,
 //! `get_rope_index`) on the fixtures of `tests/reference/gen_omni.py`: exact integer equality.
 
-use std::path::PathBuf;
+mod common;
 
-use burn::backend::NdArray;
-use omniopsd_checkpoint::Checkpoint;
+use common::{read, reference_dir};
 use omniopsd_thinker::{expand_prompt, rope_index, Error, Media, ThinkerConfig};
-
-type B = NdArray<f32>;
-
-fn reference_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference"
-    ))
-}
 
 fn config() -> ThinkerConfig {
     let text = std::fs::read_to_string(reference_dir().join("omni_tiny/config.json")).unwrap();
     ThinkerConfig::from_json(&serde_json::from_str(&text).unwrap()).expect("thinker config")
 }
 
-fn read(name: &str, len: usize) -> Vec<i64> {
-    let ckpt = Checkpoint::open_file(&reference_dir().join("omni_thinker.safetensors")).unwrap();
-    ckpt.weights()
-        .tensor::<B, 1>(name, [len], &Default::default())
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
+/// Integer fixture `name` of `omni_thinker.safetensors` (stored as f32), `shape` elements.
+fn ints<const D: usize>(name: &str, shape: [usize; D]) -> Vec<i64> {
+    read("omni_thinker.safetensors", name, shape)
         .into_iter()
         .map(|v| v as i64)
         .collect()
 }
 
 fn read_positions(name: &str, len: usize) -> [Vec<i64>; 3] {
-    let flat = read_flat(name, 3 * len);
+    let flat = ints(name, [3, len]);
     std::array::from_fn(|r| flat[r * len..(r + 1) * len].to_vec())
-}
-
-fn read_flat(name: &str, len: usize) -> Vec<i64> {
-    let ckpt = Checkpoint::open_file(&reference_dir().join("omni_thinker.safetensors")).unwrap();
-    ckpt.weights()
-        .tensor::<B, 2>(name, [3, len / 3], &Default::default())
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as i64)
-        .collect()
 }
 
 /// Prompt A as the chat template writes it: text, an audio clip (130 frames), text, an image
 /// (grid 1×6×8), a token, a video without audio (grid 2×4×8, 1 s per grid), text.
 fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<Media>) {
-    let ids = [
-        vec![11, 12, 13],
-        vec![
-            cfg.audio_start_token_id,
-            cfg.audio_token_index,
-            cfg.audio_end_token_id,
-        ],
-        vec![21, 22],
-        vec![
-            cfg.vision_start_token_id,
-            cfg.image_token_index,
-            cfg.vision_end_token_id,
-        ],
-        vec![31],
-        vec![
-            cfg.vision_start_token_id,
-            cfg.video_token_index,
-            cfg.vision_end_token_id,
-        ],
-        vec![41, 42, 43],
-    ]
-    .concat();
+    let ids = common::prompt_a_ids(cfg);
     let media = vec![
         Media::Audio { frames: 130 },
         Media::Image {
@@ -94,22 +45,7 @@ fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<Media>) {
 /// Prompt B: a video (2 s per grid) with its 130-frame audio track interleaved, then a
 /// standalone 44-frame clip.
 fn prompt_b(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<Media>) {
-    let ids = [
-        vec![11, 12, 13],
-        vec![
-            cfg.vision_start_token_id,
-            cfg.video_token_index,
-            cfg.vision_end_token_id,
-        ],
-        vec![21, 22],
-        vec![
-            cfg.audio_start_token_id,
-            cfg.audio_token_index,
-            cfg.audio_end_token_id,
-        ],
-        vec![51, 52],
-    ]
-    .concat();
+    let ids = common::prompt_b_ids(cfg);
     let media = vec![
         Media::Video {
             grid_thw: [2, 4, 8],
@@ -130,7 +66,7 @@ fn placeholders_expand_like_the_processor() {
         .iter()
         .map(|&t| t as i64)
         .collect();
-    assert_eq!(expanded, read("ids_a", 75));
+    assert_eq!(expanded, ints("ids_a", [75]));
 }
 
 #[test]
@@ -142,7 +78,7 @@ fn video_with_audio_interleaves_in_two_second_chunks_like_the_processor() {
         .iter()
         .map(|&t| t as i64)
         .collect();
-    assert_eq!(expanded, read("ids_b", 72));
+    assert_eq!(expanded, ints("ids_b", [72]));
 }
 
 #[test]
@@ -152,7 +88,7 @@ fn tmrope_positions_match_get_rope_index_for_audio_image_video() {
     let expanded = expand_prompt(&ids, &media, &cfg).unwrap();
     let pos = rope_index(&expanded, &media, &cfg).unwrap();
     assert_eq!(pos.rows, read_positions("positions_a", 75));
-    assert_eq!(vec![pos.delta], read("rope_delta_a", 1));
+    assert_eq!(vec![pos.delta], ints("rope_delta_a", [1]));
 }
 
 #[test]
@@ -162,7 +98,7 @@ fn tmrope_positions_match_get_rope_index_for_audio_in_video() {
     let expanded = expand_prompt(&ids, &media, &cfg).unwrap();
     let pos = rope_index(&expanded, &media, &cfg).unwrap();
     assert_eq!(pos.rows, read_positions("positions_b", 72));
-    assert_eq!(vec![pos.delta], read("rope_delta_b", 1));
+    assert_eq!(vec![pos.delta], ints("rope_delta_b", [1]));
 }
 
 #[test]

@@ -80,9 +80,10 @@ pub fn video() -> PixelPatches {
     preprocess_video(&frames, &processor()).unwrap()
 }
 
-/// Prompt A: text, audio, text, image, text, video (no audio), text.
-pub fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
-    let ids = [
+/// Token ids of prompt A: text, audio, text, image, text, video, text (one placeholder per
+/// media item, before expansion).
+pub fn prompt_a_ids(cfg: &ThinkerConfig) -> Vec<u32> {
+    [
         vec![11, 12, 13],
         vec![
             cfg.audio_start_token_id,
@@ -103,22 +104,12 @@ pub fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
         ],
         vec![41, 42, 43],
     ]
-    .concat();
-    let media = vec![
-        MediaInput::Audio(mel("waveform", 20_800)),
-        MediaInput::Image(image()),
-        MediaInput::Video {
-            patches: video(),
-            second_per_grid: 1.0,
-            audio: None,
-        },
-    ];
-    (ids, media)
+    .concat()
 }
 
-/// Prompt B: text, a video with its audio track interleaved, text, a second clip, text.
-pub fn prompt_b(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
-    let ids = [
+/// Token ids of prompt B: text, video (its audio interleaved), text, audio, text.
+pub fn prompt_b_ids(cfg: &ThinkerConfig) -> Vec<u32> {
+    [
         vec![11, 12, 13],
         vec![
             cfg.vision_start_token_id,
@@ -133,7 +124,27 @@ pub fn prompt_b(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
         ],
         vec![51, 52],
     ]
-    .concat();
+    .concat()
+}
+
+/// Prompt A: text, audio, text, image, text, video (no audio), text.
+pub fn prompt_a(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
+    let ids = prompt_a_ids(cfg);
+    let media = vec![
+        MediaInput::Audio(mel("waveform", 20_800)),
+        MediaInput::Image(image()),
+        MediaInput::Video {
+            patches: video(),
+            second_per_grid: 1.0,
+            audio: None,
+        },
+    ];
+    (ids, media)
+}
+
+/// Prompt B: text, a video with its audio track interleaved, text, a second clip, text.
+pub fn prompt_b(cfg: &ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>) {
+    let ids = prompt_b_ids(cfg);
     let media = vec![
         MediaInput::Video {
             patches: video(),
