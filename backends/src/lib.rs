@@ -7,7 +7,11 @@
 //! | `flex`    | [`FlexCpu`]   | [`FlexTrain`]   | `flex` (`cpu` if no ndarray) |
 //! | `cuda`    | [`CudaGpu`]   | [`CudaTrain`]   | `cuda`, `cuda:N`      |
 //!
-//! Nothing else lives here: no model, no training policy.
+//! Besides, [`rows`]: host kernels for products with few rows (decode steps), used where
+//! the backend and CPU allow and handed back to the backend's matmul elsewhere. Nothing else
+//! lives here: no model, no training policy.
+
+pub mod rows;
 
 use core::fmt;
 use core::str::FromStr;

@@ -60,10 +60,14 @@ def ensure_python():
         python = os.path.join(LOCAL_VENV, "bin", "python")
         if not os.path.exists(python):
             subprocess.check_call([sys.executable, "-m", "venv", LOCAL_VENV])
-            subprocess.check_call(
+            # PyTorch's CPU-only index first (smaller); PyPI's default build where that index
+            # is not reachable (offline machines reach only PyPI).
+            cpu_only = subprocess.call(
                 [python, "-m", "pip", "install", "--index-url",
                  "https://download.pytorch.org/whl/cpu", "torch"]
             )
+            if cpu_only != 0:
+                subprocess.check_call([python, "-m", "pip", "install", "torch"])
             subprocess.check_call(
                 [python, "-m", "pip", "install", "transformers", "safetensors"]
             )

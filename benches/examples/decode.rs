@@ -19,7 +19,6 @@ use std::time::Instant;
 use burn::tensor::{Int, Tensor, TensorData};
 use omniopsd_benches::{count, flag_values};
 use omniopsd_checkpoint::Checkpoint;
-use omniopsd_core::fused::lm_logits;
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::{json, Value};
@@ -70,11 +69,12 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Next token of each of the `n` rows of `hidden: [n, H]`: logits from the core's
-/// `lm_logits`, as `generate_greedy` and the rollout compute them, then a host argmax per row.
-fn next_tokens(hidden: Tensor<B, 2>, head: &Tensor<B, 2>) -> Result<Vec<u32>, String> {
+/// Next token of each of the `n` rows of `hidden: [n, H]`: logits from the model's
+/// `step_logits`, as `generate_greedy` and the rollout compute them, then a host argmax per row.
+fn next_tokens(model: &Qwen2Model<B>, hidden: Tensor<B, 2>) -> Result<Vec<u32>, String> {
     let n = hidden.dims()[0];
-    let logits = lm_logits(hidden, head.clone())
+    let logits = model
+        .step_logits(hidden)
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| format!("reading logits: {e:?}"))?;
@@ -91,10 +91,9 @@ fn run(
     batch: usize,
 ) -> Result<(f64, Vec<f64>, Vec<u32>), String> {
     let device = Default::default();
-    let head_t = model.lm_head();
     let start = Instant::now();
     let (hidden, mut cache) = model.prefill(prompt, batch);
-    let mut tokens = next_tokens(hidden, &head_t)?;
+    let mut tokens = next_tokens(model, hidden)?;
     let prefill = start.elapsed().as_secs_f64();
     let mut ids = vec![tokens[0]];
     let mut steps = Vec::with_capacity(new_tokens);
@@ -103,7 +102,7 @@ fn run(
         let input: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let input = Tensor::<B, 1, Int>::from_data(TensorData::new(input, [batch]), &device);
         let hidden = model.decode(input, &mut cache);
-        tokens = next_tokens(hidden, &head_t)?;
+        tokens = next_tokens(model, hidden)?;
         steps.push(step.elapsed().as_secs_f64());
         ids.push(tokens[0]);
     }

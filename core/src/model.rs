@@ -1,8 +1,9 @@
 //! The contract between the algorithm and an architecture.
 //!
 //! `models/` crates implement [`PolicyModel`]; the core drives rollout and scoring through it
-//! and applies the LM head itself (in chunks, see [`crate::fused`]), which is why the model
-//! returns final hidden states rather than logits.
+//! and applies the LM head itself (in chunks, see [`crate::fused`]; per decode step through
+//! [`PolicyModel::step_logits`]), which is why the model returns final hidden states rather
+//! than logits.
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
@@ -34,4 +35,11 @@ pub trait PolicyModel<B: Backend> {
 
     /// The LM-head weight `[V, H]` (the embedding matrix when tied).
     fn lm_head(&self) -> Tensor<B, 2>;
+
+    /// Logits `[n, V]` of the hidden states `[n, H]` of one decode step, under
+    /// [`PolicyModel::lm_head`]. The default is [`crate::fused::lm_logits`]; a model may use a
+    /// faster product for these few rows, equal to it up to f32 rounding.
+    fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        crate::fused::lm_logits(hidden, self.lm_head())
+    }
 }

@@ -11,7 +11,6 @@ use alloc::vec;
 use alloc::vec::Vec;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use crate::fused::lm_logits;
 use crate::model::PolicyModel;
 use crate::sampling::{self, SamplingConfig, SamplingError};
 
@@ -228,7 +227,7 @@ where
     let mut stopped = vec![false; g];
 
     for position in 0..cfg.max_new_tokens {
-        let logits = read_f32(lm_logits(hidden, head.clone()), "logits")?;
+        let logits = read_f32(model.step_logits(hidden), "logits")?;
         let mut next = Vec::with_capacity(g);
         for row in 0..g {
             if stopped[row] {

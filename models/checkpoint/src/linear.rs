@@ -3,6 +3,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use omniopsd_backends::rows::{product, Layout};
+
 use crate::Weights;
 
 /// `y = x Wᵀ + b` (PyTorch `nn.Linear`). The weight is kept as `Wᵀ`, `[d_in, d_out]`,
@@ -66,12 +68,20 @@ impl<B: Backend> Linear<B> {
     ///
     /// The leading axes are folded into rows first, so forward and backward are each one
     /// `[rows, in] × [in, out]` product instead of a batch of small ones followed by a sum
-    /// over the batch for the weight gradient.
+    /// over the batch for the weight gradient. A few rows (a decode step) on a host backend
+    /// go through [`omniopsd_backends::rows`] where it applies.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mut dims = x.dims();
         let inputs = dims[D - 1];
         let rows = x.shape().num_elements() / inputs.max(1);
-        let y = x.reshape([rows, inputs]).matmul(self.weight_t.val());
+        let y = match product(
+            x.reshape([rows, inputs]),
+            self.weight_t.val(),
+            Layout::InOut,
+        ) {
+            Ok(y) => y,
+            Err((x, w)) => x.matmul(w),
+        };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,

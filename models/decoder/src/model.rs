@@ -19,6 +19,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use omniopsd_backends::rows::{product, Layout};
 use omniopsd_checkpoint::{Checkpoint, Dtype, Linear, Weights};
 use omniopsd_core::fused::lm_logits;
 
@@ -401,6 +402,16 @@ impl<B: Backend> Qwen2Model<B> {
         let [b, t, h] = hidden.dims();
         let v = self.config.vocab_size;
         lm_logits(hidden.reshape([b * t, h]), self.lm_head_weight()).reshape([b, t, v])
+    }
+
+    /// Logits `[n, V]` of a decode step's hidden states `[n, H]`: [`lm_logits`], or for a few
+    /// rows on a host backend the streaming product of [`omniopsd_backends::rows`] (equal up
+    /// to f32 rounding).
+    pub fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        match product(hidden, self.lm_head_weight(), Layout::OutIn) {
+            Ok(logits) => logits,
+            Err((hidden, head)) => lm_logits(hidden, head),
+        }
     }
 
     /// The LM-head weight `[V, H]`.

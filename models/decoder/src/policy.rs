@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use omniopsd_core::fused::lm_logits;
 use omniopsd_core::PolicyModel;
 
 use crate::{Error, KvCache, Qwen2Model};
@@ -215,7 +214,7 @@ impl<B: Backend> Qwen2Model<B> {
                     .narrow(1, prompt.ids.len() + r - 1, 1)
                     .reshape([1, width])
             };
-            let logits = lm_logits(hidden, self.lm_head_weight());
+            let logits = self.step_logits(hidden);
             let values: Vec<f32> = logits
                 .into_data()
                 .convert::<f32>()
@@ -301,6 +300,10 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
 
     fn lm_head(&self) -> Tensor<B, 2> {
         self.lm_head_weight()
+    }
+
+    fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        Qwen2Model::step_logits(self, hidden)
     }
 }
 

@@ -246,4 +246,8 @@ impl<B: Backend> PolicyModel<B> for Thinker<B> {
     fn lm_head(&self) -> Tensor<B, 2> {
         self.decoder.lm_head_weight()
     }
+
+    fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.decoder.step_logits(hidden)
+    }
 }
