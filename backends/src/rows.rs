@@ -171,6 +171,19 @@ mod simd {
                 (Layout::InOut, 6) => in_out::<6, 4>(x, w, k, n, y),
                 (Layout::InOut, 7) => in_out::<7, 3>(x, w, k, n, y),
                 (Layout::InOut, 8) => in_out::<8, 3>(x, w, k, n, y),
+                // Short weight rows (k ≤ 512, the LM head of a small model): one row at a
+                // time, so the weight is one sequential stream (2× faster at k = 256 than
+                // several rows side by side, which the prefetchers follow poorly).
+                (Layout::OutIn, 2..=8) if k <= 512 => match m {
+                    2 => out_in::<2, 1>(x, w, k, n, y),
+                    3 => out_in::<3, 1>(x, w, k, n, y),
+                    4 => out_in::<4, 1>(x, w, k, n, y),
+                    5 => out_in::<5, 1>(x, w, k, n, y),
+                    6 => out_in::<6, 1>(x, w, k, n, y),
+                    7 => out_in::<7, 1>(x, w, k, n, y),
+                    _ => out_in::<8, 1>(x, w, k, n, y),
+                },
+                // Longer rows: several side by side, each `x` vector serving them all.
                 (Layout::OutIn, 2) => out_in::<2, 8>(x, w, k, n, y),
                 (Layout::OutIn, 3) => out_in::<3, 4>(x, w, k, n, y),
                 (Layout::OutIn, 4) => out_in::<4, 4>(x, w, k, n, y),
@@ -266,7 +279,9 @@ mod simd {
     }
 
     /// `y = x · wᵀ`, `w` `[n, k]`: `J` outputs at a time, each a dot product of a contiguous
-    /// weight row with every row of `x`, summed lane-wise along `k` and reduced at the end.
+    /// weight row with every row of `x`, summed lane-wise along `k`; the `M × J ≤ 16` sums are
+    /// then reduced together by [`reduce16`] (one reduction per sum cost as much as a quarter
+    /// of the products at `k` = 256).
     #[target_feature(enable = "avx512f")]
     unsafe fn out_in<const M: usize, const J: usize>(
         x: *const f32,
@@ -275,6 +290,7 @@ mod simd {
         n: usize,
         y: *mut f32,
     ) {
+        const { assert!(M * J <= 32, "at most two rounds of reduce16") };
         let mut j = 0;
         while j < n {
             let outs = J.min(n - j);
@@ -288,8 +304,8 @@ mod simd {
                     let live = if c < outs { lanes } else { 0 };
                     let at = w.wrapping_add((j + c) * k + kk);
                     wv[c] = _mm512_maskz_loadu_ps(live, at);
-                    // The same place in the next group's rows, read after this group.
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(J * k) as *const i8);
+                    // The same place in the rows a few groups ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(AHEAD_GROUPS * J * k) as *const i8);
                 }
                 for r in 0..M {
                     let xv = _mm512_maskz_loadu_ps(lanes, x.add(r * k + kk));
@@ -299,15 +315,64 @@ mod simd {
                 }
                 kk += 16;
             }
+            let mut all = [_mm512_setzero_ps(); 32];
             for r in 0..M {
-                for c in 0..J {
-                    if c < outs {
-                        *y.add(r * n + j + c) = _mm512_reduce_add_ps(acc[r][c]);
-                    }
+                all[r * J..(r + 1) * J].copy_from_slice(&acc[r]);
+            }
+            let mut sums = [0f32; 32];
+            for half in 0..(M * J).div_ceil(16) {
+                let mut v = [_mm512_setzero_ps(); 16];
+                v.copy_from_slice(&all[16 * half..16 * half + 16]);
+                _mm512_storeu_ps(sums.as_mut_ptr().add(16 * half), reduce16(v));
+            }
+            for r in 0..M {
+                for c in 0..outs {
+                    let i = r * J + c;
+                    *y.add(r * n + j + c) = sums[16 * (i / 16) + REDUCED_LANE[i % 16]];
                 }
             }
             j += J;
         }
+    }
+
+    /// Groups of weight rows [`out_in`] prefetches ahead.
+    const AHEAD_GROUPS: usize = 2;
+
+    /// Where [`reduce16`] leaves the sum of its `i`-th vector.
+    const REDUCED_LANE: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+    /// The 16 horizontal sums of `v` in one vector (lane `REDUCED_LANE[i]` holds `Σ v[i]`), by
+    /// a butterfly: pairs of vectors are folded halves onto halves (256-bit, then 128-bit
+    /// halves by `shuffle_f32x4`, then within 128-bit lanes by unpacks), so 16 sums take 15
+    /// adds and 30 shuffles instead of 16 separate reductions of about 8 steps each.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce16(v: [__m512; 16]) -> __m512 {
+        let mut halves = [_mm512_setzero_ps(); 8];
+        for (i, h) in halves.iter_mut().enumerate() {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            *h = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            );
+        }
+        let mut quarters = [_mm512_setzero_ps(); 4];
+        for (i, q) in quarters.iter_mut().enumerate() {
+            let (a, b) = (halves[2 * i], halves[2 * i + 1]);
+            *q = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            );
+        }
+        let mut pairs = [_mm512_setzero_ps(); 2];
+        for (i, p) in pairs.iter_mut().enumerate() {
+            let (a, b) = (quarters[2 * i], quarters[2 * i + 1]);
+            *p = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        let (a, b) = (_mm512_castps_pd(pairs[0]), _mm512_castps_pd(pairs[1]));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        )
     }
 }
 
@@ -357,7 +422,17 @@ mod tests {
             eprintln!("no AVX-512F on this CPU: the kernels are not used here");
             return;
         }
-        for &(k, n) in &[(1, 1), (7, 5), (16, 48), (33, 97), (256, 130), (100, 17)] {
+        // `k` past 512 takes the OutIn kernels that read several weight rows side by side.
+        for &(k, n) in &[
+            (1, 1),
+            (7, 5),
+            (16, 48),
+            (33, 97),
+            (256, 130),
+            (100, 17),
+            (600, 37),
+            (1030, 9),
+        ] {
             for m in MIN_ROWS..=MAX_ROWS {
                 let x = values(m * k, (m * 31 + k) as u64);
                 let w = values(k * n, (n * 7 + k) as u64);
