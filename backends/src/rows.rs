@@ -116,9 +116,13 @@ mod flex {
             (TensorPrimitive::Float(xp), TensorPrimitive::Float(wp)) => (xp, wp),
             (xp, wp) => return Err((Tensor::from_primitive(xp), Tensor::from_primitive(wp))),
         };
-        let mut y = vec![0f32; m * n];
+        // Allocated only for tensors the kernels can read (an autodiff tensor cannot be).
+        let mut y = Vec::new();
         let done = match (values(&xp), values(&wp)) {
-            (Some(xs), Some(ws)) => super::product_slices(xs, ws, k, n, layout, &mut y),
+            (Some(xs), Some(ws)) => {
+                y.resize(m * n, 0f32);
+                super::product_slices(xs, ws, k, n, layout, &mut y)
+            }
             _ => None,
         };
         let back = |xp, wp| {
@@ -523,5 +527,18 @@ mod flex_tests {
             x_back.into_data().assert_eq(&x.into_data(), true);
             w_back.into_data().assert_eq(&w.into_data(), true);
         }
+        // Autodiff tensors (the student while it trains) go back too, graph intact.
+        type A = burn::backend::Autodiff<F>;
+        let w = Tensor::<A, 2>::from_data(w_in_out.into_data(), &device).require_grad();
+        let x = Tensor::<A, 2>::from_data(TensorData::new(vec![0.5f32; 3 * k], [3, k]), &device);
+        let (x, w_back) = product(x, w.clone(), Layout::InOut)
+            .err()
+            .unwrap_or_else(|| panic!("an autodiff tensor should have been declined"));
+        let grads = x.matmul(w_back).sum().backward();
+        let grad = w.grad(&grads).expect("the weight is still in the graph");
+        grad.into_data().assert_approx_eq::<f32>(
+            &TensorData::new(vec![1.5f32; k * n], [k, n]),
+            Tolerance::rel_abs(1e-6, 1e-6),
+        );
     }
 }
