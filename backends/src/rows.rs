@@ -5,13 +5,14 @@
 //! Such a product reads the whole weight to do little arithmetic on it, so its speed is the
 //! rate at which it streams the weight. On Flex, the `gemm` crate packs operands and picks
 //! microkernels made for large `m`: at 8 rows it streams a hidden-1,024 model's weights at
-//! 14–22 GB/s, where one core of the development machine reads about 30. The kernels here
-//! keep every partial sum in registers, read each weight element once, in the layout it is
-//! stored in, and prefetch ahead of the reads:
+//! 14–22 GB/s, where a plain streaming read on one core of the development machine reaches
+//! 25–30. The kernels here keep every partial sum in registers, read each weight element
+//! once, in the layout it is stored in, and prefetch ahead of the reads:
 //! - [`Layout::InOut`]: `w` is `[k, n]` (a `Linear` kept as `Wᵀ`); register tiles of rows ×
 //!   up to 96 columns go down panels of 16 rows of `w`;
 //! - [`Layout::OutIn`]: `w` is `[n, k]` (an embedding matrix used as the LM head); each
-//!   output is a dot product of a weight row with every row of `x`, a few outputs at a time.
+//!   output is a dot product of a weight row with every row of `x`, one weight row at a time
+//!   for `k` ≤ 512 and a few side by side for longer rows.
 //!
 //! Only f32, contiguous operands on Flex, on CPUs with AVX-512F, take this path (checked at
 //! run time); anything else is handed back for the backend's own matmul. The sums run in a
@@ -56,8 +57,8 @@ pub fn product<B: Backend>(
 }
 
 /// `y = x · w` (`layout` `InOut`, `w` `[k, n]`) or `y = x · wᵀ` (`OutIn`, `w` `[n, k]`) on
-/// row-major slices, for [`MIN_ROWS`] ≤ `m = x.len() / k` ≤ [`MAX_ROWS`] rows. Returns `None` where the CPU
-/// lacks AVX-512F or the shapes do not fit (`y` is then untouched).
+/// row-major slices, for [`MIN_ROWS`] ≤ `m = x.len() / k` ≤ [`MAX_ROWS`] rows. Returns
+/// `None` where the CPU lacks AVX-512F or the shapes do not fit (`y` is then untouched).
 pub fn product_slices(
     x: &[f32],
     w: &[f32],
@@ -294,7 +295,7 @@ mod simd {
         n: usize,
         y: *mut f32,
     ) {
-        const { assert!(M * J <= 32, "at most two rounds of reduce16") };
+        const { assert!(M * J <= 16, "reduce16 takes 16 sums") };
         let mut j = 0;
         while j < n {
             let outs = J.min(n - j);
@@ -319,20 +320,15 @@ mod simd {
                 }
                 kk += 16;
             }
-            let mut all = [_mm512_setzero_ps(); 32];
+            let mut all = [_mm512_setzero_ps(); 16];
             for r in 0..M {
                 all[r * J..(r + 1) * J].copy_from_slice(&acc[r]);
             }
-            let mut sums = [0f32; 32];
-            for half in 0..(M * J).div_ceil(16) {
-                let mut v = [_mm512_setzero_ps(); 16];
-                v.copy_from_slice(&all[16 * half..16 * half + 16]);
-                _mm512_storeu_ps(sums.as_mut_ptr().add(16 * half), reduce16(v));
-            }
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(all));
             for r in 0..M {
                 for c in 0..outs {
-                    let i = r * J + c;
-                    *y.add(r * n + j + c) = sums[16 * (i / 16) + REDUCED_LANE[i % 16]];
+                    *y.add(r * n + j + c) = sums[REDUCED_LANE[r * J + c]];
                 }
             }
             j += J;

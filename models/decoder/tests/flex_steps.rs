@@ -4,29 +4,16 @@
 //! `max|Δ| / max|ref|` ≤ 1e-4. Run with `--features flex`.
 #![cfg(feature = "flex")]
 
-use std::path::PathBuf;
+mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 
+use common::{fixture, ids, reference, rel_err, MODELS};
+
 type F = burn::backend::Flex<f32>;
-
-fn reference() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference"
-    ))
-}
-
-fn fixture(name: &str) -> Vec<f32> {
-    Checkpoint::open_file(&reference().join("qwen2_ref.safetensors"))
-        .unwrap()
-        .read_f32(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .0
-}
 
 /// For a group of `g` copies of each fixture prompt: prefill all but its last `steps` tokens,
 /// then decode those tokens one step at a time; every step's `step_logits` (all `g` rows)
@@ -34,15 +21,12 @@ fn fixture(name: &str) -> Vec<f32> {
 #[test]
 fn group_decode_steps_match_transformers_logits() {
     let device = Default::default();
-    for (key, dir) in [("a", "qwen2_tiny"), ("b", "qwen2_tiny_tied_bf16")] {
+    for (key, dir) in MODELS {
         let ckpt = Checkpoint::open(&reference().join(dir)).unwrap();
         let model = Qwen2Model::<F>::from_checkpoint(&ckpt, &device).expect("loads");
         for prompt in ["prompt0", "prompt1"] {
-            let ids: Vec<u32> = fixture(&format!("{key}.{prompt}.ids"))
-                .iter()
-                .map(|&v| v as u32)
-                .collect();
-            let want = fixture(&format!("{key}.{prompt}.logits"));
+            let ids = ids(&format!("{key}.{prompt}.ids"));
+            let want = fixture(&format!("{key}.{prompt}.logits")).0;
             let vocab = want.len() / ids.len();
             let steps = 4.min(ids.len() - 1);
             let start = ids.len() - steps;
@@ -56,13 +40,8 @@ fn group_decode_steps_match_transformers_logits() {
                         .to_vec::<f32>()
                         .unwrap();
                     let row = &want[position * vocab..(position + 1) * vocab];
-                    let scale = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                     for (r, logits) in got.chunks(vocab).enumerate() {
-                        let err = logits
-                            .iter()
-                            .zip(row)
-                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                            / scale;
+                        let err = rel_err(logits, row);
                         assert!(
                             err <= 1e-4,
                             "{dir} {prompt} g={g} position {position} row {r}: rel err {err:e}"

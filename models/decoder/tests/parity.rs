@@ -3,7 +3,9 @@
 //! weights in 3 shards, computed in f32 after upcasting as `torch_dtype=float32` does).
 //! Tolerance: relative error `max|Δ| / max|ref|` ≤ 1e-4 on logits; greedy ids identical.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -11,25 +13,9 @@ use omniopsd_checkpoint::{Checkpoint, Dtype};
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{check_tokenizer, text_positions, Error, Qwen2Model, TokenPrompt};
 
+use common::{fixture, ids, reference, rel_err, MODELS};
+
 type B = NdArray<f32>;
-
-fn reference() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/reference"
-    ))
-}
-
-fn fixture(name: &str) -> (Vec<f32>, Vec<usize>) {
-    Checkpoint::open_file(&reference().join("qwen2_ref.safetensors"))
-        .unwrap()
-        .read_f32(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn ids(name: &str) -> Vec<u32> {
-    fixture(name).0.iter().map(|&v| v as u32).collect()
-}
 
 fn model(dir: &str) -> Qwen2Model<B> {
     let ckpt = Checkpoint::open(&reference().join(dir)).unwrap();
@@ -45,18 +31,6 @@ fn int2(ids: &[u32], rows: usize) -> Tensor<B, 2, Int> {
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().unwrap()
 }
-
-fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(a.len(), reference.len());
-    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    a.iter()
-        .zip(reference)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
-}
-
-const MODELS: [(&str, &str); 2] = [("a", "qwen2_tiny"), ("b", "qwen2_tiny_tied_bf16")];
 
 #[test]
 fn logits_match_transformers_for_both_checkpoints() {
