@@ -36,7 +36,8 @@ pub type FlexTrain = burn::backend::Autodiff<FlexCpu>;
 
 #[cfg(feature = "cuda")]
 pub use burn::backend::cuda::CudaDevice;
-/// CUDA backend (f32 parameters; bf16 compute is chosen per model).
+/// CUDA backend in f32 (`burn::backend::Cuda<burn::tensor::bf16>` runs in bf16, as the
+/// GPU benchmark `benches/gpu/` does).
 #[cfg(feature = "cuda")]
 pub type CudaGpu = burn::backend::Cuda<f32>;
 /// [`CudaGpu`] with reverse-mode autodiff.

@@ -5,7 +5,9 @@ Workloads, for each model shape × vocabulary (random-init `Qwen2ForCausalLM` bu
 by transformers, loaded by both sides):
 1. one OPSD train step (train_step.py): G = 4 rollouts of 32 tokens from a 64-token prompt,
    the teacher on the prompt + 64 privileged tokens under no-grad, generalized JSD β = 0.5
-   over the full vocabulary, backward, AdamW; response tokens per second;
+   over the full vocabulary, backward, AdamW; response tokens per second, and each side's
+   model FLOP/s (`omniopsd_benches::flops`) as a share of the f32 matrix-product peak
+   measured here (MFU);
 2. greedy decode with the KV cache (decode.py's timing: after the prefill and first token),
    batch 1 and 8, a 128-token prompt, 64 new tokens; tokens per second over all sequences,
    and the greedy prefix both sides agree on (first sequence);
@@ -57,11 +59,37 @@ SHAPES = {
 DECODE_PROMPT, DECODE_NEW, LOSS_ROWS, LOSS_VOCAB, LOSS_CHUNK = 128, 64, 2048, 151936, 128
 
 
-def train_row(model, model_dir, vocab, args, flags):
-    ours = train_step.rust_steps(model_dir, args.repeats + 1, args.threads, flags)[1:]
-    theirs = train_step.torch_steps(model, vocab, args.repeats + 1)[1:]
+def matmul_peak(args, flags):
+    """The f32 matrix-product rate (FLOP/s) of `--threads` threads here: the faster of ours
+    (the `peak` example, 1,024³ and 2,048³) and PyTorch's (`torch.mm` at 2,048³), the
+    denominator of the train step's MFU."""
+    import time
+
+    import torch
+
+    ours = max(r["tflops"] for r in decode.run_example(
+        "peak", ["--sizes", "1024,2048", "--repeats", "3"], args.threads, flags)) * 1e12
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, b)
+    theirs = 3 * 2 * 2048**3 / (time.perf_counter() - start)
+    return max(ours, theirs)
+
+
+def train_row(model, model_dir, vocab, args, flags, peak):
+    """(ours, PyTorch) response tokens/s, and a note with both sides' model FLOP/s and MFU
+    (the same FLOP count, `omniopsd_benches::flops`, for both)."""
+    report = train_step.rust_steps(model_dir, args.repeats + 1, args.threads, flags)
+    ours = statistics.median(report["step_seconds"][1:])
+    theirs = statistics.median(train_step.torch_steps(model, vocab, args.repeats + 1)[1:])
     tokens = train_step.GROUP * train_step.NEW
-    return tokens / statistics.median(ours), tokens / statistics.median(theirs)
+    flops = report["step_flops"]["total"]
+    note = (f"model {flops / ours / 1e9:.1f} vs {flops / theirs / 1e9:.1f} GFLOP/s = MFU "
+            f"{100 * flops / ours / peak:.0f}% vs {100 * flops / theirs / peak:.0f}% of "
+            f"{peak / 1e9:.0f} GFLOP/s (f32 matmul peak)")
+    return tokens / ours, tokens / theirs, note
 
 
 def decode_rows(model_dir, vocab, args, flags):
@@ -137,6 +165,7 @@ def main():
             print(f"loss {name}: {note}", flush=True)
 
     table = []  # (workload, model, unit, ours, torch, note)
+    peak = matmul_peak(args, flags) if 1 in workloads else None
     for shape in shapes:
         for vocab in vocabs:
             name = f"{shape} V={vocab}"
@@ -145,8 +174,8 @@ def main():
             with tempfile.TemporaryDirectory(prefix="omniopsd-compare-") as tmp:
                 model = train_step.build(tmp, vocab, SHAPES[shape])
                 if 1 in workloads:
-                    ours, theirs = train_row(model, tmp, vocab, args, flags)
-                    table.append(("1 OPSD train step", name, "tok/s", ours, theirs, ""))
+                    ours, theirs, note = train_row(model, tmp, vocab, args, flags, peak)
+                    table.append(("1 OPSD train step", name, "tok/s", ours, theirs, note))
                     print(f"train step {name}: ours {ours:.1f} tok/s, PyTorch {theirs:.1f}",
                           flush=True)
                 if 2 in workloads:

@@ -69,37 +69,44 @@ def generalized_jsd(student_logits, teacher_logits, beta=0.5):
     return (beta * kl_t + (1 - beta) * kl_s).sum(-1).mean()
 
 
-def torch_steps(model, vocab, steps):
+def torch_steps(model, vocab, steps, shape=None, device="cpu"):
+    """Seconds of each of `steps` PyTorch steps; `shape` = (prompt, privileged, group, new),
+    default the module's; on a CUDA `device` each step ends with a synchronize."""
     import torch
 
+    prompt, privileged, group, new = shape or (PROMPT, PRIVILEGED, GROUP, NEW)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    student = torch.tensor([ids(0, PROMPT, vocab)] * GROUP)
-    teacher = torch.tensor([ids(0, PROMPT, vocab) + ids(PROMPT, PRIVILEGED, vocab)] * GROUP)
+    student = torch.tensor([ids(0, prompt, vocab)] * group, device=device)
+    teacher = torch.tensor([ids(0, prompt, vocab) + ids(prompt, privileged, vocab)] * group,
+                           device=device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(student, attention_mask=torch.ones_like(student), do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW,
-                                 min_new_tokens=NEW, pad_token_id=0)
-            response = out[:, PROMPT:]
-            t_logits = model(torch.cat([teacher, response], 1)).logits[:, PROMPT + PRIVILEGED - 1:-1]
-        s_logits = model(torch.cat([student, response], 1)).logits[:, PROMPT - 1:-1]
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=0)
+            response = out[:, prompt:]
+            t_logits = model(torch.cat([teacher, response], 1)).logits[:, prompt + privileged - 1:-1]
+        s_logits = model(torch.cat([student, response], 1)).logits[:, prompt - 1:-1]
         loss = generalized_jsd(s_logits, t_logits)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
 
 
 def rust_steps(model_dir, steps, threads, flags=None):
-    """Seconds of each of `steps` Rust steps (`flags`: cargo flags, default `--backend`'s)."""
+    """The Rust example's report of `steps` steps: `step_seconds` of each, `step_flops` (model
+    FLOPs by pass) and more (`flags`: cargo flags, default `--backend`'s)."""
     flags = BACKEND_FLAGS if flags is None else flags
     args = ["--model", model_dir, "--steps", str(steps), "--prompt", str(PROMPT),
             "--privileged", str(PRIVILEGED), "--group", str(GROUP), "--new", str(NEW)]
-    return run_example("train_step", args, threads, flags)[0]["step_seconds"]
+    return run_example("train_step", args, threads, flags)[0]
 
 
 def main():
@@ -120,7 +127,7 @@ def main():
     for vocab in (32000, 512):
         with tempfile.TemporaryDirectory(prefix="omniopsd-step-") as tmp:
             model = build(tmp, vocab)
-            ours = rust_steps(tmp, args.steps + 1, args.threads)[1:]
+            ours = rust_steps(tmp, args.steps + 1, args.threads)["step_seconds"][1:]
             theirs = torch_steps(model, vocab, args.steps + 1)[1:]
         rows.append((vocab, tokens / statistics.median(ours), tokens / statistics.median(theirs)))
     print(f"\nours on {args.backend}; torch {torch.__version__}, {args.threads} thread(s); G={GROUP} x {NEW} new tokens, "

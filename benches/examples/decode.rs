@@ -23,11 +23,8 @@ use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::{json, Value};
 
-#[cfg(not(feature = "flex"))]
-type B = burn::backend::NdArray<f32>;
-/// `--features flex`: Burn's Flex CPU backend.
-#[cfg(feature = "flex")]
-type B = burn::backend::Flex<f32>;
+/// NdArray, or Flex (`--features flex`), or CUDA in bf16 (`--features cuda`).
+type B = omniopsd_benches::Bench;
 
 struct Args {
     model: PathBuf,
@@ -76,6 +73,7 @@ fn next_tokens(model: &Qwen2Model<B>, hidden: Tensor<B, 2>) -> Result<Vec<u32>, 
     let logits = model
         .step_logits(hidden)
         .into_data()
+        .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| format!("reading logits: {e:?}"))?;
     let v = logits.len() / n;

@@ -1,19 +1,28 @@
 //! One OPSD training step on a Qwen2 checkpoint, timed: the Rust half of
-//! `benches/compare/train_step.py`, which runs the same step in PyTorch on the same weights.
+//! `benches/compare/train_step.py`, which runs the same step in PyTorch on the same weights,
+//! and of `benches/gpu/run.sh` (CUDA, bf16).
 //!
-//! The step (`OpsdTrainer::step` on `Autodiff<NdArray<f32>>`): `G` rollouts of exactly
+//! The step (`OpsdTrainer::step` on `Autodiff<B>`, `B` the benchmark backend: NdArray, Flex
+//! with `--features flex`, CUDA in bf16 with `--features cuda`): `G` rollouts of exactly
 //! `--new` tokens from the student prompt (temperature 1, no stop token), the live teacher
 //! (same weights, no graph) on the privileged prompt (student prompt + `--privileged` more
 //! tokens), full-vocabulary generalized JSD β = 0.5 per response token, backward, AdamW.
-//! Prints one JSON line: the seconds of every step (the first is a warm-up).
+//! Prints one JSON line: the seconds of every step (the first is a warm-up), response tokens
+//! per second and model FLOP/s over the median of the others, and the step's model FLOPs by
+//! pass (`omniopsd_benches::flops`).
 //!
-//! `cargo run --release -p omniopsd-benches --example train_step -- --model DIR
-//! [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32]`
+//! The weights: `--model DIR` (an HF checkpoint), or `--random CONFIG` (a `config.json`;
+//! randomly initialised in a temporary directory, removed once loaded).
+//!
+//! `cargo run --release -p omniopsd-benches --example train_step -- (--model DIR | --random
+//! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32]`
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use omniopsd_benches::flops::{opsd_step_flops, StepShape};
+use omniopsd_benches::init::write_random_qwen2;
 use omniopsd_benches::{count, flag_values};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
@@ -23,14 +32,11 @@ use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use serde_json::json;
 
-#[cfg(not(feature = "flex"))]
-type B = Autodiff<burn::backend::NdArray<f32>>;
-/// `--features flex`: Burn's Flex CPU backend.
-#[cfg(feature = "flex")]
-type B = Autodiff<burn::backend::Flex<f32>>;
+type B = Autodiff<omniopsd_benches::Bench>;
 
 struct Args {
     model: PathBuf,
+    random: Option<PathBuf>,
     steps: usize,
     prompt: usize,
     privileged: usize,
@@ -41,6 +47,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         model: PathBuf::new(),
+        random: None,
         steps: 4,
         prompt: 64,
         privileged: 64,
@@ -50,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
     for (flag, value) in flag_values()? {
         match flag.as_str() {
             "--model" => args.model = value.into(),
+            "--random" => args.random = Some(value.into()),
             "--steps" => args.steps = count(&flag, &value, 2)?,
             "--prompt" => args.prompt = count(&flag, &value, 1)?,
             "--privileged" => args.privileged = count(&flag, &value, 0)?,
@@ -71,10 +79,22 @@ fn ids(start: usize, len: usize, vocab: usize) -> Vec<u32> {
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
-    let ckpt = Checkpoint::open(&args.model).map_err(|e| e.to_string())?;
-    let model =
-        Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).map_err(|e| e.to_string())?;
-    let vocab = model.config().vocab_size;
+    let model = match &args.random {
+        None => load(&args.model)?,
+        Some(config) => {
+            let text = std::fs::read_to_string(config)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
+            let dir = std::env::temp_dir().join(format!("omniopsd-random-{}", std::process::id()));
+            let model = write_random_qwen2(&dir, &json, 0).and_then(|()| load(&dir));
+            // Removed whether or not it loaded; a failure to remove only leaves a temp dir.
+            let _ = std::fs::remove_dir_all(&dir);
+            model.map_err(|e| format!("{}: {e}", config.display()))?
+        }
+    };
+    let decoder = model.config().clone();
+    let vocab = decoder.vocab_size;
     let student = ids(0, args.prompt, vocab);
     let mut teacher = student.clone();
     teacher.extend(ids(args.prompt, args.privileged, vocab));
@@ -109,9 +129,35 @@ fn main() -> Result<(), String> {
         seconds.push(start.elapsed().as_secs_f64());
         tokens = m.valid_tokens;
     }
+    let shape = StepShape {
+        prompt: args.prompt,
+        privileged: args.privileged,
+        group: args.group,
+        new: args.new,
+    };
+    let flops = opsd_step_flops(&decoder, shape);
+    let mut timed = seconds[1..].to_vec();
+    timed.sort_by(f64::total_cmp);
+    let median = timed[timed.len() / 2];
     println!(
         "{}",
-        json!({ "step_seconds": seconds, "response_tokens": tokens })
+        json!({
+            "step_seconds": seconds,
+            "response_tokens": tokens,
+            "tokens_per_second": tokens as f64 / median,
+            "model_flops_per_second": flops.total() / median,
+            "step_flops": {
+                "total": flops.total(),
+                "rollout": flops.rollout,
+                "teacher": flops.teacher,
+                "student": flops.student,
+            },
+        })
     );
     Ok(())
+}
+
+fn load(dir: &std::path::Path) -> Result<Qwen2Model<B>, String> {
+    let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).map_err(|e| e.to_string())
 }

@@ -2,6 +2,11 @@
 //! measurement and the two ways of computing the distillation loss with its gradients.
 //!
 //! The allocator type lives here; each bench binary installs it with `#[global_allocator]`.
+//! Besides: [`flops`] (model FLOPs of an OPSD step, for FLOP/s and MFU), [`init`] (a random
+//! Qwen2 checkpoint from a `config.json`) and [`Bench`], the backend the examples run on.
+
+pub mod flops;
+pub mod init;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +20,19 @@ use omniopsd_core::fused::{fused_loss_and_grads, ResponseBatch, TeacherInput};
 pub type Cpu = NdArray<f32>;
 /// Its autodiff wrapper (the naive path).
 pub type Train = Autodiff<Cpu>;
+
+/// The backend the examples run on, by cargo feature: Burn's CUDA backend with bf16 as its
+/// float type (`cuda`), Flex (`flex`), else NdArray; f32 on the CPU.
+#[cfg(feature = "cuda")]
+pub type Bench = burn::backend::Cuda<burn::tensor::bf16>;
+/// The backend the examples run on, by cargo feature: Burn's CUDA backend with bf16 as its
+/// float type (`cuda`), Flex (`flex`), else NdArray; f32 on the CPU.
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+pub type Bench = burn::backend::Flex<f32>;
+/// The backend the examples run on, by cargo feature: Burn's CUDA backend with bf16 as its
+/// float type (`cuda`), Flex (`flex`), else NdArray; f32 on the CPU.
+#[cfg(not(any(feature = "flex", feature = "cuda")))]
+pub type Bench = Cpu;
 
 /// Wraps the system allocator, tracking live bytes and their high-water mark.
 pub struct CountingAllocator {

@@ -1,0 +1,179 @@
+//! A randomly initialised Qwen2 checkpoint from a `config.json` alone, for benchmarks of
+//! shapes no fixture ships (a 0.5B-class model on the GPU machine, where nothing can be
+//! downloaded and 2 GB of weights cannot be carried).
+//!
+//! Initialised as transformers' `Qwen2PreTrainedModel._init_weights` does: every projection
+//! and the embedding from `N(0, initializer_range²)` (default 0.02), biases 0, RMSNorm
+//! weights 1. The draws come from a SplitMix64 stream seeded by the seed and the tensor's
+//! name (Box–Muller), so a seed always gives the same weights, whatever the tensor order.
+
+use std::path::Path;
+
+use burn::tensor::TensorData;
+use omniopsd_checkpoint::{save_safetensors, Dtype};
+use omniopsd_decoder::Qwen2Config;
+
+/// The HF-named tensors of a randomly initialised Qwen2 decoder of `config`.
+pub fn random_qwen2(config: &Qwen2Config, std: f64, seed: u64) -> Vec<(String, TensorData)> {
+    let h = config.hidden_size;
+    let q = config.num_attention_heads * config.head_dim();
+    let kv = config.kv_heads() * config.head_dim();
+    let i = config.intermediate_size;
+    let v = config.vocab_size;
+    let mut out = Vec::new();
+    let mut normal = |name: String, shape: Vec<usize>| {
+        let values = normals(shape.iter().product(), std, seed ^ name_stream(&name));
+        out.push((name, TensorData::new(values, shape)));
+    };
+    normal("model.embed_tokens.weight".into(), vec![v, h]);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (part, rows, cols) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            normal(format!("{p}.{part}.weight"), vec![rows, cols]);
+        }
+    }
+    if !config.tie_word_embeddings {
+        normal("lm_head.weight".into(), vec![v, h]);
+    }
+    let constant =
+        |name: String, len: usize, value: f32| (name, TensorData::new(vec![value; len], [len]));
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (part, len) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            out.push(constant(format!("{p}.self_attn.{part}.bias"), len, 0.0));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            out.push(constant(format!("{p}.{norm}.weight"), h, 1.0));
+        }
+    }
+    out.push(constant("model.norm.weight".into(), h, 1.0));
+    out
+}
+
+/// Writes `config` (as given, a `config.json` object) and its [`random_qwen2`] weights
+/// (f32) to `dir` as an HF checkpoint. `initializer_range` of the config is the weights'
+/// standard deviation.
+pub fn write_random_qwen2(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<(), String> {
+    let parsed: Qwen2Config =
+        serde_json::from_value(config.clone()).map_err(|e| format!("config.json: {e}"))?;
+    parsed
+        .validate()
+        .map_err(|(key, reason)| format!("config.json `{key}`: {reason}"))?;
+    let std = config
+        .get("initializer_range")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.02);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| e.to_string())?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let tensors = random_qwen2(&parsed, std, seed);
+    save_safetensors::<crate::Cpu>(&dir.join("model.safetensors"), &tensors, Dtype::F32)
+        .map_err(|e| e.to_string())
+}
+
+/// A stream id from a tensor name (FNV-1a).
+fn name_stream(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `len` draws from `N(0, std²)`: SplitMix64 uniforms, Box–Muller pairs.
+fn normals(len: usize, std: f64, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 53 random bits in (0, 1]: never 0, so the logarithm is finite.
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(len + 1);
+    while out.len() < len {
+        let radius = (-2.0 * uniform().ln()).sqrt() * std;
+        let angle = core::f64::consts::TAU * uniform();
+        out.push((radius * angle.cos()) as f32);
+        out.push((radius * angle.sin()) as f32);
+    }
+    out.truncate(len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Int, Tensor};
+    use omniopsd_checkpoint::Checkpoint;
+    use omniopsd_decoder::Qwen2Model;
+
+    fn tiny(tied: bool) -> serde_json::Value {
+        serde_json::json!({
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "tie_word_embeddings": tied, "initializer_range": 0.05
+        })
+    }
+
+    #[test]
+    fn normals_have_the_asked_spread_and_depend_only_on_the_seed() {
+        let a = normals(200_001, 0.02, 7);
+        assert_eq!(a.len(), 200_001);
+        let mean = a.iter().map(|x| *x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 2e-4, "{mean}");
+        assert!((var.sqrt() - 0.02).abs() < 2e-4, "{}", var.sqrt());
+        assert_eq!(a, normals(200_001, 0.02, 7));
+        assert_ne!(a[..8], normals(8, 0.02, 8)[..]);
+    }
+
+    #[test]
+    fn a_written_checkpoint_loads_and_runs_in_the_decoder() {
+        for tied in [true, false] {
+            let dir = std::env::temp_dir().join(format!(
+                "omniopsd-random-test-{}-{tied}",
+                std::process::id()
+            ));
+            write_random_qwen2(&dir, &tiny(tied), 3).unwrap();
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            // Every tensor the decoder reads is there with its shape, and nothing else.
+            let model =
+                Qwen2Model::<crate::Cpu>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+            assert_eq!(ckpt.tensor_names().count(), 2 + 2 * 12 + usize::from(!tied));
+            let (embed, shape) = ckpt.read_f32("model.embed_tokens.weight").unwrap();
+            assert_eq!(shape, [64, 32]);
+            let std = (embed.iter().map(|x| x * x).sum::<f32>() / embed.len() as f32).sqrt();
+            assert!((std - 0.05).abs() < 0.005, "{std}");
+            let ids = Tensor::<crate::Cpu, 2, Int>::from_data([[1, 2, 3]], &Default::default());
+            let logits = model.logits(model.forward_ids(ids));
+            assert_eq!(logits.dims(), [1, 3, 64]);
+            let values = logits.into_data().to_vec::<f32>().unwrap();
+            assert!(values.iter().all(|x| x.is_finite()));
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_config_the_decoder_cannot_run_is_refused_by_key() {
+        let dir = std::env::temp_dir().join(format!("omniopsd-random-bad-{}", std::process::id()));
+        let mut bad = tiny(true);
+        bad["num_attention_heads"] = 5.into();
+        let err = write_random_qwen2(&dir, &bad, 0).unwrap_err();
+        assert!(err.contains("num_attention_heads"), "{err}");
+        assert!(!dir.exists());
+        let mut missing = tiny(true);
+        missing.as_object_mut().unwrap().remove("hidden_size");
+        let err = write_random_qwen2(&dir, &missing, 0).unwrap_err();
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+}
