@@ -60,8 +60,17 @@ pub fn random_qwen2(config: &Qwen2Config, std: f64, seed: u64) -> Vec<(String, T
 
 /// Writes `config` (as given, a `config.json` object) and its [`random_qwen2`] weights
 /// (f32) to `dir` as an HF checkpoint. `initializer_range` of the config is the weights'
-/// standard deviation.
+/// standard deviation. Refuses a `dir` that already holds a `config.json` or
+/// `model.safetensors`, so no checkpoint is ever overwritten.
 pub fn write_random_qwen2(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<(), String> {
+    for name in ["config.json", "model.safetensors"] {
+        if dir.join(name).exists() {
+            return Err(format!(
+                "{}: already holds {name}; not overwritten",
+                dir.display()
+            ));
+        }
+    }
     let parsed: Qwen2Config =
         serde_json::from_value(config.clone()).map_err(|e| format!("config.json: {e}"))?;
     parsed
@@ -145,6 +154,14 @@ mod tests {
                 std::process::id()
             ));
             write_random_qwen2(&dir, &tiny(tied), 3).unwrap();
+            // A second write into the same directory is refused and changes nothing.
+            let before = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let err = write_random_qwen2(&dir, &tiny(!tied), 4).unwrap_err();
+            assert!(err.contains("not overwritten"), "{err}");
+            assert_eq!(
+                std::fs::read(dir.join("model.safetensors")).unwrap(),
+                before
+            );
             let ckpt = Checkpoint::open(&dir).unwrap();
             // Every tensor the decoder reads is there with its shape, and nothing else.
             let model =
