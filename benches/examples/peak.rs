@@ -1,10 +1,12 @@
 //! The matrix-product rate the benchmark backend reaches: `n × n × n` products of random
-//! matrices in its float type (bf16 on CUDA, f32 on the CPU), the denominator of the model
-//! FLOPs utilisation that `benches/gpu/run.sh` reports.
+//! matrices in its float type (bf16 on CUDA, f32 on the CPU). `compare.py` takes the
+//! faster of this and PyTorch's as the CPU's peak for MFU; `benches/gpu/gpu.py` reports it
+//! beside PyTorch's (the MFU denominator there) and falls back to it.
 //!
-//! For each size: 3 untimed products, then `--repeats` products timed together up to a
-//! device sync (their outputs kept alive until then, so none is skipped). Prints one JSON
-//! line per size: seconds per product and TFLOP/s at `2n³` FLOPs each.
+//! For each size: untimed products for at least a second (and at least 3), so a GPU's clocks
+//! have ramped up, then `--repeats` products timed together up to a device sync (their
+//! outputs kept alive until then, so none is skipped). Prints one JSON line per size: seconds
+//! per product and TFLOP/s at `2n³` FLOPs each.
 //!
 //! `cargo run --release -p omniopsd-benches --features cuda --example peak -- [--sizes
 //! 4096,8192] [--repeats 10]`
@@ -36,9 +38,14 @@ fn main() -> Result<(), String> {
     for n in sizes {
         let a = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
         let b = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
-        let warm: Vec<_> = (0..3).map(|_| a.clone().matmul(b.clone())).collect();
-        sync()?;
-        drop(warm);
+        let warm = Instant::now();
+        let mut products = 0;
+        while products < 3 || warm.elapsed().as_secs_f64() < 1.0 {
+            let batch: Vec<_> = (0..3).map(|_| a.clone().matmul(b.clone())).collect();
+            sync()?;
+            drop(batch);
+            products += 3;
+        }
         let start = Instant::now();
         let outs: Vec<_> = (0..repeats).map(|_| a.clone().matmul(b.clone())).collect();
         sync()?;

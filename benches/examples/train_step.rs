@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use omniopsd_benches::flops::{opsd_step_flops, StepShape};
 use omniopsd_benches::init::write_random_qwen2;
 use omniopsd_benches::{count, flag_values};
@@ -81,14 +82,19 @@ fn main() -> Result<(), String> {
     let args = parse_args()?;
     let model = match &args.random {
         None => load(&args.model)?,
+        Some(_) if !args.model.as_os_str().is_empty() => {
+            return Err("give --model DIR or --random CONFIG, not both".into())
+        }
         Some(config) => {
             let text = std::fs::read_to_string(config)
                 .map_err(|e| format!("{}: {e}", config.display()))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
+            // A directory of our own (`create_dir` fails on one that exists), removed once
+            // loaded whether or not loading worked.
             let dir = std::env::temp_dir().join(format!("omniopsd-random-{}", std::process::id()));
+            std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let model = write_random_qwen2(&dir, &json, 0).and_then(|()| load(&dir));
-            // Removed whether or not it loaded; a failure to remove only leaves a temp dir.
             let _ = std::fs::remove_dir_all(&dir);
             model.map_err(|e| format!("{}: {e}", config.display()))?
         }
@@ -126,6 +132,8 @@ fn main() -> Result<(), String> {
         let m = trainer
             .step(std::slice::from_ref(&episode))
             .map_err(|e| e.to_string())?;
+        // A GPU may still be running the optimizer's update: the step ends when it is done.
+        <B as Backend>::sync(&Default::default()).map_err(|e| format!("device sync: {e:?}"))?;
         seconds.push(start.elapsed().as_secs_f64());
         tokens = m.valid_tokens;
     }

@@ -15,8 +15,9 @@ builds the binaries here and calls this there.
 4. MFU = model FLOP/s (`omniopsd_benches::flops`, the same count for both sides) / the
    measured PyTorch peak.
 
-Writes gpu.json and gpu.md to `--out` (default $OUT) and prints the markdown. Each stage has
-its own time limit (Burn's peak 2 min, our step 6 min 20 s), so the whole run fits one
+Writes gpu.json (after every stage) and gpu.md to `--out` (default $OUT) and prints the
+markdown. The Rust stages get time limits (Burn's peak 2 min, our step 6 min 20 s) cut to
+what is left of `--budget` (560 s), and run.sh bounds the whole script, so it fits one
 10-minute device call; a stage that fails or overruns is reported and the others still run.
 """
 
@@ -37,13 +38,52 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "tie_word_embeddings", "initializer_range")
 
 
-def run(cmd, timeout):
-    """The JSON lines `cmd` printed, or {"error": ...} with the end of its output."""
+DEADLINE = [time.monotonic() + 560]
+
+
+def text(x):
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def json_lines(out):
+    lines = []
+    for line in text(out).splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return [l for l in lines if isinstance(l, dict)]
+
+
+def cuda_env():
+    """The environment of the Rust binaries: Burn's CUDA runtime loads libcuda and NVRTC at
+    run time, so the toolkit's library folders and those PyTorch's wheels bring go on
+    LD_LIBRARY_PATH (for them only: PyTorch keeps its own)."""
+    import glob
+    import site
+
+    dirs = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+    for packages in site.getsitepackages():
+        dirs += sorted(glob.glob(os.path.join(packages, "nvidia", "*", "lib")))
+    dirs = [d for d in dirs if os.path.isdir(d)]
+    old = os.environ.get("LD_LIBRARY_PATH")
+    return dict(os.environ, LD_LIBRARY_PATH=":".join(dirs + ([old] if old else [])))
+
+
+def run(cmd, limit):
+    """The JSON objects `cmd` printed, or [{"error": ...}] with the end of its output; it gets
+    `limit` seconds, or what is left before the deadline if that is less."""
+    timeout = max(10, min(limit, DEADLINE[0] - time.monotonic()))
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [{"error": f"{cmd[0]}: no result within {timeout} s"}]
-    lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cuda_env())
+    except subprocess.TimeoutExpired as e:
+        # What it finished before the limit, then the error.
+        tail = (text(e.stderr) + text(e.stdout))[-2000:]
+        error = {"error": f"{cmd[0]}: not done within {timeout:.0f} s; last output: {tail}"}
+        return json_lines(e.stdout) + [error]
+    except OSError as e:
+        return [{"error": f"{cmd[0]}: {e}"}]
+    lines = json_lines(out.stdout)
     if out.returncode != 0 or not lines:
         return [{"error": f"{cmd[0]} exit {out.returncode}: {(out.stderr or out.stdout)[-2000:]}"}]
     return lines
@@ -58,29 +98,34 @@ def card():
         return f"nvidia-smi: {e}"
 
 
-def torch_peak(n=8192):
+def torch_peak(n=8192, repeats=50):
+    """bf16 `n³` products in PyTorch: a second of warm-up (the clocks ramp up), then
+    `repeats` timed by CUDA events."""
     import torch
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
+    warm = time.perf_counter()
+    while time.perf_counter() - warm < 1.0:
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(10):
+    for _ in range(repeats):
         a @ b
     end.record()
     torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / 10
+    seconds = start.elapsed_time(end) / 1e3 / repeats
     return {"n": n, "seconds_per_product": seconds, "tflops": 2 * n**3 / seconds / 1e12}
 
 
 def markdown(result, steps):
     """The report: tokens/s, model TFLOP/s and MFU of each side that ran."""
     shape = result["shape"]
-    ours = result["ours"]
-    burn = [p for p in result["burn_peak"] if "tflops" in p]
-    if "tflops" in result["torch_peak"]:
+    ours = result.get("ours", {"error": "did not run"})
+    burn = [p for p in result.get("burn_peak", []) if "tflops" in p]
+    if "tflops" in result.get("torch_peak", {}):
         peak, source = result["torch_peak"]["tflops"], "PyTorch 8192³"
     elif burn:
         peak, source = max(p["tflops"] for p in burn), "Burn's matmul"
@@ -88,31 +133,43 @@ def markdown(result, steps):
         peak, source = float("nan"), "no peak measured"
     peak *= 1e12
     tokens = shape["group"] * shape["new"]
-    rows = []
-    if "step_flops" in ours:
-        flops = ours["step_flops"]["total"]
+    rows = []  # (side, tokens/s, model FLOP/s or None)
+    flops = ours["step_flops"]["total"] if "step_flops" in ours else None
+    if flops is not None:
         o = statistics.median(ours["step_seconds"][1:])
         rows.append(("ours (Burn CUDA, bf16)", tokens / o, flops / o))
-        if "torch_step_seconds" in result:
-            t = statistics.median(result["torch_step_seconds"][1:])
-            rows.append((f"PyTorch {result['torch']} eager (bf16)", tokens / t, flops / t))
-    md = [f"OPSD train step on {result['card']}; Qwen2.5-0.5B shapes, G={shape['group']} x "
+    if "torch_step_seconds" in result:
+        t = statistics.median(result["torch_step_seconds"][1:])
+        rows.append((f"PyTorch {result.get('torch')} eager (bf16)", tokens / t,
+                     None if flops is None else flops / t))
+    md = [f"OPSD train step on {result['card']}; {result['model']}, G={shape['group']} x "
           f"{shape['new']} tokens, prompt {shape['prompt']} (+{shape['privileged']} privileged); "
           f"median of {steps} steps after a warm-up; MFU against the measured bf16 peak "
           f"{peak / 1e12:.0f} TFLOP/s ({source})",
           "", "| side | tokens/s | model TFLOP/s | MFU |", "|---|---:|---:|---:|"]
     for name, tps, fps in rows:
-        md.append(f"| {name} | {tps:.1f} | {fps / 1e12:.2f} | {100 * fps / peak:.2f}% |")
+        if fps is None:  # our step did not run, so no FLOP count
+            md.append(f"| {name} | {tps:.1f} | – | – |")
+        else:
+            md.append(f"| {name} | {tps:.1f} | {fps / 1e12:.2f} | {100 * fps / peak:.2f}% |")
     if len(rows) == 2:
         md.append(f"\nours/PyTorch tokens/s: {rows[0][1] / rows[1][1]:.2f}")
-    for key in ("error", "torch_error"):
-        err = ours.get(key) if key == "error" else result.get(key)
+    failures = [("ours", ours.get("error")), ("PyTorch", result.get("torch_error")),
+                ("PyTorch peak", result.get("torch_peak", {}).get("error"))]
+    failures += [("Burn peak", p["error"]) for p in result.get("burn_peak", []) if "error" in p]
+    for side, err in failures:
         if err:
-            md.append(f"\n{'ours' if key == 'error' else 'PyTorch'} failed: {err}")
+            md.append(f"\n{side} failed: {err}")
     if burn:
         md.append("\nBurn's bf16 matmul: "
                   + ", ".join(f"{p['n']}³ {p['tflops']:.0f} TFLOP/s" for p in burn))
     return "\n".join(md)
+
+
+def save(result, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu.json"), "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def main():
@@ -120,32 +177,47 @@ def main():
     parser.add_argument("--bin", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), ".gpu"),
                         help="folder of the CUDA builds of the examples (run.sh build)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=float, default=560, help="seconds for the whole run")
+    parser.add_argument("--config", default=CONFIG, help="the model's config.json")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--privileged", type=int, default=256)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new", type=int, default=128)
     args = parser.parse_args()
+    DEADLINE[0] = time.monotonic() + args.budget
+    args.steps = max(1, args.steps)
     shape = (args.prompt, args.privileged, args.group, args.new)
-    result = {"card": card(), "shape": dict(zip(("prompt", "privileged", "group", "new"), shape))}
+    result = {"card": card(), "model": os.path.basename(args.config),
+              "shape": dict(zip(("prompt", "privileged", "group", "new"), shape))}
     print("card:", result["card"], flush=True)
 
-    import torch
-
-    result["torch"] = torch.__version__
     try:
-        result["torch_peak"] = torch_peak()
-    except Exception as e:  # MFU then uses Burn's peak
-        result["torch_peak"] = {"error": f"{type(e).__name__}: {e}"}
+        import torch
+
+        result["torch"] = torch.__version__
+    except ImportError as e:
+        torch = None
+        result["torch_peak"] = {"error": f"ImportError: {e}"}
+    if torch is not None:
+        try:
+            result["torch_peak"] = torch_peak()
+        except Exception as e:  # MFU then uses Burn's peak
+            result["torch_peak"] = {"error": f"{type(e).__name__}: {e}"}
     print("torch peak:", result["torch_peak"], flush=True)
+    save(result, args.out)
     result["burn_peak"] = run([os.path.join(args.bin, "peak"), "--sizes", "4096,8192",
-                               "--repeats", "10"], 120)
+                               "--repeats", "20"], 120)
     print("burn peak:", result["burn_peak"], flush=True)
+    save(result, args.out)
 
-    config = json.load(open(CONFIG))
+    config = json.load(open(args.config))
     work = tempfile.mkdtemp(prefix="omniopsd-gpu-")
-    weights = ["--random", CONFIG]
+    weights = ["--random", args.config]
+    model = None
     try:
+        if torch is None:
+            raise RuntimeError("no torch")
         from train_step import build, torch_steps
 
         start = time.perf_counter()
@@ -153,27 +225,28 @@ def main():
         result["build_seconds"] = time.perf_counter() - start
         weights = ["--model", work]
         model = model.to("cuda", dtype=torch.bfloat16)
-        times = torch_steps(model, config["vocab_size"], args.steps + 1, shape, "cuda")
-        result["torch_step_seconds"] = times
-        del model
-        torch.cuda.empty_cache()
-    except Exception as e:  # the Rust side still runs on its own weights
+        result["torch_step_seconds"] = torch_steps(model, config["vocab_size"], args.steps + 1,
+                                                   shape, "cuda")
+    except Exception as e:  # the Rust side still runs, on its own weights if need be
         result["torch_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        del model
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
     print("torch step:", result.get("torch_step_seconds", result.get("torch_error")), flush=True)
+    save(result, args.out)
 
-    ours = run([os.path.join(args.bin, "train_step"), *weights, "--steps", str(args.steps + 1),
-                "--prompt", str(args.prompt), "--privileged", str(args.privileged),
-                "--group", str(args.group), "--new", str(args.new)], 380)[0]
-    result["ours"] = ours
-    print("ours:", ours, flush=True)
+    result["ours"] = run([os.path.join(args.bin, "train_step"), *weights,
+                          "--steps", str(args.steps + 1), "--prompt", str(args.prompt),
+                          "--privileged", str(args.privileged), "--group", str(args.group),
+                          "--new", str(args.new)], 380)[0]
+    print("ours:", result["ours"], flush=True)
+    save(result, args.out)
 
-    text = markdown(result, args.steps)
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    md = markdown(result, args.steps)
+    print(md)
     with open(os.path.join(args.out, "gpu.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(md + "\n")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 case "${1:-}" in
 build)
-    cargo build --release -p omniopsd-benches --features cuda \
-        --example train_step --example peak --example decode
+    cargo build --release -p omniopsd-benches --features cuda --example train_step --example peak
     mkdir -p .gpu
-    for b in train_step peak decode; do
-        # Stripped and gzipped (about 7 MB each): the carried tree is limited to 64 MiB.
+    for b in train_step peak; do
+        # Stripped and gzipped (about 6 MB each): the carried tree is limited to 64 MiB.
         strip --strip-all -o ".gpu/$b" "target/release/examples/$b"
         gzip -9 -f ".gpu/$b"
     done
@@ -23,12 +22,12 @@ build)
 run)
     test -f .gpu/train_step.gz || { echo "no .gpu/train_step.gz: run 'bash benches/gpu/run.sh build' here first, then carry .gpu" >&2; exit 2; }
     bin=$(mktemp -d)
-    for b in train_step peak decode; do
+    for b in train_step peak; do
         gzip -dc ".gpu/$b.gz" > "$bin/$b"
         chmod +x "$bin/$b"
     done
-    nvidia-smi || true
-    PYTHONUNBUFFERED=1 python3 benches/gpu/gpu.py --bin "$bin" --out "${OUT:-.gpu/out}"
+    timeout 30 nvidia-smi || true
+    PYTHONUNBUFFERED=1 timeout 580 python3 benches/gpu/gpu.py --bin "$bin" --out "${OUT:-.gpu/out}"
     ;;
 *)
     echo "usage: bash benches/gpu/run.sh build|run" >&2

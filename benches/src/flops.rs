@@ -10,7 +10,8 @@
 //! One step over a prompt of `P` tokens, a privileged prompt of `P + Q` tokens and a group
 //! of `G` responses of `T` tokens, each prompt run once and shared by the group, as
 //! `OpsdTrainer::step` does:
-//! - rollout: the student prompt, then `G · (T − 1)` decode steps; `G · T` LM-head rows;
+//! - rollout: the student prompt, then `T − 1` decode steps of `G` tokens; `G · T` LM-head
+//!   rows;
 //! - teacher: the privileged prompt, then the `G` responses teacher-forced (`T − 1` inputs);
 //! - student: the rollout's forward again with its graph, and its backward at twice the
 //!   forward's FLOPs (gradients of the inputs and of the weights).

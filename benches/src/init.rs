@@ -81,12 +81,17 @@ pub fn write_random_qwen2(dir: &Path, config: &serde_json::Value, seed: u64) -> 
         .and_then(|x| x.as_f64())
         .unwrap_or(0.02);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The weights first (written to a temporary and renamed), then the config: a failure
+    // leaves no config.json, so the directory never looks like a finished checkpoint.
+    let weights = dir.join("model.safetensors");
+    let tensors = random_qwen2(&parsed, std, seed);
+    save_safetensors::<crate::Cpu>(&weights, &tensors, Dtype::F32).map_err(|e| e.to_string())?;
     let text = serde_json::to_string_pretty(config).map_err(|e| e.to_string())?;
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, text).map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let tensors = random_qwen2(&parsed, std, seed);
-    save_safetensors::<crate::Cpu>(&dir.join("model.safetensors"), &tensors, Dtype::F32)
-        .map_err(|e| e.to_string())
+    std::fs::write(&config_path, text).map_err(|e| {
+        let _ = std::fs::remove_file(&weights);
+        format!("{}: {e}", config_path.display())
+    })
 }
 
 /// A stream id from a tensor name (FNV-1a).
