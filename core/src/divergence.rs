@@ -4,6 +4,7 @@
 //! entries) and is computed in f32 with log-softmax / logsumexp, never with `log(softmax)`.
 //! The fused, memory-bounded version of the same losses is in [`crate::fused`].
 
+use alloc::format;
 use alloc::vec;
 
 use burn::tensor::{activation::log_softmax, backend::Backend, IndexingUpdateOp, Int, Tensor};
@@ -117,6 +118,23 @@ pub enum LossConfigError {
     /// `kl_clip` not finite or not > 0.
     #[error("loss config: kl_clip must be finite and > 0, found {0}")]
     KlClip(f32),
+}
+
+impl LossConfigError {
+    /// The out-of-range field as its path in [`LossConfig`].
+    pub fn field_error(&self) -> crate::FieldError {
+        let (field, problem) = match *self {
+            Self::Beta(b) => ("divergence.beta", format!("must be in [0, 1], found {b}")),
+            Self::RatioClip(c) => (
+                "divergence.ratio_clip",
+                format!("must be finite and > 0, found {c}"),
+            ),
+            Self::Temperature(t) => ("temperature", format!("must be finite and > 0, found {t}")),
+            Self::TopKZero => ("top_k.k", "must be >= 1, found 0".into()),
+            Self::KlClip(c) => ("kl_clip", format!("must be finite and > 0, found {c}")),
+        };
+        crate::FieldError::new(field, problem)
+    }
 }
 
 impl LossConfig {

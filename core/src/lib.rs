@@ -37,3 +37,75 @@ pub mod step;
 pub mod teacher;
 
 pub use model::PolicyModel;
+
+use alloc::string::String;
+
+/// A configuration value outside its domain, in one shape for every config type: the field's
+/// path in the config struct (`loss.divergence.beta` within [`step::OpsdConfig`]) and what is
+/// wrong with it (`must be in [0, 1], found 1.5`). Front ends map the path to their own key
+/// names, so the range checks exist only in the `validate` methods here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field in the config struct that was validated.
+    pub field: String,
+    /// The requirement and the value found.
+    pub problem: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: &str, problem: String) -> Self {
+        Self {
+            field: field.into(),
+            problem,
+        }
+    }
+
+    /// The same error seen from a config that holds this one's struct under `parent`.
+    pub(crate) fn within(mut self, parent: &str) -> Self {
+        self.field = alloc::format!("{parent}.{}", self.field);
+        self
+    }
+}
+
+impl core::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::divergence::Divergence;
+    use crate::step::OpsdConfig;
+    use crate::teacher::TeacherMode;
+
+    fn field_error(edit: impl FnOnce(&mut OpsdConfig)) -> alloc::string::String {
+        let mut cfg = OpsdConfig::default();
+        edit(&mut cfg);
+        let err = cfg.validate().expect_err("an out-of-range knob");
+        alloc::format!("{}", err.field_error().expect("a config error"))
+    }
+
+    #[test]
+    fn config_errors_name_the_field_path_in_opsd_config() {
+        let beta = field_error(|c| c.loss.divergence = Divergence::Jsd { beta: 1.5 });
+        assert_eq!(beta, "loss.divergence.beta: must be in [0, 1], found 1.5");
+        let top_p = field_error(|c| c.rollout.sampling.top_p = 0.0);
+        assert!(
+            top_p.starts_with("rollout.sampling.top_p: must be"),
+            "{top_p}"
+        );
+        let rate = field_error(|c| c.teacher = TeacherMode::Ema { rate: 2.0 });
+        assert!(
+            rate.starts_with("teacher.rate: must be in (0, 1]"),
+            "{rate}"
+        );
+        let lr = field_error(|c| c.learning_rate = 0.0);
+        assert!(lr.starts_with("learning_rate: must be"), "{lr}");
+        let n = field_error(|c| c.rollout.samples_per_prompt = 0);
+        assert!(
+            n.starts_with("rollout.samples_per_prompt: must be >= 1"),
+            "{n}"
+        );
+    }
+}

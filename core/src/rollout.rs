@@ -133,6 +133,24 @@ pub enum RolloutError {
     },
 }
 
+impl RolloutError {
+    /// The out-of-range field of a [`RolloutConfig`], if this is a config error.
+    pub fn field_error(&self) -> Option<crate::FieldError> {
+        match self {
+            Self::Config {
+                field,
+                expected,
+                found,
+            } => Some(crate::FieldError::new(
+                field,
+                format!("must be {expected}, found {found}"),
+            )),
+            Self::Sampling(e) => e.field_error().map(|e| e.within("sampling")),
+            _ => None,
+        }
+    }
+}
+
 /// `G` responses to one prompt, padded to the longest.
 #[derive(Clone, Debug)]
 pub struct Rollout<B: Backend> {

@@ -10,6 +10,7 @@
 //! `k` most likely tokens, renormalise, keep the smallest prefix of the remaining tokens (most
 //! likely first) whose mass reaches `p`, renormalise, draw.
 
+use alloc::format;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
 // Without std, `f64::exp`/`ln`/`cos`/`sqrt` come from libm through this trait.
@@ -149,6 +150,23 @@ pub enum SamplingError {
         /// Vocabulary size.
         vocab: usize,
     },
+}
+
+impl SamplingError {
+    /// The out-of-range field of a [`SamplingConfig`], if this is a config error.
+    pub fn field_error(&self) -> Option<crate::FieldError> {
+        match self {
+            Self::Config {
+                field,
+                expected,
+                found,
+            } => Some(crate::FieldError::new(
+                field,
+                format!("must be {expected}, found {found}"),
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// One drawn token.

@@ -360,6 +360,28 @@ pub enum StepError {
     },
 }
 
+impl StepError {
+    /// The out-of-range field as its path in [`OpsdConfig`] (`loss.divergence.beta`,
+    /// `rollout.sampling.top_p`, `teacher.rate`, `learning_rate`, …), if this is a config
+    /// error from [`OpsdConfig::validate`].
+    pub fn field_error(&self) -> Option<crate::FieldError> {
+        match self {
+            Self::Config {
+                field,
+                expected,
+                found,
+            } => Some(crate::FieldError::new(
+                field,
+                format!("must be {expected}, found {found}"),
+            )),
+            Self::RolloutConfig(e) => e.field_error().map(|e| e.within("rollout")),
+            Self::Loss(e) => Some(e.field_error().within("loss")),
+            Self::Teacher(e) => e.field_error().map(|e| e.within("teacher")),
+            _ => None,
+        }
+    }
+}
+
 /// Why an update was not applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkipReason {

@@ -72,6 +72,19 @@ impl Default for TeacherMode {
     }
 }
 
+impl TeacherError {
+    /// The out-of-range field of a [`TeacherMode`] (`rate`), if this is a config error.
+    pub fn field_error(&self) -> Option<crate::FieldError> {
+        match self {
+            Self::Rate { found } => Some(crate::FieldError::new(
+                "rate",
+                format!("must be in (0, 1], found {found}"),
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl TeacherMode {
     /// Checks `rate` in `(0, 1]` for [`TeacherMode::Ema`].
     pub fn validate(&self) -> Result<(), TeacherError> {

@@ -5,7 +5,7 @@
 //! predictions unless `--llm-cache`), and that a missing `--llm-url`/`--llm-model` is an error.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -133,7 +133,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     match &args.out {
         Some(out) => {
-            write_atomically(out, text.as_bytes(), args.force)?;
+            // Checked again now that the work is done: without --force an existing report is
+            // never replaced, even one that appeared during a long extraction.
+            if out.exists() && !args.force {
+                bail!(
+                    "{} already exists; pass --force to replace it",
+                    out.display()
+                );
+            }
+            crate::atomic::write_atomic(out, text.as_bytes())?;
             eprintln!("wrote {}", out.display());
         }
         None => {
@@ -172,31 +180,4 @@ fn llm_config(args: &Args) -> anyhow::Result<LlmConfig> {
         concurrency: args.llm_concurrency.max(1),
         cache,
     })
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a reader
-/// never sees a half-written report; without `force` an existing file is never replaced.
-fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
-    if force {
-        tmp.persist(path)
-            .with_context(|| format!("writing {}", path.display()))?;
-    } else {
-        tmp.persist_noclobber(path).map_err(|e| {
-            anyhow::anyhow!(
-                "{} already exists; pass --force to replace it ({})",
-                path.display(),
-                e.error
-            )
-        })?;
-    }
-    Ok(())
 }

@@ -25,11 +25,10 @@ use omniopsd_core::sampling::{log_softmax_at, SamplingConfig};
 use omniopsd_core::PolicyModel;
 use omniopsd_decoder::{check_tokenizer, Qwen2Model, TokenPrompt};
 use omniopsd_thinker::{EncodedMedia, MediaInput, Thinker};
-use omniopsd_vision::{preprocess_video, ProcessorConfig};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-use crate::data::media;
+use crate::inputs;
 
 /// Longest audio accepted: the feature extractor reads one 30-second window and would drop
 /// the rest silently.
@@ -328,10 +327,7 @@ impl<B: Backend> Prompter<'_, B> {
 }
 
 fn read_audio(path: &Path) -> Result<MediaInput> {
-    let audio = media::read_wav(path, media::SAMPLE_RATE, MAX_AUDIO_SECONDS)?;
-    let mel = omniopsd_audio::FeatureExtractor::qwen2_5_omni()
-        .extract(&audio.samples, audio.sample_rate)
-        .with_context(|| format!("audio {}", path.display()))?;
+    let (mel, _) = inputs::audio_features(path, MAX_AUDIO_SECONDS)?;
     Ok(MediaInput::Audio(mel))
 }
 
@@ -339,11 +335,8 @@ fn read_video(dir: &Path, fps: f64) -> Result<MediaInput> {
     if !(fps.is_finite() && fps > 0.0) {
         bail!("--fps {fps}: must be a positive number");
     }
-    let frames = media::read_frames(dir, MAX_FRAMES)?;
-    let views = media::vision_frames(&frames);
-    let processor = ProcessorConfig::qwen2_5_omni_video();
-    let patches =
-        preprocess_video(&views, &processor).with_context(|| format!("video {}", dir.display()))?;
+    let processor = inputs::video_processor();
+    let (patches, _) = inputs::video_patches(dir, MAX_FRAMES, &processor)?;
     Ok(MediaInput::Video {
         patches,
         second_per_grid: processor.temporal_patch_size as f64 / fps,

@@ -2,9 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod atomic;
 mod data;
 mod eval_mer;
 mod infer;
+mod inputs;
 mod train;
 
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.

@@ -1,15 +1,39 @@
 //! `omniopsd train`: OmniOPSD end to end, from a config file or the embedded default.
+//!
+//! Where things are, following a run from the command line:
+//!
+//! | module | its one job |
+//! |---|---|
+//! | this file | the command line: new run or `--resume`, run directory, device, Ctrl-C |
+//! | [`config`] | TOML → the trainers' configs, one conversion per section, the knob table |
+//! | [`run`] | the pipeline: which phases run, in what order, on what |
+//! | [`samples`] | corpus → samples: media through the towers, every view's prompt |
+//! | [`prompt`] | the chat template, the views, the privileged block, the answer format |
+//! | [`tiny`] | the embedded tiny model: its tokenizer, checkpoint, size rules |
+//! | [`phase`] | the phase driver: resume, data order, metrics, eval, checkpoints, Ctrl-C |
+//! | [`steps`] | the updates a phase runs: SFT and OPSD |
+//! | [`eval`] | held-out scoring with the MER-UniBench metrics |
+//! | [`outputs`] | predictions, exported students, plots, report |
+//!
+//! and below them: [`checkpoint`] (the checksummed file format), [`run_dir`] (metrics.jsonl),
+//! [`report`] (the table), [`plot`] (PNG charts), [`tokenizer`] (BPE and the chat specials),
+//! [`sft`] (the supervised trainer), [`progress`] (bars).
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
-pub mod omni;
+pub mod outputs;
+pub mod phase;
 pub mod plot;
 pub mod progress;
+pub mod prompt;
 pub mod report;
 pub mod run;
 pub mod run_dir;
+pub mod samples;
 pub mod sft;
+pub mod steps;
+pub mod tiny;
 pub mod tokenizer;
 
 use std::path::PathBuf;
@@ -20,35 +44,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use omniopsd_backends::DeviceSpec;
 
 use config::{Method, TrainConfig};
-use run_dir::{write_file_atomic, RunDir};
-
-/// The method's knobs, one line each, shown by `omniopsd train --help`.
-const KNOBS: &str = "\
-Config keys (TOML; all optional, unknown keys are errors; the resolved file is runs/NAME/config.toml):
-  model.dir                  HF checkpoint (Qwen2.5-Omni thinker); absent: the embedded tiny omni model
-  data.manifest              JSONL manifest; absent: the synthetic corpus (data.synth_n, data.synth_seed)
-  data.on_bad_sample         \"error\" stops on the first invalid line, \"skip\" leaves it out and reports it
-  warmup.steps               SFT updates with the rationale in context before OPSD (0 skips)
-  opsd.divergence            jsd | forward_kl | reverse_kl | sampled_reverse_kl (per-token, to the teacher)
-  opsd.beta                  JSD mixture weight (0 = forward KL, 1 = reverse KL, as TRL's GKD)
-  opsd.loss_top_k            restrict the divergence to the student's top-k tokens (+ tail bucket)
-  opsd.kl_clip               clip each per-token, per-entry KL term
-  opsd.ratio_clip            importance-ratio clamp of sampled_reverse_kl
-  opsd.teacher               frozen (weights OPSD starts from) | ema (opsd.ema_rate) | live (current student)
-  opsd.samples_per_prompt    G rollouts per prompt; opsd.temperature / top_k / top_p sample them
-  opsd.max_new_tokens        longest sampled answer
-  opsd.learning_rate         peak LR; opsd.lr_warmup_steps, opsd.lr_decay (cosine|linear|constant)
-  opsd.batch_size            prompts per micro-batch; opsd.grad_accumulation micro-batches per update
-  opsd.max_grad_norm         global gradient-norm clip
-  opsd.updates_per_rollout   >1 reuses a rollout off-policy (the ratio clip corrects)
-  opsd.chunk_rows            rows per chunk of the fused loss (bounds the [rows, V] memory)
-  eval.every                 held-out evaluation every N updates (HIT, WAF, F_s)
-  checkpoint.every           checkpoint every N updates; checkpoint.keep_last kept
-  device                     cpu | ndarray | flex | cuda | cuda:N";
+use run_dir::RunDir;
 
 /// Arguments of `omniopsd train`.
 #[derive(Debug, clap::Args)]
-#[command(after_long_help = KNOBS)]
+#[command(after_long_help = config::knobs_help())]
 pub struct Args {
     /// TOML config; every key is optional and unknown keys are errors. Without it: the
     /// embedded default (synthetic corpus, tiny omni model, every ablation, 3 seeds).
@@ -135,7 +135,7 @@ pub fn run_cli(args: Args) -> Result<()> {
                 root = cfg.runs_dir.join(&cfg.name);
             }
             let run = RunDir::create(&root)?;
-            write_file_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            crate::atomic::write_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
             (cfg, run)
         }
     };

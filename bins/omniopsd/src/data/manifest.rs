@@ -212,12 +212,23 @@ pub fn check_manifest(path: &Path, limits: &Limits) -> Result<Checked> {
     Ok(checked)
 }
 
-/// Writes records as JSONL.
+/// Writes records as JSONL, atomically: a manifest that exists is complete.
 pub fn write_manifest(path: &Path, records: &[Record]) -> Result<()> {
     let mut out = String::new();
     for r in records {
         out.push_str(&serde_json::to_string(r).context("serializing a manifest record")?);
         out.push('\n');
     }
-    fs::write(path, out).with_context(|| format!("writing manifest {}", path.display()))
+    Ok(crate::atomic::write_atomic(path, out.as_bytes())?)
+}
+
+/// The sentiment word of a sentiment score: its sign, as CMU-MOSI's labels read it.
+pub fn sentiment_word(score: f64) -> &'static str {
+    if score > 0.0 {
+        "positive"
+    } else if score < 0.0 {
+        "negative"
+    } else {
+        "neutral"
+    }
 }

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::manifest::{self, Record, Split, BASIC_EMOTIONS};
+use super::manifest::{self, sentiment_word, Record, Split, BASIC_EMOTIONS};
 use super::media::{self, Frame, SAMPLE_RATE};
 
 /// What to generate.
@@ -363,16 +363,6 @@ fn adjective(emotion: &str) -> &str {
     match emotion {
         "surprise" => "surprised",
         e => e,
-    }
-}
-
-fn sentiment_word(score: f64) -> &'static str {
-    if score > 0.0 {
-        "positive"
-    } else if score < 0.0 {
-        "negative"
-    } else {
-        "neutral"
     }
 }
 

@@ -6,15 +6,14 @@
 //! ```text
 //! "OMNIOPSD-CKPT\0\0\x01" | u32 n | n × (u32 name_len, name, u64 len, bytes) | sha256[32]
 //! ```
-//! (integers little-endian). It is written to a hidden temp file in the same directory,
-//! fsynced, renamed over its final name and the directory fsynced, so a crash (kill -9, power
+//! (integers little-endian). It is written with [`crate::atomic::write_atomic`], so a crash (kill -9, power
 //! loss) at any moment leaves either the old set of checkpoints or the new one, never a torn
 //! file under a final name. Loading verifies the checksum; the newest file that verifies is
 //! used, so a damaged newest file falls back to the previous one.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -96,46 +95,25 @@ fn step_of(path: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Writes `bytes` to `dir/name` atomically. `open` creates the temp file (a seam for tests
-/// that simulate a full disk); on any failure the temp file is removed and every existing
-/// file is left as it was.
-pub fn write_atomic_with(
+/// Saves the checkpoint of `step` and deletes all but the newest `keep` checkpoints.
+pub fn save(dir: &Path, step: u64, sections: &Sections, keep: usize) -> Result<PathBuf> {
+    save_with(dir, step, sections, keep, |p| File::create(p))
+}
+
+/// [`save`] with `open` creating the temp file (a seam for tests that simulate a full disk).
+fn save_with(
     dir: &Path,
-    name: &str,
-    bytes: &[u8],
+    step: u64,
+    sections: &Sections,
+    keep: usize,
     open: impl FnOnce(&Path) -> io::Result<File>,
 ) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let fin = dir.join(name);
-    let result = (|| -> io::Result<()> {
-        let mut f = open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, &fin)?;
-        // The rename is durable only once the directory entry is on disk.
-        File::open(dir)?.sync_all()
-    })();
-    if let Err(err) = result {
-        let _ = fs::remove_file(&tmp);
-        bail!(
-            "writing checkpoint {}: {err}; the previous checkpoints are unchanged",
-            fin.display()
-        );
-    }
-    Ok(fin)
-}
-
-/// [`write_atomic_with`] creating the temp file normally.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
-    write_atomic_with(dir, name, bytes, |p| File::create(p))
-}
-
-/// Saves the checkpoint of `step` and deletes all but the newest `keep` checkpoints.
-pub fn save(dir: &Path, step: u64, sections: &Sections, keep: usize) -> Result<PathBuf> {
-    let path = write_atomic(dir, &file_name(step), &encode(sections))?;
+    let path = dir.join(file_name(step));
+    crate::atomic::write_atomic_with(&path, &encode(sections), open).with_context(|| {
+        format!("saving the checkpoint of step {step}; the previous checkpoints are unchanged")
+    })?;
     let all = list(dir)?;
     for (_, old) in all.iter().rev().skip(keep.max(1)) {
         fs::remove_file(old)
@@ -272,7 +250,7 @@ mod tests {
     fn full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         save(dir.path(), 5, &sections(5), 2).unwrap();
-        let err = write_atomic_with(dir.path(), &file_name(6), &encode(&sections(6)), |_| {
+        let err = save_with(dir.path(), 6, &sections(6), 2, |_| {
             fs::OpenOptions::new().write(true).open("/dev/full")
         })
         .unwrap_err();

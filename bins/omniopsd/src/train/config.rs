@@ -4,12 +4,28 @@
 //! names the key instead of a silently ignored setting. Every field has a default, so the
 //! empty file is the embedded default run; the resolved config (defaults filled in) is written
 //! to `runs/<name>/config.toml` and is itself a valid config.
+//!
+//! Invariant: this file is the whole way from TOML to the trainers' configs. Each section has
+//! one conversion into its library type ([`OpsdSection::trainer`] into the core's
+//! [`OpsdConfig`], [`TrainConfig::warmup_sft`] / [`OpsdSection::label_sft`] into the SFT
+//! trainer's, `[model]` through [`super::tiny::check`] into the decoder's config), and a
+//! section's range checks are that library type's own `validate`, its errors renamed to TOML
+//! keys by [`KNOBS`]; only knobs no library type holds (corpus, batch sizes, evaluation,
+//! checkpoints) are checked here. A knob is: its field and default below, its line in the
+//! conversion, its row in [`KNOBS`] (key, core field, `--help` text).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use omniopsd_core::divergence::{Divergence, LossConfig, Reduction, TopK};
+use omniopsd_core::rollout::RolloutConfig;
+use omniopsd_core::sampling::SamplingConfig;
+use omniopsd_core::step::{AdamWSettings, LrDecay, LrSchedule, OpsdConfig, StepError};
+use omniopsd_core::teacher::TeacherMode;
 use serde::{Deserialize, Serialize};
+
+use super::sft::SftConfig;
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -394,6 +410,304 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// One config key: its TOML name, the field it sets in the core's [`OpsdConfig`] (the path
+/// [`omniopsd_core::FieldError`] names; empty where no core type holds it), and its line in
+/// `omniopsd train --help`.
+pub struct Knob {
+    /// TOML key.
+    pub key: &'static str,
+    /// Path of the core field it becomes, or "".
+    pub core: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+}
+
+const fn knob(key: &'static str, core: &'static str, help: &'static str) -> Knob {
+    Knob { key, core, help }
+}
+
+/// Every knob `omniopsd train --help` lists, in the order it lists them.
+pub const KNOBS: &[Knob] = &[
+    knob("name", "", "run name: outputs go to runs_dir/name/"),
+    knob("device", "", "cpu | ndarray | flex | cuda | cuda:N"),
+    knob(
+        "seeds",
+        "",
+        "one training per seed; the report gives mean ± sd",
+    ),
+    knob(
+        "methods",
+        "",
+        "opsd | opsd-no-privileged | opsd-label-privileged | label-sft",
+    ),
+    knob(
+        "model.dir",
+        "",
+        "HF checkpoint (Qwen2.5-Omni thinker or Qwen2); absent: the embedded tiny omni model",
+    ),
+    knob(
+        "data.manifest",
+        "",
+        "JSONL manifest; absent: the synthetic corpus (data.synth_n, data.synth_seed)",
+    ),
+    knob(
+        "data.on_bad_sample",
+        "",
+        "\"error\" stops on the first invalid line, \"skip\" leaves it out and reports it",
+    ),
+    knob(
+        "warmup.steps",
+        "",
+        "SFT updates with the rationale in context before OPSD (0 skips)",
+    ),
+    knob(
+        "opsd.steps",
+        "schedule.total_steps",
+        "optimizer updates of every method (label-sft included)",
+    ),
+    knob(
+        "opsd.divergence",
+        "",
+        "jsd | forward_kl | reverse_kl | sampled_reverse_kl (per-token, to the teacher)",
+    ),
+    knob(
+        "opsd.beta",
+        "loss.divergence.beta",
+        "JSD mixture weight (0 = forward KL, 1 = reverse KL, as TRL's GKD)",
+    ),
+    knob(
+        "opsd.loss_top_k",
+        "loss.top_k.k",
+        "restrict the divergence to the student's top-k tokens (+ tail bucket)",
+    ),
+    knob(
+        "opsd.loss_temperature",
+        "loss.temperature",
+        "temperature of both distributions in the loss",
+    ),
+    knob(
+        "opsd.kl_clip",
+        "loss.kl_clip",
+        "clip each per-token, per-entry KL term",
+    ),
+    knob(
+        "opsd.ratio_clip",
+        "loss.divergence.ratio_clip",
+        "importance-ratio clamp of sampled_reverse_kl",
+    ),
+    knob(
+        "opsd.teacher",
+        "",
+        "frozen (weights OPSD starts from) | ema (opsd.ema_rate) | live (current student)",
+    ),
+    knob(
+        "opsd.ema_rate",
+        "teacher.rate",
+        "weight of the student in each EMA blend of the teacher",
+    ),
+    knob(
+        "opsd.samples_per_prompt",
+        "rollout.samples_per_prompt",
+        "G rollouts per prompt",
+    ),
+    knob(
+        "opsd.temperature",
+        "rollout.sampling.temperature",
+        "rollout sampling temperature (0 = greedy)",
+    ),
+    knob(
+        "opsd.top_k",
+        "rollout.sampling.top_k",
+        "rollout sampling top-k",
+    ),
+    knob(
+        "opsd.top_p",
+        "rollout.sampling.top_p",
+        "rollout nucleus mass",
+    ),
+    knob(
+        "opsd.max_new_tokens",
+        "rollout.max_new_tokens",
+        "longest sampled answer",
+    ),
+    knob("opsd.learning_rate", "learning_rate", "peak LR"),
+    knob("opsd.lr_warmup_steps", "", "linear LR warm-up updates"),
+    knob(
+        "opsd.lr_decay",
+        "",
+        "cosine | linear | constant, down to opsd.min_lr_ratio · peak",
+    ),
+    knob(
+        "opsd.min_lr_ratio",
+        "schedule.min_lr_ratio",
+        "floor of the LR decay, as a fraction of the peak",
+    ),
+    knob(
+        "opsd.batch_size",
+        "",
+        "prompts per micro-batch; opsd.grad_accumulation micro-batches per update",
+    ),
+    knob(
+        "opsd.max_grad_norm",
+        "max_grad_norm",
+        "global gradient-norm clip",
+    ),
+    knob(
+        "opsd.adam_beta1",
+        "adamw.beta_1/beta_2",
+        "AdamW β₁ (opsd.adam_beta2: β₂)",
+    ),
+    knob("opsd.adam_epsilon", "adamw.epsilon", "AdamW ε"),
+    knob(
+        "opsd.weight_decay",
+        "adamw.weight_decay",
+        "AdamW decoupled weight decay",
+    ),
+    knob(
+        "opsd.updates_per_rollout",
+        "updates_per_rollout",
+        ">1 reuses a rollout off-policy (the ratio clip corrects)",
+    ),
+    knob(
+        "opsd.chunk_rows",
+        "chunk_rows",
+        "rows per chunk of the fused loss (bounds the [rows, V] memory)",
+    ),
+    knob(
+        "eval.every",
+        "",
+        "held-out evaluation every N updates (HIT, WAF, F_s)",
+    ),
+    knob(
+        "checkpoint.every",
+        "",
+        "checkpoint every N updates; checkpoint.keep_last kept",
+    ),
+];
+
+/// The knob table as `omniopsd train --help` shows it.
+pub fn knobs_help() -> String {
+    let mut s = String::from(
+        "Config keys (TOML; all optional, unknown keys are errors; the resolved file is runs/NAME/config.toml):\n",
+    );
+    for k in KNOBS {
+        s.push_str(&format!("  {:<26} {}\n", k.key, k.help));
+    }
+    s.pop();
+    s
+}
+
+/// A core config error as the TOML key it came from: `opsd.beta: must be in [0, 1], found 1.5`.
+fn opsd_error(e: &StepError) -> anyhow::Error {
+    let Some(f) = e.field_error() else {
+        return anyhow!("[opsd]: {e}");
+    };
+    // `rollout.logp_temperature` is set from `loss_temperature` too.
+    let field = match f.field.as_str() {
+        "rollout.logp_temperature" => "loss.temperature",
+        other => other,
+    };
+    match KNOBS.iter().find(|k| k.core == field) {
+        Some(k) => anyhow!("{}: {}", k.key, f.problem),
+        None => anyhow!("[opsd] ({}): {}", f.field, f.problem),
+    }
+}
+
+impl OpsdSection {
+    /// The core trainer's configuration: the one conversion of `[opsd]`. `stop_token` ends
+    /// rollouts; `seed` keys the sampler.
+    pub fn trainer(&self, stop_token: u32, seed: u64) -> OpsdConfig {
+        let divergence = match self.divergence {
+            DivergenceName::ForwardKl => Divergence::ForwardKl,
+            DivergenceName::ReverseKl => Divergence::ReverseKl,
+            DivergenceName::Jsd => Divergence::Jsd { beta: self.beta },
+            DivergenceName::SampledReverseKl => Divergence::SampledReverseKl {
+                ratio_clip: self.ratio_clip,
+            },
+        };
+        OpsdConfig {
+            rollout: RolloutConfig {
+                sampling: SamplingConfig {
+                    temperature: self.temperature,
+                    top_k: self.top_k,
+                    top_p: self.top_p,
+                },
+                samples_per_prompt: self.samples_per_prompt,
+                max_new_tokens: self.max_new_tokens,
+                stop_tokens: vec![stop_token],
+                // Padding is masked out, so any in-vocabulary id does.
+                pad_token: stop_token,
+                logp_temperature: self.loss_temperature,
+            },
+            loss: LossConfig {
+                divergence,
+                top_k: self.loss_top_k.map(|k| TopK {
+                    k,
+                    tail: self.loss_top_k_tail,
+                }),
+                reduction: match self.reduction {
+                    ReductionName::Token => Reduction::Token,
+                    ReductionName::Sequence => Reduction::Sequence,
+                },
+                temperature: self.loss_temperature,
+                kl_clip: self.kl_clip,
+            },
+            teacher: match self.teacher {
+                TeacherName::Live => TeacherMode::Live,
+                TeacherName::Frozen => TeacherMode::Frozen,
+                TeacherName::Ema => TeacherMode::Ema {
+                    rate: self.ema_rate,
+                },
+            },
+            adamw: self.adamw(),
+            learning_rate: self.learning_rate,
+            schedule: self.schedule(self.steps * self.updates_per_rollout as u64),
+            max_grad_norm: self.max_grad_norm,
+            updates_per_rollout: self.updates_per_rollout,
+            chunk_rows: self.chunk_rows,
+            seed,
+        }
+    }
+
+    /// The `label-sft` ablation's configuration: OPSD's budget, peak rate and optimizer.
+    pub fn label_sft(&self) -> SftConfig {
+        self.sft(self.learning_rate, self.steps)
+    }
+
+    /// A supervised phase of `steps` updates at `learning_rate` with OPSD's schedule shape,
+    /// optimizer and clipping.
+    fn sft(&self, learning_rate: f64, steps: u64) -> SftConfig {
+        SftConfig {
+            learning_rate,
+            schedule: self.schedule(steps),
+            adamw: self.adamw(),
+            max_grad_norm: self.max_grad_norm,
+        }
+    }
+
+    fn adamw(&self) -> AdamWSettings {
+        AdamWSettings {
+            beta_1: self.adam_beta1,
+            beta_2: self.adam_beta2,
+            epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    fn schedule(&self, total_steps: u64) -> LrSchedule {
+        LrSchedule {
+            warmup_steps: self.lr_warmup_steps.min(total_steps),
+            decay: match self.lr_decay {
+                DecayName::Constant => LrDecay::Constant,
+                DecayName::Cosine => LrDecay::Cosine,
+                DecayName::Linear => LrDecay::Linear,
+            },
+            total_steps,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+}
+
 impl TrainConfig {
     /// Parses TOML; unknown keys and wrong types are errors naming the key and position.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
@@ -410,18 +724,25 @@ impl TrainConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
+    /// The warm-up's configuration: `[warmup]`'s budget and peak rate, with OPSD's schedule
+    /// shape, optimizer and clipping.
+    pub fn warmup_sft(&self) -> SftConfig {
+        self.opsd.sft(self.warmup.learning_rate, self.warmup.steps)
+    }
+
     /// The resolved configuration as TOML (re-parses to the same value).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self).context("serializing the resolved config")
     }
 
-    /// Checks ranges the types cannot express; names the offending key.
+    /// Checks ranges the types cannot express; names the offending key. `[opsd]` and
+    /// `[model]` are checked by the core's and the decoder's own `validate`.
     pub fn validate(&self) -> Result<()> {
         fn need(ok: bool, key: &str, what: &str) -> Result<()> {
             if ok {
                 Ok(())
             } else {
-                bail!("`{key}` must be {what}")
+                bail!("{key}: must be {what}")
             }
         }
         let valid_name = !self.name.is_empty()
@@ -447,21 +768,7 @@ impl TrainConfig {
             "> 0",
         )?;
         need(self.data.max_frames >= 1, "data.max_frames", ">= 1")?;
-        let m = &self.model;
-        need(m.vocab_size >= 64, "model.vocab_size", ">= 64")?;
-        need(m.hidden_size >= 8, "model.hidden_size", ">= 8")?;
-        need(m.num_hidden_layers >= 1, "model.num_hidden_layers", ">= 1")?;
-        need(
-            m.num_attention_heads >= 1 && m.hidden_size % m.num_attention_heads == 0,
-            "model.num_attention_heads",
-            ">= 1 and divide model.hidden_size",
-        )?;
-        need(
-            m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads == 0,
-            "model.num_key_value_heads",
-            ">= 1 and divide model.num_attention_heads",
-        )?;
-        need(m.intermediate_size >= 1, "model.intermediate_size", ">= 1")?;
+        super::tiny::check(&self.model)?;
         need(self.warmup.batch_size >= 1, "warmup.batch_size", ">= 1")?;
         need(
             self.warmup.learning_rate > 0.0 && self.warmup.learning_rate.is_finite(),
@@ -472,58 +779,10 @@ impl TrainConfig {
         need(o.steps >= 1, "opsd.steps", ">= 1")?;
         need(o.batch_size >= 1, "opsd.batch_size", ">= 1")?;
         need(o.grad_accumulation >= 1, "opsd.grad_accumulation", ">= 1")?;
-        need(o.samples_per_prompt >= 1, "opsd.samples_per_prompt", ">= 1")?;
-        need(o.max_new_tokens >= 1, "opsd.max_new_tokens", ">= 1")?;
-        need(
-            o.temperature.is_finite() && o.temperature >= 0.0,
-            "opsd.temperature",
-            "a finite number >= 0",
-        )?;
-        need(o.top_k != Some(0), "opsd.top_k", ">= 1")?;
-        need(o.top_p > 0.0 && o.top_p <= 1.0, "opsd.top_p", "in (0, 1]")?;
-        need((0.0..=1.0).contains(&o.beta), "opsd.beta", "in [0, 1]")?;
-        need(o.ratio_clip > 0.0, "opsd.ratio_clip", "> 0")?;
-        need(o.loss_top_k != Some(0), "opsd.loss_top_k", ">= 1")?;
-        need(o.loss_temperature > 0.0, "opsd.loss_temperature", "> 0")?;
-        need(o.kl_clip.is_none_or(|c| c > 0.0), "opsd.kl_clip", "> 0")?;
-        need(
-            o.ema_rate > 0.0 && o.ema_rate <= 1.0,
-            "opsd.ema_rate",
-            "in (0, 1]",
-        )?;
-        need(
-            o.learning_rate > 0.0 && o.learning_rate.is_finite(),
-            "opsd.learning_rate",
-            "a finite number > 0",
-        )?;
-        need(
-            (0.0..=1.0).contains(&o.min_lr_ratio),
-            "opsd.min_lr_ratio",
-            "in [0, 1]",
-        )?;
-        need(
-            o.lr_decay == DecayName::Constant || o.steps > o.lr_warmup_steps,
-            "opsd.steps",
-            "> opsd.lr_warmup_steps for a decaying schedule",
-        )?;
-        need(
-            o.max_grad_norm.is_none_or(|c| c > 0.0),
-            "opsd.max_grad_norm",
-            "> 0",
-        )?;
-        need(
-            (0.0..1.0).contains(&o.adam_beta1) && (0.0..1.0).contains(&o.adam_beta2),
-            "opsd.adam_beta1/adam_beta2",
-            "in [0, 1)",
-        )?;
-        need(o.adam_epsilon > 0.0, "opsd.adam_epsilon", "> 0")?;
-        need(o.weight_decay >= 0.0, "opsd.weight_decay", ">= 0")?;
-        need(
-            o.updates_per_rollout >= 1,
-            "opsd.updates_per_rollout",
-            ">= 1",
-        )?;
-        need(o.chunk_rows >= 1, "opsd.chunk_rows", ">= 1")?;
+        self.opsd
+            .trainer(0, 0)
+            .validate()
+            .map_err(|e| opsd_error(&e))?;
         need(self.eval.every >= 1, "eval.every", ">= 1")?;
         need(self.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")?;
         need(
@@ -582,5 +841,55 @@ mod tests {
         let cfg = TrainConfig::from_toml("methods = [\"opsd\", \"label-sft\"]\n", "t").unwrap();
         assert_eq!(cfg.methods, vec![Method::Opsd, Method::LabelSft]);
         assert!(TrainConfig::from_toml("methods = [\"magic\"]\n", "t").is_err());
+    }
+
+    fn error(toml: &str) -> String {
+        format!("{:#}", TrainConfig::from_toml(toml, "t").unwrap_err())
+    }
+
+    #[test]
+    fn core_range_errors_name_the_toml_key() {
+        let msg = error("[opsd]\nbeta = 1.5\n");
+        assert!(
+            msg.contains("opsd.beta: must be in [0, 1], found 1.5"),
+            "{msg}"
+        );
+        assert!(error("[opsd]\ntop_p = 0.0\n").contains("opsd.top_p: must be"));
+        assert!(
+            error("[opsd]\nloss_temperature = 0.0\n").contains("opsd.loss_temperature: must be")
+        );
+        assert!(error("[opsd]\nloss_top_k = 0\n").contains("opsd.loss_top_k: must be"));
+        assert!(
+            error("[opsd]\nteacher = \"ema\"\nema_rate = 2.0\n").contains("opsd.ema_rate: must be")
+        );
+        assert!(error("[opsd]\nlearning_rate = -1.0\n").contains("opsd.learning_rate: must be"));
+        assert!(error("[opsd]\nadam_epsilon = 0.0\n").contains("opsd.adam_epsilon: must be"));
+        assert!(error("[opsd]\nlr_warmup_steps = 30\n").contains("opsd.steps: must be"));
+        assert!(error("[opsd]\nchunk_rows = 0\n").contains("opsd.chunk_rows: must be"));
+    }
+
+    #[test]
+    fn model_sizes_are_checked_by_the_decoder_naming_the_key() {
+        let msg = error("[model]\nnum_key_value_heads = 3\n");
+        assert!(msg.contains("model.num_key_value_heads"), "{msg}");
+        assert!(error("[model]\nhidden_size = 0\n").contains("model.hidden_size"));
+    }
+
+    #[test]
+    fn every_core_field_has_one_knob() {
+        let cores: Vec<&str> = KNOBS
+            .iter()
+            .map(|k| k.core)
+            .filter(|c| !c.is_empty())
+            .collect();
+        let mut unique = cores.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), cores.len(), "{cores:?}");
+        let help = knobs_help();
+        assert!(
+            help.contains("opsd.beta") && help.contains("checkpoint.every"),
+            "{help}"
+        );
     }
 }

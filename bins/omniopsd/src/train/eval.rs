@@ -1,107 +1,24 @@
-//! Prompts, answers and held-out scoring.
+//! Held-out scoring: greedy answers of the student view, parsed by [`super::prompt`] and
+//! scored with MER-UniBench's metrics.
 //!
-//! The model answers in one short structured line,
-//! `emotion: angry; sentiment: negative; open: angry, annoyed, sarcastic`,
-//! which is parsed back into the three MER-UniBench predictions: the basic label (scored by
-//! HIT as a MER2023 sample), the sentiment word (WAF, as a CMU-MOSI sample) and the open set
-//! (F_s, as an OV-MERD+ sample). Scoring goes through `omniopsd-mer`, the benchmark's exact
-//! metric implementation with its emotion wheels.
+//! Invariant: every held-out number of a run (periodic, final, warm-up views) comes from
+//! [`evaluate`]: the basic label is scored by HIT as a MER2023 sample, the sentiment word by
+//! WAF as a CMU-MOSI sample and the open set by F_s as an OV-MERD+ sample, through
+//! `omniopsd-mer`, the benchmark's exact metric implementation with its emotion wheels.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use omniopsd_mer::{Dataset, EmotionWheels, Gt, Pred, Sample};
 
+use omniopsd_decoder::{Qwen2Model, TokenPrompt};
+
+use super::progress;
+use super::prompt::parse_answer;
 use super::report::Scores;
+use super::run::Ctx;
+use super::run_dir::MetricLine;
 use crate::data::manifest::Record;
-
-/// Which privileged block the teacher sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Privileged {
-    /// The rationale (the method).
-    Rationale,
-    /// Only the gold answer (ablation).
-    Label,
-    /// Nothing: the teacher's context equals the student's (ablation).
-    None,
-}
-
-/// The sentiment word of a score.
-pub fn sentiment_word(score: f64) -> &'static str {
-    if score > 0.0 {
-        "positive"
-    } else if score < 0.0 {
-        "negative"
-    } else {
-        "neutral"
-    }
-}
-
-/// The gold answer line of a record.
-pub fn answer(record: &Record) -> String {
-    format!(
-        "emotion: {}; sentiment: {}; open: {}",
-        record.emotion,
-        sentiment_word(record.sentiment),
-        record.openset.join(", ")
-    )
-}
-
-/// The text part of the student's prompt (media come before it as placeholders/features).
-pub fn student_text(record: &Record) -> String {
-    format!(
-        "subtitle: {}\nhow does the speaker feel?\n",
-        record.subtitle
-    )
-}
-
-/// The privileged block inserted before the answer header for the teacher.
-pub fn privileged_text(record: &Record, kind: Privileged) -> String {
-    match kind {
-        Privileged::Rationale => format!(
-            "rationale: {}\n",
-            record.rationale.as_deref().unwrap_or_default()
-        ),
-        Privileged::Label => format!("reference: {}\n", answer(record)),
-        Privileged::None => String::new(),
-    }
-}
-
-/// A parsed answer.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Parsed {
-    /// The basic-emotion word (empty if absent).
-    pub emotion: String,
-    /// The sentiment word (empty if absent).
-    pub sentiment: String,
-    /// The open-vocabulary labels.
-    pub openset: Vec<String>,
-}
-
-/// Parses `emotion: ...; sentiment: ...; open: ...`, tolerating missing or reordered parts
-/// and stray whitespace (a partly trained model writes partial answers; they score as such).
-pub fn parse_answer(text: &str) -> Parsed {
-    let mut p = Parsed::default();
-    for part in text.split([';', '\n']) {
-        let Some((key, value)) = part.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        match key.trim() {
-            "emotion" if p.emotion.is_empty() => p.emotion = value.to_string(),
-            "sentiment" if p.sentiment.is_empty() => p.sentiment = value.to_string(),
-            "open" if p.openset.is_empty() => {
-                p.openset = value
-                    .split(',')
-                    .map(|w| w.trim().to_string())
-                    .filter(|w| !w.is_empty())
-                    .collect()
-            }
-            _ => {}
-        }
-    }
-    p
-}
 
 /// Loads the MER-UniBench emotion wheels.
 pub fn load_wheels(dir: &Path) -> Result<EmotionWheels> {
@@ -178,25 +95,66 @@ fn score_all(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) ->
     }
 }
 
+/// Greedy answers of the student view of `heldout`, scored with the MER-UniBench metrics.
+pub fn evaluate<B: burn::tensor::backend::Backend>(
+    ctx: &Ctx<'_>,
+    model: &Qwen2Model<B>,
+    heldout: &[&super::samples::Sample],
+    label: &str,
+    prompt: impl Fn(&super::samples::Sample) -> &TokenPrompt,
+) -> Result<(Scores, Vec<String>)> {
+    let bar = progress::bar(heldout.len() as u64, "eval", ctx.out.quiet);
+    bar.set_message(label.to_string());
+    let mut answers = Vec::with_capacity(heldout.len());
+    for s in heldout {
+        let ids = model.generate_greedy(
+            prompt(s),
+            ctx.cfg.eval.max_new_tokens,
+            true,
+            &[ctx.stop_token],
+        )?;
+        let ids: Vec<u32> = ids.into_iter().filter(|&t| t != ctx.stop_token).collect();
+        answers.push(super::tokenizer::decode(ctx.tokenizer, &ids)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let records: Vec<&Record> = heldout.iter().map(|s| &s.record).collect();
+    Ok((score(ctx.wheels, &records, &answers), answers))
+}
+
+/// Appends the `eval` metric line of `scores`.
+pub fn log(
+    ctx: &Ctx<'_>,
+    method: &str,
+    seed: u64,
+    phase: &str,
+    step: u64,
+    scores: &Scores,
+) -> Result<()> {
+    super::phase::metric(
+        ctx,
+        MetricLine {
+            kind: "eval".into(),
+            method: method.into(),
+            seed,
+            phase: phase.into(),
+            step,
+            values: super::phase::values(&[
+                ("hit", scores.hit),
+                ("waf", scores.waf),
+                ("fs", scores.fs),
+                ("mean", scores.mean()),
+                ("hit_misleading", scores.hit_misleading.unwrap_or(f64::NAN)),
+            ]),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::manifest::Split;
-
-    fn record(emotion: &str, sentiment: f64, openset: &[&str]) -> Record {
-        Record {
-            id: format!("{emotion}{sentiment}"),
-            split: Split::Heldout,
-            audio: String::new(),
-            video: String::new(),
-            subtitle: "x".into(),
-            rationale: Some("r".into()),
-            emotion: emotion.into(),
-            sentiment,
-            openset: openset.iter().map(|s| s.to_string()).collect(),
-            conflict: None,
-        }
-    }
+    use crate::train::prompt::answer;
+    use crate::train::prompt::tests::record;
 
     fn wheels() -> EmotionWheels {
         load_wheels(Path::new(concat!(
@@ -204,26 +162,6 @@ mod tests {
             "/../../../shared/mer-unibench"
         )))
         .unwrap()
-    }
-
-    #[test]
-    fn parse_answer_reads_the_gold_format_back() {
-        let r = record("angry", -2.0, &["angry", "annoyed", "sarcastic"]);
-        let p = parse_answer(&answer(&r));
-        assert_eq!(p.emotion, "angry");
-        assert_eq!(p.sentiment, "negative");
-        assert_eq!(p.openset, vec!["angry", "annoyed", "sarcastic"]);
-    }
-
-    #[test]
-    fn parse_answer_tolerates_partial_answers() {
-        let p = parse_answer("sentiment:  positive ; emotion: happy");
-        assert_eq!(
-            (p.emotion.as_str(), p.sentiment.as_str()),
-            ("happy", "positive")
-        );
-        assert!(p.openset.is_empty());
-        assert_eq!(parse_answer("garbage"), Parsed::default());
     }
 
     #[test]

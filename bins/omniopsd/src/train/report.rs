@@ -206,8 +206,9 @@ pub fn markdown(report: &Report) -> String {
 /// Writes `report.md` and `report.json` into `dir`.
 pub fn write(dir: &Path, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report).context("serializing report.json")?;
-    super::run_dir::write_file_atomic(&dir.join("report.json"), json.as_bytes())?;
-    super::run_dir::write_file_atomic(&dir.join("report.md"), markdown(report).as_bytes())
+    crate::atomic::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+    crate::atomic::write_atomic(&dir.join("report.md"), markdown(report).as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,16 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// Writes a whole file atomically (temp file, fsync, rename), so readers never see half of it.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    super::checkpoint::write_atomic(dir, name, bytes).map(|_| ())
-}
-
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricLine {
@@ -125,7 +115,10 @@ impl RunDir {
             text.push_str(&serde_json::to_string(l).context("serializing a metric line")?);
             text.push('\n');
         }
-        write_file_atomic(&self.metrics_path(), text.as_bytes())
+        Ok(crate::atomic::write_atomic(
+            &self.metrics_path(),
+            text.as_bytes(),
+        )?)
     }
 }
 

@@ -1,6 +1,10 @@
-//! The embedded omni model and its inputs: a randomly initialised Qwen2.5-Omni thinker
-//! checkpoint sized by [`ModelConfig`], a corpus record's media as thinker inputs, and prompts
-//! in Qwen2.5-Omni's chat layout for the student and the privileged teacher.
+//! The embedded tiny omni model: what `omniopsd train` starts from when `model.dir` is absent.
+//!
+//! Invariant: everything that exists only for the embedded model is made here, from
+//! `[model]` and the corpus: its tokenizer (byte-level BPE trained on the template's texts),
+//! its randomly initialised Qwen2.5-Omni thinker checkpoint, its size rules and its video
+//! processor. Both are written into the run directory once, so a resumed run starts from the
+//! very same files; nothing here depends on the backend.
 //!
 //! The checkpoint is the bare-thinker layout transformers writes for
 //! `Qwen2_5OmniThinkerForConditionalGeneration.save_pretrained` (`model.*`, `lm_head.weight`,
@@ -8,32 +12,63 @@
 //! linear, convolution and embedding weights, zero biases, unit norm weights. The towers are
 //! tiny and fixed (audio: 2 Whisper layers of width 32; vision: 2 ViT blocks of width 32); the
 //! decoder takes its sizes from the config and its vocabulary from the corpus tokenizer.
-//!
-//! A record's video and audio become one video-with-audio input (Qwen2.5-Omni's
-//! `use_audio_in_video`): the thinker interleaves frame tokens and audio tokens in 2-second
-//! chunks of TMRoPE time. Manifests carry no frame rate; the frames are taken as sampled
-//! uniformly over the audio clip (the synthetic corpus draws them from the onset to the apex of
-//! the utterance), so `fps = frames / audio seconds`.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::{backend::Backend, TensorData};
-use omniopsd_audio::{FeatureExtractor, LogMel};
-use omniopsd_thinker::MediaInput;
-use omniopsd_vision::{preprocess_video, PixelPatches, ProcessorConfig};
+use omniopsd_decoder::Qwen2Config;
+use omniopsd_vision::ProcessorConfig;
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-use super::config::ModelConfig;
-use super::eval::{self, Privileged};
+use super::config::{ModelConfig, TrainConfig};
+use super::prompt;
+use super::run_dir::RunDir;
 use super::tokenizer::{
     self, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, IM_END, SPECIALS, VIDEO, VISION_BOS, VISION_EOS,
 };
-use crate::data::manifest::{resolve, Limits, Record};
-use crate::data::media;
+use crate::data::manifest::Record;
 use crate::data::synth::SplitMix64;
+
+/// The tokenizer and the checkpoint directory training starts from: `model.dir` and its
+/// tokenizer, or the embedded model, made on first use in the run directory (`tokenizer.json`
+/// trained on the corpus texts, `init/` initialised with `model.init_seed`).
+pub fn prepare(
+    cfg: &TrainConfig,
+    run: &RunDir,
+    records: &[Record],
+) -> Result<(Tokenizer, PathBuf)> {
+    let load =
+        |path: &Path| Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()));
+    if let Some(dir) = &cfg.model.dir {
+        return Ok((load(&dir.join("tokenizer.json"))?, dir.clone()));
+    }
+    let path = run.root.join("tokenizer.json");
+    let tk = if path.is_file() {
+        load(&path)?
+    } else {
+        let tk = tokenizer::train(&prompt::template_texts(records), cfg.model.vocab_size)?;
+        tokenizer::save(&tk, &path)?;
+        tk
+    };
+    let dir = run.root.join("init");
+    if !dir.join("model.safetensors").is_file() {
+        write_tiny_omni::<burn::backend::NdArray<f32>>(&dir, &cfg.model, &tk, cfg.model.init_seed)?;
+    }
+    Ok((tk, dir))
+}
+
+/// The embedded model's video processor: Qwen2.5-Omni's upsamples small frames to at least
+/// 128·28² pixels; the embedded model is trained from scratch on 56×56 faces, so its
+/// processor keeps them at their size (8 video tokens instead of 288 per sample).
+pub fn video_processor() -> ProcessorConfig {
+    ProcessorConfig {
+        min_pixels: 56 * 56,
+        ..crate::inputs::video_processor()
+    }
+}
 
 /// `initializer_range` of every sub-config: the standard deviation of the random weights.
 pub const INITIALIZER_RANGE: f64 = 0.02;
@@ -58,10 +93,6 @@ const VISION_MERGE: usize = 2;
 const VISION_TEMPORAL: usize = 2;
 const VISION_WINDOW: usize = 56;
 const VISION_FULL_ATTENTION: [usize; 1] = [1];
-
-/// The system turn of every prompt.
-pub const SYSTEM_PROMPT: &str =
-    "You judge how a speaker feels from the voice, the face and the words.";
 
 /// The token that ends an answer: the assistant turn's `<|im_end|>`, where rollouts stop.
 pub const STOP_TOKEN: u32 = IM_END;
@@ -193,9 +224,44 @@ fn thinker_spec(cfg: &ModelConfig, vocab: usize) -> Spec {
     s
 }
 
+/// The decoder's `text_config` for these sizes, key for key as transformers 5.24 saves it.
+fn text_config(cfg: &ModelConfig, vocab: usize) -> serde_json::Value {
+    let head_dim = cfg
+        .hidden_size
+        .checked_div(cfg.num_attention_heads)
+        .unwrap_or(0);
+    json!({
+        "attention_dropout": 0.0,
+        "bos_token_id": null,
+        "eos_token_id": STOP_TOKEN,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": INITIALIZER_RANGE,
+        "intermediate_size": cfg.intermediate_size,
+        "layer_types": vec!["full_attention"; cfg.num_hidden_layers],
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "qwen2_5_omni_text",
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "pad_token_id": null,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "mrope_section": mrope_section(head_dim),
+            "rope_theta": 1000000.0,
+            "rope_type": "default"
+        },
+        "sliding_window": null,
+        "tie_word_embeddings": false,
+        "use_cache": true,
+        "use_sliding_window": false,
+        "vocab_size": vocab
+    })
+}
+
 /// The thinker `config.json`, key for key as transformers 5.24 saves it.
 fn thinker_config(cfg: &ModelConfig, vocab: usize, user_token: u32) -> serde_json::Value {
-    let head_dim = cfg.hidden_size / cfg.num_attention_heads;
     json!({
         "architectures": ["Qwen2_5OmniThinkerForConditionalGeneration"],
         "audio_config": {
@@ -224,34 +290,7 @@ fn thinker_config(cfg: &ModelConfig, vocab: usize, user_token: u32) -> serde_jso
         "model_type": "qwen2_5_omni_thinker",
         "position_id_per_seconds": 25,
         "seconds_per_chunk": 2,
-        "text_config": {
-            "attention_dropout": 0.0,
-            "bos_token_id": null,
-            "eos_token_id": STOP_TOKEN,
-            "hidden_act": "silu",
-            "hidden_size": cfg.hidden_size,
-            "initializer_range": INITIALIZER_RANGE,
-            "intermediate_size": cfg.intermediate_size,
-            "layer_types": vec!["full_attention"; cfg.num_hidden_layers],
-            "max_position_embeddings": 32768,
-            "max_window_layers": 28,
-            "model_type": "qwen2_5_omni_text",
-            "num_attention_heads": cfg.num_attention_heads,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_key_value_heads": cfg.num_key_value_heads,
-            "pad_token_id": null,
-            "rms_norm_eps": 1e-06,
-            "rope_parameters": {
-                "mrope_section": mrope_section(head_dim),
-                "rope_theta": 1000000.0,
-                "rope_type": "default"
-            },
-            "sliding_window": null,
-            "tie_word_embeddings": false,
-            "use_cache": true,
-            "use_sliding_window": false,
-            "vocab_size": vocab
-        },
+        "text_config": text_config(cfg, vocab),
         "tie_word_embeddings": false,
         "transformers_version": "5.24.0",
         "user_token_id": user_token,
@@ -278,38 +317,25 @@ fn thinker_config(cfg: &ModelConfig, vocab: usize, user_token: u32) -> serde_jso
     })
 }
 
-/// Checks the decoder sizes the embedded model is built from; errors name the config key.
-fn check_model_config(cfg: &ModelConfig) -> Result<()> {
-    for (key, value) in [
-        ("hidden_size", cfg.hidden_size),
-        ("num_hidden_layers", cfg.num_hidden_layers),
-        ("num_attention_heads", cfg.num_attention_heads),
-        ("num_key_value_heads", cfg.num_key_value_heads),
-        ("intermediate_size", cfg.intermediate_size),
-    ] {
-        if value == 0 {
-            bail!("model.{key} is 0, expected a positive number");
-        }
-    }
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+/// Checks `[model]` for the embedded model: its decoder config through the decoder's own
+/// `validate` (errors name the `model.*` key), plus what only the embedded model needs.
+pub fn check(cfg: &ModelConfig) -> Result<()> {
+    let decoder: Qwen2Config = serde_json::from_value(text_config(cfg, cfg.vocab_size))
+        .context("the embedded model's text_config")?;
+    decoder
+        .validate()
+        .map_err(|(key, problem)| anyhow!("model.{key}: {problem}"))?;
+    if cfg.vocab_size < 64 {
         bail!(
-            "model.num_attention_heads = {} does not divide model.hidden_size = {}",
-            cfg.num_attention_heads,
-            cfg.hidden_size
+            "model.vocab_size: must be >= 64 (the tokenizer's specials and byte alphabet), got {}",
+            cfg.vocab_size
         );
     }
     let head_dim = cfg.hidden_size / cfg.num_attention_heads;
-    if head_dim % 2 != 0 || head_dim < 8 {
+    if head_dim < 8 {
         bail!(
             "model.hidden_size / model.num_attention_heads = {head_dim}: rotary positions over \
              (time, height, width) need an even head size of at least 8"
-        );
-    }
-    if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
-        bail!(
-            "model.num_key_value_heads = {} does not divide model.num_attention_heads = {}",
-            cfg.num_key_value_heads,
-            cfg.num_attention_heads
         );
     }
     Ok(())
@@ -335,7 +361,7 @@ pub fn write_tiny_omni<B: Backend>(
     tokenizer: &Tokenizer,
     seed: u64,
 ) -> Result<()> {
-    check_model_config(cfg)?;
+    check(cfg)?;
     for (id, token) in SPECIALS.iter().enumerate() {
         if tokenizer.token_to_id(token) != Some(id as u32) {
             bail!(
@@ -356,8 +382,7 @@ pub fn write_tiny_omni<B: Backend>(
     let config = serde_json::to_string_pretty(&thinker_config(cfg, vocab, user_token))
         .context("serializing config.json")?;
     let config_path = dir.join("config.json");
-    super::run_dir::write_file_atomic(&config_path, config.as_bytes())
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    crate::atomic::write_atomic(&config_path, config.as_bytes())?;
 
     let std = INITIALIZER_RANGE;
     let tensors: Vec<(String, TensorData)> = thinker_spec(cfg, vocab)
@@ -384,184 +409,18 @@ pub fn write_tiny_omni<B: Backend>(
     tokenizer::save(tokenizer, &dir.join("tokenizer.json"))
 }
 
-/// A record's media prepared for the thinker: the frames' pixel patches, the audio track's
-/// log-mel features, and the time base that interleaves them.
-#[derive(Clone, Debug)]
-pub struct RecordMedia {
-    /// The video's patches (frames padded to an even count by repeating the last).
-    pub patches: PixelPatches,
-    /// Seconds per temporal patch: `temporal_patch_size / fps`.
-    pub second_per_grid: f64,
-    /// The audio track's log-mel features.
-    pub mel: LogMel,
-}
-
-/// Qwen2.5-Omni's video processor settings (real checkpoints; the embedded model keeps small frames).
-pub fn video_processor() -> ProcessorConfig {
-    ProcessorConfig::qwen2_5_omni_video()
-}
-
-/// Reads and preprocesses a record's frames and WAV with `processor`; every error names the
-/// record and the file.
-pub fn record_media(
-    record: &Record,
-    base: &Path,
-    limits: &Limits,
-    processor: &ProcessorConfig,
-) -> Result<RecordMedia> {
-    let id = &record.id;
-    let video_dir = resolve(base, &record.video);
-    let frames = media::read_frames(&video_dir, limits.max_frames)
-        .with_context(|| format!("sample `{id}`"))?;
-    let views = media::vision_frames(&frames);
-    let patches = preprocess_video(&views, processor)
-        .with_context(|| format!("sample `{id}`: video {}", video_dir.display()))?;
-
-    let wav = resolve(base, &record.audio);
-    let audio = media::read_wav(&wav, media::SAMPLE_RATE, limits.max_audio_seconds)
-        .with_context(|| format!("sample `{id}`"))?;
-    let mel = FeatureExtractor::qwen2_5_omni()
-        .extract(&audio.samples, audio.sample_rate)
-        .with_context(|| format!("sample `{id}`: audio {}", wav.display()))?;
-    let fps = frames.len() as f64 / audio.seconds();
-    Ok(RecordMedia {
-        second_per_grid: processor.temporal_patch_size as f64 / fps,
-        patches,
-        mel,
-    })
-}
-
-impl RecordMedia {
-    /// The thinker input: one video with its audio track interleaved.
-    pub fn into_input(self) -> MediaInput {
-        MediaInput::Video {
-            patches: self.patches,
-            second_per_grid: self.second_per_grid,
-            audio: Some(self.mel),
-        }
-    }
-}
-
-/// The id of a chat or media token in `tk` (the embedded tokenizer's fixed ids, or a real
-/// Qwen2.5-Omni tokenizer's); an error names the token when the tokenizer lacks it.
-pub fn special(tk: &Tokenizer, token: &str) -> Result<u32> {
-    tk.token_to_id(token).ok_or_else(|| {
-        anyhow!("tokenizer has no `{token}` token (a Qwen2.5-Omni chat tokenizer is required)")
-    })
-}
-
-/// The token that ends an answer in `tk`: `<|im_end|>`.
-pub fn stop_token(tk: &Tokenizer) -> Result<u32> {
-    special(tk, "<|im_end|>")
-}
-
-/// The view a prompt is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum View {
-    /// Media and subtitle only.
-    Student,
-    /// The student's context plus a privileged block.
-    Teacher(Privileged),
-}
-
-/// Prompt token ids in Qwen2.5-Omni's chat layout:
-///
-/// ```text
-/// <|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n
-/// <|im_start|>user\n<|vision_bos|><|VIDEO|><|vision_eos|>{student text}{privileged block}<|im_end|>\n
-/// <|im_start|>assistant\n
-/// ```
-///
-/// The single `<|VIDEO|>` is the placeholder the thinker expands into the record's
-/// interleaved frame and audio tokens (`<|audio_bos|>` … `<|audio_eos|>`). Each text piece is
-/// tokenized on its own, so the teacher's ids are the student's with the block's ids inserted
-/// before `<|im_end|>`, and both end with the same assistant header.
-pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
-    chat_ids(tk, record, view, true)
-}
-
-/// [`prompt_ids`] for a text-only model (a `Qwen2ForCausalLM` checkpoint): the same chat
-/// layout without the video block, so the student has the subtitle alone.
-pub fn text_prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
-    chat_ids(tk, record, view, false)
-}
-
-fn chat_ids(tk: &Tokenizer, record: &Record, view: View, video: bool) -> Result<Vec<u32>> {
-    let text = |s: &str| tokenizer::encode(tk, s);
-    let (im_start, im_end) = (special(tk, "<|im_start|>")?, special(tk, "<|im_end|>")?);
-    let mut ids = vec![im_start];
-    ids.extend(text(&format!("system\n{SYSTEM_PROMPT}"))?);
-    ids.push(im_end);
-    ids.extend(text("\n")?);
-    ids.push(im_start);
-    ids.extend(text("user\n")?);
-    if video {
-        ids.extend([
-            special(tk, "<|vision_bos|>")?,
-            special(tk, "<|VIDEO|>")?,
-            special(tk, "<|vision_eos|>")?,
-        ]);
-    }
-    ids.extend(text(&eval::student_text(record))?);
-    if let View::Teacher(kind) = view {
-        ids.extend(text(&eval::privileged_text(record, kind))?);
-    }
-    ids.extend(assistant_header(tk)?);
-    Ok(ids)
-}
-
-/// `<|im_end|>\n<|im_start|>assistant\n`: closes the user turn and opens the answer.
-pub fn assistant_header(tk: &Tokenizer) -> Result<Vec<u32>> {
-    let mut ids = vec![special(tk, "<|im_end|>")?];
-    ids.extend(tokenizer::encode(tk, "\n")?);
-    ids.push(special(tk, "<|im_start|>")?);
-    ids.extend(tokenizer::encode(tk, "assistant\n")?);
-    Ok(ids)
-}
-
-/// The gold answer's ids, `eval::answer(record)` then [`STOP_TOKEN`].
-pub fn answer_ids(tk: &Tokenizer, record: &Record) -> Result<Vec<u32>> {
-    let mut ids = tokenizer::encode(tk, &eval::answer(record))?;
-    ids.push(stop_token(tk)?);
-    Ok(ids)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::synth::{self, SynthConfig};
+    use crate::data::manifest::Limits;
+    use crate::inputs::{record_media, video_processor};
+    use crate::train::prompt::tests::corpus;
+    use crate::train::prompt::{assistant_header, prompt_ids, Privileged, View};
     use burn::backend::NdArray;
     use omniopsd_checkpoint::Checkpoint;
+    use omniopsd_thinker::MediaInput;
 
     type B = NdArray<f32>;
-
-    struct Corpus {
-        dir: tempfile::TempDir,
-        records: Vec<Record>,
-        tk: Tokenizer,
-    }
-
-    fn corpus() -> Corpus {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = SynthConfig {
-            n: 3,
-            ..SynthConfig::default()
-        };
-        let records = synth::synthesize(dir.path(), &cfg, |_| {}).unwrap();
-        let texts: Vec<String> = records
-            .iter()
-            .flat_map(|r| {
-                [
-                    eval::student_text(r),
-                    eval::privileged_text(r, Privileged::Rationale),
-                    eval::answer(r),
-                ]
-            })
-            .chain([SYSTEM_PROMPT.to_string()])
-            .collect();
-        let tk = tokenizer::train(&texts, 384).unwrap();
-        Corpus { dir, records, tk }
-    }
 
     fn tiny() -> ModelConfig {
         ModelConfig {
@@ -664,92 +523,6 @@ mod tests {
     }
 
     #[test]
-    fn media_of_a_synth_record_is_one_even_frame_grid_and_its_audio() {
-        let c = corpus();
-        let r = &c.records[0];
-        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
-        // 4 frames of 56x56, scaled up to the video processor's minimum of 128·28² pixels.
-        assert_eq!(m.patches.grid_thw, [2, 24, 24]);
-        assert_eq!(m.patches.patch_dim, 3 * 2 * 14 * 14);
-        let wav =
-            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
-        assert_eq!(m.mel.valid_frames, wav.samples.len().div_ceil(160));
-        assert!((m.second_per_grid - 2.0 * wav.seconds() / 4.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn odd_frame_counts_are_padded_by_repeating_the_last_frame() {
-        let c = corpus();
-        let r = &c.records[1];
-        let frames_dir = resolve(c.dir.path(), &r.video);
-        fs::remove_file(frames_dir.join("003.png")).unwrap();
-        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
-        let wav =
-            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
-        assert!(
-            (m.second_per_grid - 2.0 * wav.seconds() / 3.0).abs() < 1e-12,
-            "three frames read"
-        );
-        assert_eq!(m.patches.grid_thw[0], 2);
-        // Patch rows of the second temporal patch hold frame 2 twice: the two 14x14 time
-        // slices of every channel are equal.
-        let per_t = m.patches.grid_thw[1] * m.patches.grid_thw[2];
-        let row = &m.patches.data[per_t * m.patches.patch_dim..][..m.patches.patch_dim];
-        let slice = 14 * 14;
-        for ch in 0..3 {
-            let base = ch * 2 * slice;
-            assert_eq!(row[base..base + slice], row[base + slice..base + 2 * slice]);
-        }
-    }
-
-    fn media_error(edit: impl Fn(&Path, &Record)) -> String {
-        let c = corpus();
-        let r = &c.records[2];
-        edit(c.dir.path(), r);
-        let err =
-            record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap_err();
-        let msg = format!("{err:#}");
-        assert!(msg.contains(&r.id), "{msg}");
-        msg
-    }
-
-    #[test]
-    fn missing_wav_is_an_error_naming_record_and_file() {
-        let msg = media_error(|base, r| fs::remove_file(resolve(base, &r.audio)).unwrap());
-        assert!(msg.contains(".wav"), "{msg}");
-    }
-
-    #[test]
-    fn corrupt_png_is_an_error_naming_record_and_frame() {
-        let msg = media_error(|base, r| {
-            fs::write(
-                resolve(base, &r.video).join("001.png"),
-                b"\x89PNG\r\n\x1a\nbroken",
-            )
-            .unwrap()
-        });
-        assert!(msg.contains("001.png"), "{msg}");
-    }
-
-    #[test]
-    fn wrong_sample_rate_is_an_error_naming_record_file_and_rates() {
-        let msg = media_error(|base, r| {
-            let spec = hound::WavSpec {
-                channels: 1,
-                sample_rate: 8_000,
-                bits_per_sample: 16,
-                sample_format: hound::SampleFormat::Int,
-            };
-            let mut w = hound::WavWriter::create(resolve(base, &r.audio), spec).unwrap();
-            for i in 0..8_000 {
-                w.write_sample(((i % 50) * 100) as i16).unwrap();
-            }
-            w.finalize().unwrap();
-        });
-        assert!(msg.contains(".wav") && msg.contains("8000 Hz"), "{msg}");
-    }
-
-    #[test]
     fn thinker_loads_the_written_checkpoint_and_lays_out_both_prompts() {
         let c = corpus();
         let out = tempfile::tempdir().unwrap();
@@ -807,63 +580,5 @@ mod tests {
         }
         let hidden = thinker.forward(&s).into_data().to_vec::<f32>().unwrap();
         assert!(hidden.iter().all(|v| v.is_finite()));
-    }
-
-    fn chat_text(r: &Record, block: &str) -> String {
-        format!(
-            "<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n\
-             <|vision_bos|><|VIDEO|><|vision_eos|>{}{block}<|im_end|>\n<|im_start|>assistant\n",
-            eval::student_text(r)
-        )
-    }
-
-    #[test]
-    fn prompt_ids_decode_to_the_chat_layout() {
-        let c = corpus();
-        let r = &c.records[0];
-        let student = prompt_ids(&c.tk, r, View::Student).unwrap();
-        assert_eq!(c.tk.decode(&student, false).unwrap(), chat_text(r, ""));
-        // Tokenizing the whole chat string gives the same ids: the pieces meet at specials.
-        assert_eq!(
-            tokenizer::encode(&c.tk, &chat_text(r, "")).unwrap(),
-            student
-        );
-        let teacher = prompt_ids(&c.tk, r, View::Teacher(Privileged::Rationale)).unwrap();
-        let block = eval::privileged_text(r, Privileged::Rationale);
-        assert_eq!(c.tk.decode(&teacher, false).unwrap(), chat_text(r, &block));
-        assert_eq!(student.iter().filter(|&&t| t == VIDEO).count(), 1);
-    }
-
-    #[test]
-    fn teacher_prompt_is_student_prompt_with_the_block_before_the_assistant_header() {
-        let c = corpus();
-        let r = &c.records[1];
-        let student = prompt_ids(&c.tk, r, View::Student).unwrap();
-        let header = assistant_header(&c.tk).unwrap();
-        assert!(student.ends_with(&header));
-        let body = &student[..student.len() - header.len()];
-        for kind in [Privileged::Rationale, Privileged::Label, Privileged::None] {
-            let teacher = prompt_ids(&c.tk, r, View::Teacher(kind)).unwrap();
-            let block = tokenizer::encode(&c.tk, &eval::privileged_text(r, kind)).unwrap();
-            let expected: Vec<u32> = [body, &block, &header].concat();
-            assert_eq!(teacher, expected, "{kind:?}");
-        }
-        assert_eq!(
-            prompt_ids(&c.tk, r, View::Teacher(Privileged::None)).unwrap(),
-            student
-        );
-    }
-
-    #[test]
-    fn answer_ids_are_the_gold_line_then_the_stop_token() {
-        let c = corpus();
-        let r = &c.records[2];
-        let ids = answer_ids(&c.tk, r).unwrap();
-        assert_eq!(ids.last(), Some(&STOP_TOKEN));
-        assert_eq!(ids.iter().filter(|&&t| t == STOP_TOKEN).count(), 1);
-        assert_eq!(
-            c.tk.decode(&ids, false).unwrap(),
-            format!("{}<|im_end|>", eval::answer(r))
-        );
     }
 }

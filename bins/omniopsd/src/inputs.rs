@@ -1,0 +1,190 @@
+//! The thinker's media inputs from files: a WAV as log-mel features, a directory of frames as
+//! pixel patches, a corpus record as one video with its audio track interleaved.
+//!
+//! Invariant: `omniopsd train` and `omniopsd score`/`generate` read and preprocess media only
+//! through these functions, so a checkpoint sees the same features at inference as in
+//! training. Every error names the file (and, for a record, the sample).
+//!
+//! A record's video and audio become one video-with-audio input (Qwen2.5-Omni's
+//! `use_audio_in_video`): the thinker interleaves frame tokens and audio tokens in 2-second
+//! chunks of TMRoPE time. Manifests carry no frame rate; the frames are taken as sampled
+//! uniformly over the audio clip (the synthetic corpus draws them from the onset to the apex of
+//! the utterance), so `fps = frames / audio seconds`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use omniopsd_audio::{FeatureExtractor, LogMel};
+use omniopsd_thinker::MediaInput;
+use omniopsd_vision::{preprocess_video, PixelPatches, ProcessorConfig};
+
+use crate::data::manifest::{resolve, Limits, Record};
+use crate::data::media;
+
+/// A 16 kHz mono WAV of at most `max_seconds` as Qwen2.5-Omni's log-mel features, and its
+/// length in seconds.
+pub fn audio_features(path: &Path, max_seconds: f64) -> Result<(LogMel, f64)> {
+    let audio = media::read_wav(path, media::SAMPLE_RATE, max_seconds)?;
+    let mel = FeatureExtractor::qwen2_5_omni()
+        .extract(&audio.samples, audio.sample_rate)
+        .with_context(|| format!("audio {}", path.display()))?;
+    Ok((mel, audio.seconds()))
+}
+
+/// At most `max_frames` PNG frames of `dir` (file-name order) as `processor`'s pixel patches
+/// (frames padded to an even count by repeating the last), and the number of frames read.
+pub fn video_patches(
+    dir: &Path,
+    max_frames: usize,
+    processor: &ProcessorConfig,
+) -> Result<(PixelPatches, usize)> {
+    let frames = media::read_frames(dir, max_frames)?;
+    let views = media::vision_frames(&frames);
+    let patches =
+        preprocess_video(&views, processor).with_context(|| format!("video {}", dir.display()))?;
+    Ok((patches, frames.len()))
+}
+
+/// A record's media prepared for the thinker: the frames' pixel patches, the audio track's
+/// log-mel features, and the time base that interleaves them.
+#[derive(Clone, Debug)]
+pub struct RecordMedia {
+    /// The video's patches (frames padded to an even count by repeating the last).
+    pub patches: PixelPatches,
+    /// Seconds per temporal patch: `temporal_patch_size / fps`.
+    pub second_per_grid: f64,
+    /// The audio track's log-mel features.
+    pub mel: LogMel,
+}
+
+/// Qwen2.5-Omni's video processor settings (real checkpoints; the embedded model keeps small
+/// frames, see [`crate::train::tiny::video_processor`]).
+pub fn video_processor() -> ProcessorConfig {
+    ProcessorConfig::qwen2_5_omni_video()
+}
+
+/// Reads and preprocesses a record's frames and WAV with `processor`; every error names the
+/// record and the file.
+pub fn record_media(
+    record: &Record,
+    base: &Path,
+    limits: &Limits,
+    processor: &ProcessorConfig,
+) -> Result<RecordMedia> {
+    let id = &record.id;
+    let (patches, frames) =
+        video_patches(&resolve(base, &record.video), limits.max_frames, processor)
+            .with_context(|| format!("sample `{id}`"))?;
+    let (mel, seconds) = audio_features(&resolve(base, &record.audio), limits.max_audio_seconds)
+        .with_context(|| format!("sample `{id}`"))?;
+    let fps = frames as f64 / seconds;
+    Ok(RecordMedia {
+        second_per_grid: processor.temporal_patch_size as f64 / fps,
+        patches,
+        mel,
+    })
+}
+
+impl RecordMedia {
+    /// The thinker input: one video with its audio track interleaved.
+    pub fn into_input(self) -> MediaInput {
+        MediaInput::Video {
+            patches: self.patches,
+            second_per_grid: self.second_per_grid,
+            audio: Some(self.mel),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::prompt::tests::corpus;
+    use std::fs;
+
+    #[test]
+    fn media_of_a_synth_record_is_one_even_frame_grid_and_its_audio() {
+        let c = corpus();
+        let r = &c.records[0];
+        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
+        // 4 frames of 56x56, scaled up to the video processor's minimum of 128·28² pixels.
+        assert_eq!(m.patches.grid_thw, [2, 24, 24]);
+        assert_eq!(m.patches.patch_dim, 3 * 2 * 14 * 14);
+        let wav =
+            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
+        assert_eq!(m.mel.valid_frames, wav.samples.len().div_ceil(160));
+        assert!((m.second_per_grid - 2.0 * wav.seconds() / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn odd_frame_counts_are_padded_by_repeating_the_last_frame() {
+        let c = corpus();
+        let r = &c.records[1];
+        let frames_dir = resolve(c.dir.path(), &r.video);
+        fs::remove_file(frames_dir.join("003.png")).unwrap();
+        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
+        let wav =
+            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
+        assert!(
+            (m.second_per_grid - 2.0 * wav.seconds() / 3.0).abs() < 1e-12,
+            "three frames read"
+        );
+        assert_eq!(m.patches.grid_thw[0], 2);
+        // Patch rows of the second temporal patch hold frame 2 twice: the two 14x14 time
+        // slices of every channel are equal.
+        let per_t = m.patches.grid_thw[1] * m.patches.grid_thw[2];
+        let row = &m.patches.data[per_t * m.patches.patch_dim..][..m.patches.patch_dim];
+        let slice = 14 * 14;
+        for ch in 0..3 {
+            let base = ch * 2 * slice;
+            assert_eq!(row[base..base + slice], row[base + slice..base + 2 * slice]);
+        }
+    }
+
+    fn media_error(edit: impl Fn(&Path, &Record)) -> String {
+        let c = corpus();
+        let r = &c.records[2];
+        edit(c.dir.path(), r);
+        let err =
+            record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&r.id), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn missing_wav_is_an_error_naming_record_and_file() {
+        let msg = media_error(|base, r| fs::remove_file(resolve(base, &r.audio)).unwrap());
+        assert!(msg.contains(".wav"), "{msg}");
+    }
+
+    #[test]
+    fn corrupt_png_is_an_error_naming_record_and_frame() {
+        let msg = media_error(|base, r| {
+            fs::write(
+                resolve(base, &r.video).join("001.png"),
+                b"\x89PNG\r\n\x1a\nbroken",
+            )
+            .unwrap()
+        });
+        assert!(msg.contains("001.png"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_sample_rate_is_an_error_naming_record_file_and_rates() {
+        let msg = media_error(|base, r| {
+            let spec = hound::WavSpec {
+                channels: 1,
+                sample_rate: 8_000,
+                bits_per_sample: 16,
+                sample_format: hound::SampleFormat::Int,
+            };
+            let mut w = hound::WavWriter::create(resolve(base, &r.audio), spec).unwrap();
+            for i in 0..8_000 {
+                w.write_sample(((i % 50) * 100) as i16).unwrap();
+            }
+            w.finalize().unwrap();
+        });
+        assert!(msg.contains(".wav") && msg.contains("8000 Hz"), "{msg}");
+    }
+}
