@@ -9,7 +9,6 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod run_dir;
-pub mod sft;
 pub mod tokenizer;
 
 use std::path::PathBuf;

@@ -24,6 +24,7 @@ use omniopsd_checkpoint::{Checkpoint, Dtype};
 use omniopsd_core::divergence::{Divergence, LossConfig, Reduction, TopK};
 use omniopsd_core::rollout::RolloutConfig;
 use omniopsd_core::sampling::SamplingConfig;
+use omniopsd_core::sft::{Example, SftConfig, SftTrainer};
 use omniopsd_core::step::{
     AdamWSettings, Episode, LrDecay, LrSchedule, OpsdConfig, OpsdTrainer, StepMetrics, TrainerState,
 };
@@ -44,7 +45,6 @@ use super::plot::{self, Series};
 use super::progress;
 use super::report::{self, Report, RunResult, Scores};
 use super::run_dir::{write_file_atomic, MetricLine, RunDir};
-use super::sft::{Example, SftConfig, SftTrainer};
 use crate::data::manifest::{self, Limits, Record, Split};
 use crate::data::synth;
 
