@@ -609,6 +609,54 @@ pub struct FusedLoss<B: AutodiffBackend> {
 /// are the detached analytic gradients from [`fused_loss_and_grads`] and `sg` is
 /// stop-gradient, so its value is `L` and its gradients are `G_h`, `G_W`.
 ///
+/// ```
+/// use burn::backend::{Autodiff, NdArray};
+/// use burn::tensor::{Int, Tensor, TensorData};
+/// use omniopsd_core::divergence::{loss_from_logits, LossConfig};
+/// use omniopsd_core::fused::{fused_distillation, lm_logits, ResponseBatch, TeacherInput};
+///
+/// type Cpu = NdArray<f32>;
+/// type B = Autodiff<Cpu>;
+/// let device = Default::default();
+/// let values = |n: usize, k: usize| -> Vec<f32> {
+///     (0..n).map(|i| ((i * k % 11) as f32 - 5.0) / 5.0).collect()
+/// };
+/// // 2 sampled responses of 3 tokens, hidden size 4, vocabulary 10.
+/// let hidden = Tensor::<B, 3>::from_data(TensorData::new(values(24, 7), [2, 3, 4]), &device)
+///     .require_grad();
+/// let head = Tensor::<B, 2>::from_data(TensorData::new(values(40, 3), [10, 4]), &device)
+///     .require_grad();
+/// let teacher_hidden = Tensor::<Cpu, 3>::from_data(TensorData::new(values(24, 5), [2, 3, 4]), &device);
+/// let batch = ResponseBatch::<Cpu> {
+///     tokens: Tensor::<Cpu, 2, Int>::from_ints([[1, 2, 3], [4, 5, 0]], &device),
+///     mask: Tensor::from_floats([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], &device),
+///     behaviour_logp: Tensor::zeros([2, 3], &device),
+/// };
+/// let cfg = LossConfig::default();
+/// let teacher = TeacherInput::Hidden { hidden: teacher_hidden.clone(), weight: head.clone().inner() };
+/// // Two rows of the 6 at a time: only [2, 10] logits ever exist.
+/// let loss = fused_distillation::<B>(hidden.clone(), head.clone(), teacher, &batch, &cfg, 2);
+/// assert_eq!(loss.stats.valid_tokens, 5);
+///
+/// // The same loss from full logits.
+/// let logits = |h: Tensor<Cpu, 3>| lm_logits(h.reshape([6, 4]), head.clone().inner()).reshape([2, 3, 10]);
+/// let reference = loss_from_logits(
+///     logits(hidden.clone().inner()),
+///     logits(teacher_hidden),
+///     batch.tokens.clone(),
+///     batch.mask.clone(),
+///     batch.behaviour_logp.clone(),
+///     &cfg,
+/// )
+/// .into_scalar();
+/// assert!((loss.stats.loss - reference).abs() <= 1e-5 * reference.abs().max(1.0));
+///
+/// // Its gradient reaches everything upstream of the hidden states and the LM head.
+/// let grads = loss.surrogate.backward();
+/// assert_eq!(hidden.grad(&grads).unwrap().dims(), [2, 3, 4]);
+/// assert_eq!(head.grad(&grads).unwrap().dims(), [10, 4]);
+/// ```
+///
 /// # Panics
 /// Where [`try_fused_distillation`] returns an error.
 pub fn fused_distillation<B: AutodiffBackend>(

@@ -21,6 +21,16 @@
 //!   per prompt with stop tokens and behaviour log-probs.
 //! - [`teacher`]: privileged teacher contexts and teacher weight modes (frozen, EMA, live).
 //! - [`step`]: one OPSD update: rollout, teacher scoring, student loss, backward, AdamW.
+//! - [`sft`]: supervised fine-tuning on target tokens (the warm-up and the label-SFT
+//!   baseline).
+//! - [`update`]: what both trainers share: AdamW at a scheduled learning rate, global
+//!   gradient-norm clipping, skipping non-finite updates, resumable optimizer records.
+//! - [`rng`]: the SplitMix64 generator and FNV-1a hash for everything outside the sampler
+//!   (synthetic data, random initialisation).
+//!
+//! The crate is meant to be linked into trainers of your own: implement [`PolicyModel`] for
+//! your model and drive [`step::OpsdTrainer`]; `examples/own_model` does it for a small Burn
+//! model in a screenful of glue.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -31,10 +41,13 @@ extern crate std;
 pub mod divergence;
 pub mod fused;
 pub mod model;
+pub mod rng;
 pub mod rollout;
 pub mod sampling;
+pub mod sft;
 pub mod step;
 pub mod teacher;
+pub mod update;
 
 pub use model::PolicyModel;
 

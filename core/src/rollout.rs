@@ -219,6 +219,31 @@ fn check_hidden<B: Backend>(
 /// [`sampling::uniform`]`(seed, stream, g, t)`, so the result depends only on the model, the
 /// prompt, `seed` and `stream` (give each rollout of a run its own `stream`). Generation stops
 /// when every sequence has emitted a stop token or `max_new_tokens` tokens.
+///
+/// ```
+/// # #[path = "../examples/own_model/model.rs"] mod model;
+/// # use model::BagOfWords; // the small Burn model of core/examples/own_model
+/// use omniopsd_core::rollout::{rollout, RolloutConfig};
+///
+/// type B = burn::backend::NdArray<f32>;
+/// let model = BagOfWords::<B>::new(16, 8, &Default::default());
+/// let cfg = RolloutConfig {
+///     samples_per_prompt: 3,
+///     max_new_tokens: 5,
+///     stop_tokens: vec![0],
+///     ..RolloutConfig::default()
+/// };
+/// let out = rollout(&model, &vec![3, 4, 5], &cfg, 42, 0)?;
+/// assert_eq!(out.responses.len(), 3);
+/// assert!(out.width() <= 5);
+/// for (response, stopped) in out.responses.iter().zip(&out.stopped) {
+///     // A stopped response ends on its stop token, which is part of it.
+///     assert_eq!(*stopped, response.last() == Some(&0));
+/// }
+/// // Same seed and stream, same responses.
+/// assert_eq!(rollout(&model, &vec![3, 4, 5], &cfg, 42, 0)?.responses, out.responses);
+/// # Ok::<(), omniopsd_core::rollout::RolloutError>(())
+/// ```
 pub fn rollout<B, M>(
     model: &M,
     prompt: &M::Prompt,

@@ -5,38 +5,28 @@
 //! position; users drive it with [`OpsdTrainer::step`] from their own loop and checkpoint it
 //! with [`OpsdTrainer::state`] / [`OpsdTrainer::resume`].
 //!
-//! ```ignore
-//! let mut trainer = OpsdTrainer::new(model, OpsdConfig { learning_rate: 1e-6, ..Default::default() })?;
-//! for batch in data.chunks(4) {
-//!     let episodes: Vec<_> = batch
-//!         .iter()
-//!         .map(|ex| Episode::privileged(&template, ex.prompt.clone(), &ex.rationale))
-//!         .collect();
-//!     let metrics = trainer.step(&episodes)?;
-//!     if metrics.skipped { /* log it: a non-finite update was dropped */ }
-//! }
-//! let checkpoint = (trainer.model().clone().into_record(), trainer.state());
-//! ```
+//! [`OpsdTrainer`] has a runnable example; `core/examples/own_model` is a complete one.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor};
-// Without std, `f64::exp`/`ln`/`cos`/`sqrt` come from libm through this trait.
-#[cfg(not(feature = "std"))]
-#[allow(unused_imports)]
-use num_traits::Float;
+use burn::tensor::{Int, Tensor};
 
 use crate::divergence::{LossConfig, LossConfigError, Reduction};
 use crate::fused::{fused_distillation, ResponseBatch};
 use crate::model::PolicyModel;
 use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutError};
 use crate::teacher::{self, PrivilegedTemplate, Teacher, TeacherError, TeacherMode, TeacherScores};
+use crate::update::{AdamWOptimizer, ConfigError, UpdateConfig, Updater};
+// The update knobs and helpers live in `update` (shared with the SFT trainer); they keep
+// their paths here.
+pub use crate::update::{
+    clip_global_grad_norm, AdamWSettings, LrDecay, LrSchedule, OptimizerRecord, SkipReason,
+};
 
 /// One training example: the student's context and the privileged teacher's context.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,123 +46,6 @@ impl<P> Episode<P> {
     ) -> Self {
         let teacher = template.teacher_prompt(&student, block);
         Self { student, teacher }
-    }
-}
-
-/// How the learning rate decays after warm-up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LrDecay {
-    /// Stays at the peak.
-    Constant,
-    /// Half-cosine from the peak to `min_lr_ratio · peak` (Loshchilov & Hutter, SGDR, 2017).
-    Cosine,
-    /// Straight line from the peak to `min_lr_ratio · peak`.
-    Linear,
-}
-
-/// Learning-rate multiplier as a function of the optimizer update index `s` (0-based).
-///
-/// Warm-up: `f(s) = (s + 1) / W` for `s < W`, so the first update already moves and the
-/// last warm-up update reaches the peak. Then with progress
-/// `q = clamp((s − W) / max(1, S − W), 0, 1)`, `S = total_steps`, `m = min_lr_ratio`:
-/// constant `f = 1`; linear `f = m + (1 − m)(1 − q)`; cosine
-/// `f = m + (1 − m)·(1 + cos(π q))/2` (the shape of `transformers`'
-/// `get_cosine_schedule_with_warmup`, with a floor).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LrSchedule {
-    /// `W`: linear warm-up updates.
-    pub warmup_steps: u64,
-    /// Decay shape after warm-up.
-    pub decay: LrDecay,
-    /// `S`: the update index where decay ends (ignored for `Constant`).
-    pub total_steps: u64,
-    /// `m`: the floor of the decay, as a fraction of the peak, in `[0, 1]`.
-    pub min_lr_ratio: f64,
-}
-
-impl Default for LrSchedule {
-    fn default() -> Self {
-        Self {
-            warmup_steps: 0,
-            decay: LrDecay::Constant,
-            total_steps: 0,
-            min_lr_ratio: 0.0,
-        }
-    }
-}
-
-impl LrSchedule {
-    /// The multiplier `f(s)` applied to the peak learning rate at update `s`.
-    pub fn factor(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step - self.warmup_steps) as f64 / span).clamp(0.0, 1.0);
-        let m = self.min_lr_ratio;
-        match self.decay {
-            LrDecay::Constant => 1.0,
-            LrDecay::Linear => m + (1.0 - m) * (1.0 - progress),
-            LrDecay::Cosine => {
-                m + (1.0 - m) * 0.5 * (1.0 + (core::f64::consts::PI * progress).cos())
-            }
-        }
-    }
-
-    /// Checks `min_lr_ratio` in `[0, 1]` and, for a decaying schedule, `total_steps > warmup_steps`.
-    pub fn validate(&self) -> Result<(), StepError> {
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(StepError::Config {
-                field: "schedule.min_lr_ratio",
-                expected: "a number in [0, 1]",
-                found: format!("{}", self.min_lr_ratio),
-            });
-        }
-        if self.decay != LrDecay::Constant && self.total_steps <= self.warmup_steps {
-            return Err(StepError::Config {
-                field: "schedule.total_steps",
-                expected: "> schedule.warmup_steps for a decaying schedule",
-                found: format!("{}", self.total_steps),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// AdamW hyper-parameters (Loshchilov & Hutter 2019, as implemented by `burn::optim::AdamW`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWSettings {
-    /// First-moment decay `β₁`.
-    pub beta_1: f32,
-    /// Second-moment decay `β₂`.
-    pub beta_2: f32,
-    /// Denominator guard `ε`.
-    pub epsilon: f32,
-    /// Decoupled weight decay `λ` (per unit learning rate).
-    pub weight_decay: f32,
-}
-
-impl AdamWSettings {
-    /// A fresh Burn AdamW optimizer for module `M` with these settings.
-    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> OptimizerAdaptor<AdamW, M, B> {
-        AdamWConfig::new()
-            .with_beta_1(self.beta_1)
-            .with_beta_2(self.beta_2)
-            .with_epsilon(self.epsilon)
-            .with_weight_decay(self.weight_decay)
-            .init()
-    }
-}
-
-impl Default for AdamWSettings {
-    /// PyTorch / TRL defaults, without weight decay (fine-tuning from a pretrained model).
-    fn default() -> Self {
-        Self {
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: 1e-8,
-            weight_decay: 0.0,
-        }
     }
 }
 
@@ -222,12 +95,21 @@ impl Default for OpsdConfig {
 }
 
 impl OpsdConfig {
+    /// The optimizer knobs (learning rate, schedule, AdamW, clipping).
+    pub fn update(&self) -> UpdateConfig {
+        UpdateConfig {
+            learning_rate: self.learning_rate,
+            schedule: self.schedule,
+            adamw: self.adamw,
+            max_grad_norm: self.max_grad_norm,
+        }
+    }
+
     /// Checks every knob; [`OpsdTrainer::new`] calls it.
     pub fn validate(&self) -> Result<(), StepError> {
         self.rollout.validate()?;
         self.loss.validate()?;
         self.teacher.validate()?;
-        self.schedule.validate()?;
         if self.rollout.logp_temperature != self.loss.temperature {
             return Err(StepError::Config {
                 field: "rollout.logp_temperature",
@@ -238,44 +120,7 @@ impl OpsdConfig {
                 ),
             });
         }
-        let a = &self.adamw;
-        if !((0.0..1.0).contains(&a.beta_1) && (0.0..1.0).contains(&a.beta_2)) {
-            return Err(StepError::Config {
-                field: "adamw.beta_1/beta_2",
-                expected: "numbers in [0, 1)",
-                found: format!("({}, {})", a.beta_1, a.beta_2),
-            });
-        }
-        if !(a.epsilon > 0.0 && a.epsilon.is_finite()) {
-            return Err(StepError::Config {
-                field: "adamw.epsilon",
-                expected: "a finite number > 0",
-                found: format!("{}", a.epsilon),
-            });
-        }
-        if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
-            return Err(StepError::Config {
-                field: "adamw.weight_decay",
-                expected: "a finite number >= 0",
-                found: format!("{}", a.weight_decay),
-            });
-        }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(StepError::Config {
-                field: "learning_rate",
-                expected: "a finite number > 0",
-                found: format!("{}", self.learning_rate),
-            });
-        }
-        if let Some(c) = self.max_grad_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(StepError::Config {
-                    field: "max_grad_norm",
-                    expected: "None or a finite number > 0",
-                    found: format!("{}", c),
-                });
-            }
-        }
+        self.update().validate()?;
         if self.updates_per_rollout == 0 {
             return Err(StepError::Config {
                 field: "updates_per_rollout",
@@ -382,13 +227,14 @@ impl StepError {
     }
 }
 
-/// Why an update was not applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SkipReason {
-    /// The loss of some episode was NaN or infinite.
-    NonFiniteLoss,
-    /// The loss was finite but the global gradient norm was not.
-    NonFiniteGradient,
+impl From<ConfigError> for StepError {
+    fn from(e: ConfigError) -> Self {
+        StepError::Config {
+            field: e.field,
+            expected: e.expected,
+            found: e.found,
+        }
+    }
 }
 
 /// Measurements of one optimizer update.
@@ -440,9 +286,7 @@ pub struct StepMetrics {
 }
 
 /// The optimizer the trainer uses.
-pub type OpsdOptimizer<B, M> = OptimizerAdaptor<AdamW, M, B>;
-/// Its state (first and second moments and step count per parameter).
-pub type OptimizerRecord<B, M> = <OpsdOptimizer<B, M> as Optimizer<M, B>>::Record;
+pub type OpsdOptimizer<B, M> = AdamWOptimizer<B, M>;
 
 /// Everything besides the model's own weights needed to continue training bit-identically.
 ///
@@ -477,6 +321,54 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Clone for TrainerState<B, M> {
 /// `M` is the trainable model; its inner (no-autodiff) version, used for rollouts and the
 /// teacher, must take the same prompt type, so prompts should be backend-independent data
 /// (token ids, `TensorData` media features).
+///
+/// ```
+/// # #[path = "../examples/own_model/model.rs"] mod model;
+/// # use model::BagOfWords; // the small Burn model of core/examples/own_model
+/// use burn::module::Module;
+/// use omniopsd_core::rollout::RolloutConfig;
+/// use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer};
+/// use omniopsd_core::teacher::PrivilegedTemplate;
+///
+/// type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+///
+/// /// The teacher reads the rationale right after the question.
+/// struct Append;
+/// impl PrivilegedTemplate<Vec<u32>> for Append {
+///     type Block = [u32];
+///     fn teacher_prompt(&self, student: &Vec<u32>, rationale: &[u32]) -> Vec<u32> {
+///         student.iter().chain(rationale).copied().collect()
+///     }
+/// }
+///
+/// let model = BagOfWords::<B>::new(16, 8, &Default::default());
+/// let config = OpsdConfig {
+///     rollout: RolloutConfig {
+///         samples_per_prompt: 2,
+///         max_new_tokens: 4,
+///         stop_tokens: vec![0],
+///         ..RolloutConfig::default()
+///     },
+///     learning_rate: 1e-2,
+///     ..OpsdConfig::default()
+/// };
+/// let mut trainer = OpsdTrainer::new(model, config)?;
+/// let data: [(&[u32], &[u32]); 2] = [(&[3, 4], &[9, 9]), (&[5], &[12, 13])];
+/// let episodes: Vec<Episode<Vec<u32>>> = data
+///     .iter()
+///     .map(|(question, rationale)| Episode::privileged(&Append, question.to_vec(), *rationale))
+///     .collect();
+/// for _ in 0..3 {
+///     let metrics = trainer.step(&episodes)?;
+///     // A non-finite loss or gradient would skip the update and say so here.
+///     assert!(!metrics.skipped && metrics.loss.is_finite());
+/// }
+/// assert_eq!(trainer.optimizer_steps(), 3);
+/// // A checkpoint: the weights (a Burn record) and the rest of the state;
+/// // `OpsdTrainer::resume(model, config, state)` continues bit-identically.
+/// let (_weights, _state) = (trainer.model().clone().into_record(), trainer.state());
+/// # Ok::<(), omniopsd_core::step::StepError>(())
+/// ```
 pub struct OpsdTrainer<B, M>
 where
     B: AutodiffBackend,
@@ -484,7 +376,7 @@ where
 {
     config: OpsdConfig,
     model: M,
-    optimizer: OpsdOptimizer<B, M>,
+    updater: Updater<B, M>,
     teacher: Teacher<M::InnerModule>,
     optimizer_steps: u64,
     episodes_seen: u64,
@@ -518,7 +410,7 @@ where
         config.validate()?;
         let teacher = Teacher::new(config.teacher, &model.valid())?;
         Ok(Self {
-            optimizer: Self::optimizer(&config),
+            updater: Updater::new(config.update()),
             config,
             model,
             teacher,
@@ -543,7 +435,7 @@ where
         }
         let teacher = Teacher::from_snapshot(config.teacher, state.teacher)?;
         Ok(Self {
-            optimizer: Self::optimizer(&config).load_record(state.optimizer),
+            updater: Updater::resume(config.update(), state.optimizer),
             config,
             model,
             teacher,
@@ -552,14 +444,10 @@ where
         })
     }
 
-    fn optimizer(config: &OpsdConfig) -> OpsdOptimizer<B, M> {
-        config.adamw.init()
-    }
-
     /// The trainer's state besides the model weights (save it with [`Self::model`]).
     pub fn state(&self) -> TrainerState<B, M> {
         TrainerState {
-            optimizer: self.optimizer.to_record(),
+            optimizer: self.updater.record(),
             teacher: self.teacher.snapshot().cloned(),
             optimizer_steps: self.optimizer_steps,
             episodes_seen: self.episodes_seen,
@@ -599,7 +487,7 @@ where
 
     /// The learning rate of the next update.
     pub fn current_lr(&self) -> f64 {
-        self.config.learning_rate * self.config.schedule.factor(self.optimizer_steps)
+        self.updater.lr(self.optimizer_steps)
     }
 
     /// One OPSD step over `episodes` (one prompt each, `G` samples per prompt).
@@ -763,89 +651,17 @@ where
             return Ok(metrics);
         }
 
-        let (grads, norm) = clip_global_grad_norm::<B, M>(
-            &self.model,
+        let outcome = self.updater.apply(
+            &mut self.model,
             accumulator.grads(),
-            self.config.max_grad_norm,
+            &mut self.optimizer_steps,
         );
-        metrics.grad_norm = norm;
-        if !norm.is_finite() {
+        metrics.grad_norm = outcome.grad_norm;
+        if !outcome.applied {
             metrics.skipped = Some(SkipReason::NonFiniteGradient);
             return Ok(metrics);
         }
-        self.model = self.optimizer.step(lr, self.model.clone(), grads);
-        self.optimizer_steps += 1;
         self.teacher.after_update(&self.model.valid())?;
         Ok(metrics)
-    }
-}
-
-struct SquaredNorm<'a, B: AutodiffBackend> {
-    grads: &'a GradientsParams,
-    total: Option<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let sq = g.square().sum();
-            self.total = Some(match self.total.take() {
-                Some(t) => t.add(sq),
-                None => sq,
-            });
-        }
-    }
-}
-
-/// `‖g‖₂` over every parameter gradient of `model`, read back once (NaN/inf propagate).
-fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &GradientsParams,
-) -> f32 {
-    let mut visitor = SquaredNorm::<B> { grads, total: None };
-    model.visit(&mut visitor);
-    match visitor.total {
-        Some(t) => t.into_scalar().elem::<f64>().sqrt() as f32,
-        None => 0.0,
-    }
-}
-
-struct ScaleGrads<B: AutodiffBackend> {
-    grads: GradientsParams,
-    factor: f32,
-    _backend: core::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads
-                .register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
-        }
-    }
-}
-
-/// Global gradient-norm clipping, as `torch.nn.utils.clip_grad_norm_`: with
-/// `‖g‖ = sqrt(Σ_p ‖g_p‖²)` over every parameter of `model`, scales every gradient by
-/// `c / (‖g‖ + 1e-6)` when `‖g‖ > c`. Returns the gradients and the pre-clip `‖g‖` (NaN or
-/// inf when a gradient is non-finite; nothing is scaled then). `max_norm = None` only
-/// measures.
-pub fn clip_global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: GradientsParams,
-    max_norm: Option<f32>,
-) -> (GradientsParams, f32) {
-    let norm = global_grad_norm::<B, M>(model, &grads);
-    match max_norm {
-        Some(max) if norm.is_finite() && norm > max => {
-            let mut visitor = ScaleGrads::<B> {
-                grads,
-                factor: max / (norm + 1e-6),
-                _backend: core::marker::PhantomData,
-            };
-            model.visit(&mut visitor);
-            (visitor.grads, norm)
-        }
-        _ => (grads, norm),
     }
 }

@@ -31,7 +31,6 @@ pub mod report;
 pub mod run;
 pub mod run_dir;
 pub mod samples;
-pub mod sft;
 pub mod steps;
 pub mod tiny;
 pub mod tokenizer;

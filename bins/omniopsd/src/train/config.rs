@@ -25,7 +25,7 @@ use omniopsd_core::step::{AdamWSettings, LrDecay, LrSchedule, OpsdConfig, StepEr
 use omniopsd_core::teacher::TeacherMode;
 use serde::{Deserialize, Serialize};
 
-use super::sft::SftConfig;
+use omniopsd_core::sft::SftConfig;
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

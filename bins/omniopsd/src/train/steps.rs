@@ -13,7 +13,7 @@ use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 
 use super::checkpoint::Sections;
 use super::phase::{to_bytes, Resumed, Saved, Stepper};
-use super::sft::{Example, SftConfig, SftTrainer};
+use omniopsd_core::sft::{Example, SftConfig, SftTrainer};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
