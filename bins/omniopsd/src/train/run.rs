@@ -290,7 +290,7 @@ pub fn train<B: AutodiffBackend>(
         Some(k) => heldout.into_iter().take(k).collect(),
         None => heldout,
     };
-    let base_model = Qwen2Model::<B>::from_checkpoint(&ckpt, device)?;
+    let base_model = omniopsd_thinker::load_decoder::<B>(&ckpt, device)?;
     let (warm, warm_results) = warmup_phase::<B>(&mut ctx, base_model, &train, &heldout, device)?;
     results.extend(warm_results);
     for &seed in &cfg.seeds {
