@@ -15,7 +15,7 @@ divergence, which we reduce ourselves for `Reduction::Sequence`.
 Output: tests/reference/divergence_golden.json (inputs as float32-representable values,
 loss, per-token divergence, gradient of the loss w.r.t. the student logits).
 
-Run: /work/venv/bin/python tests/reference/gen_divergence.py
+Run from the repository root: python tests/reference/gen_divergence.py
 """
 
 import json

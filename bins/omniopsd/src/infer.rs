@@ -173,9 +173,8 @@ impl<B: Backend> Loaded<B> {
         }
         let ckpt = Checkpoint::open(dir)
             .with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
-        let root = ckpt.config_json();
         let model =
-            if root.get("thinker_config").is_some() || root.get("text_config").is_some() {
+            if ckpt.layout().is_multimodal() {
                 Model::Omni(Thinker::from_checkpoint(&ckpt, device).with_context(|| {
                     format!("loading the Qwen2.5-Omni thinker in {}", dir.display())
                 })?)

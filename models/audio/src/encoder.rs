@@ -16,12 +16,16 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::conv1d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use omniopsd_checkpoint::{Checkpoint, Weights};
+use omniopsd_checkpoint::{ConfigView, Weights};
 use serde::Deserialize;
 
-use crate::nn::LayerNorm;
+use omniopsd_nn::{LayerNorm, Linear};
+
 use crate::{Error, LogMel};
-use omniopsd_checkpoint::Linear;
+
+/// ε of every LayerNorm in the tower: transformers builds them as `nn.LayerNorm(d_model)`,
+/// PyTorch's default, and `audio_config` has no key for it.
+const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Serde mirror of the checkpoint's `audio_config` (keys verbatim, HF defaults).
 #[derive(Clone, Debug, Deserialize)]
@@ -79,23 +83,10 @@ mod defaults {
 }
 
 impl AudioEncoderConfig {
-    /// Reads `audio_config` from a thinker `config.json` or from a full Qwen2.5-Omni one
-    /// (`thinker_config.audio_config`).
-    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self, Error> {
-        let root = ckpt.config_json();
-        let value = root
-            .get("thinker_config")
-            .and_then(|t| t.get("audio_config"))
-            .or_else(|| root.get("audio_config"))
-            .ok_or_else(|| Error::Config {
-                field: "audio_config",
-                reason: "config.json has neither `audio_config` nor `thinker_config.audio_config`"
-                    .into(),
-            })?;
-        serde_json::from_value(value.clone()).map_err(|e| Error::Config {
-            field: "audio_config",
-            reason: e.to_string(),
-        })
+    /// Reads the tower's config object (a thinker's `audio_config`); errors name the key with
+    /// its path in `config.json`.
+    pub fn from_config(view: &ConfigView) -> Result<Self, Error> {
+        Ok(view.deserialize()?)
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -200,10 +191,20 @@ impl<B: Backend> EncoderLayer<B> {
         let d = cfg.d_model;
         Ok(Self {
             self_attn: Attention::load(&w.pp("self_attn"), cfg, device)?,
-            self_attn_layer_norm: LayerNorm::load(&w.pp("self_attn_layer_norm"), d, device)?,
+            self_attn_layer_norm: LayerNorm::load(
+                &w.pp("self_attn_layer_norm"),
+                d,
+                LAYER_NORM_EPS,
+                device,
+            )?,
             fc1: Linear::load(&w.pp("fc1"), d, cfg.encoder_ffn_dim, true, device)?,
             fc2: Linear::load(&w.pp("fc2"), cfg.encoder_ffn_dim, d, true, device)?,
-            final_layer_norm: LayerNorm::load(&w.pp("final_layer_norm"), d, device)?,
+            final_layer_norm: LayerNorm::load(
+                &w.pp("final_layer_norm"),
+                d,
+                LAYER_NORM_EPS,
+                device,
+            )?,
         })
     }
 
@@ -239,7 +240,7 @@ pub struct AudioEncoder<B: Backend> {
 const MASKED: f32 = -1.0e9;
 
 impl<B: Backend> AudioEncoder<B> {
-    /// Loads the tower from `w` (prefixed at the tower, e.g. `thinker.audio_tower`).
+    /// Loads the tower from `w`, a view at the tower's own tensors (a thinker's `audio_tower`).
     pub fn load(w: &Weights, cfg: &AudioEncoderConfig, device: &B::Device) -> Result<Self, Error> {
         cfg.validate()?;
         let d = cfg.d_model;
@@ -252,26 +253,13 @@ impl<B: Backend> AudioEncoder<B> {
             conv2_weight: w.param("conv2.weight", [d, d, 3], device)?,
             conv2_bias: w.param("conv2.bias", [d], device)?,
             layers,
-            ln_post: LayerNorm::load(&w.pp("ln_post"), d, device)?,
+            ln_post: LayerNorm::load(&w.pp("ln_post"), d, LAYER_NORM_EPS, device)?,
             proj: Linear::load(&w.pp("proj"), d, cfg.output_dim, true, device)?,
             num_mel_bins: cfg.num_mel_bins,
             d_model: d,
             n_window: cfg.n_window,
             output_dim: cfg.output_dim,
         })
-    }
-
-    /// Loads config and weights from a Qwen2.5-Omni checkpoint, either the full-model layout
-    /// (`thinker.audio_tower.*`) or a bare thinker (`audio_tower.*`).
-    pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, Error> {
-        let cfg = AudioEncoderConfig::from_checkpoint(ckpt)?;
-        let root = ckpt.weights();
-        let w = if root.contains("thinker.audio_tower.conv1.weight") {
-            root.pp("thinker").pp("audio_tower")
-        } else {
-            root.pp("audio_tower")
-        };
-        Self::load(&w, &cfg, device)
     }
 
     /// The hidden size the tower projects into (the thinker's).

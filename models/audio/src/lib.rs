@@ -13,7 +13,6 @@
 mod encoder;
 mod fft;
 mod mel;
-mod nn;
 
 pub use encoder::{output_lengths, AudioEncoder, AudioEncoderConfig};
 pub use mel::{FeatureExtractor, LogMel, SAMPLING_RATE};

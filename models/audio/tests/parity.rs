@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use omniopsd_audio::{output_lengths, AudioEncoder, Error, FeatureExtractor, SAMPLING_RATE};
+use omniopsd_audio::{
+    output_lengths, AudioEncoder, AudioEncoderConfig, Error, FeatureExtractor, SAMPLING_RATE,
+};
 use omniopsd_checkpoint::Checkpoint;
 
 type B = NdArray<f32>;
@@ -23,9 +25,25 @@ fn fixture() -> Checkpoint {
     Checkpoint::open_file(&reference_dir().join("omni_audio.safetensors")).expect("audio fixture")
 }
 
+/// The tower of the checkpoint in `dir`, found where a thinker keeps it: `audio_tower.*` and
+/// `audio_config` at the model's level of the checkpoint.
+fn tower(dir: &str) -> AudioEncoder<B> {
+    let ckpt = Checkpoint::open(&reference_dir().join(dir)).expect("omni checkpoint");
+    let config = ckpt
+        .model_config()
+        .get("audio_config")
+        .expect("audio_config");
+    let config = AudioEncoderConfig::from_config(&config).expect("audio_config parses");
+    AudioEncoder::load(
+        &ckpt.model_weights().pp("audio_tower"),
+        &config,
+        &Default::default(),
+    )
+    .expect("audio tower loads")
+}
+
 fn model() -> AudioEncoder<B> {
-    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).expect("tiny omni checkpoint");
-    AudioEncoder::from_checkpoint(&ckpt, &Default::default()).expect("audio tower loads")
+    tower("omni_tiny")
 }
 
 fn read<const D: usize>(ckpt: &Checkpoint, name: &str, shape: [usize; D]) -> Vec<f32> {
@@ -234,8 +252,7 @@ fn placeholder_count_follows_the_processor_formula() {
 
 #[test]
 fn full_omni_checkpoint_with_thinker_prefix_loads_the_same_tower() {
-    let ckpt = Checkpoint::open(&reference_dir().join("omni_full_layout")).expect("full layout");
-    let full = AudioEncoder::<B>::from_checkpoint(&ckpt, &Default::default()).expect("loads");
+    let full = tower("omni_full_layout");
     let fx = fixture();
     let head = read(&fx, "mel_head", [128, 136]);
     let valid: Vec<f32> = (0..128)

@@ -6,9 +6,18 @@
 //! byte size = dtype size x shape product), so later reads cannot run past a buffer. Stored
 //! f32 / bf16 / f16 tensors are converted to `f32` and handed to the backend, which casts to
 //! its own float type.
+//!
+//! Which layout the directory has (a text-only causal LM, a multimodal thinker, or a thinker
+//! nested in a larger model) is decided once, at [`Checkpoint::open`], and handed down as a
+//! weight view and a config view at the model's own level ([`Checkpoint::model_weights`],
+//! [`Checkpoint::model_config`]); below that level the model crates name their own parts
+//! with [`Weights::pp`] and [`ConfigView::get`].
 
-mod linear;
-pub use linear::Linear;
+mod config;
+mod layout;
+
+pub use config::ConfigView;
+pub use layout::Layout;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +46,8 @@ pub enum Error {
         key: String,
         reason: String,
     },
+    #[error("{file}: {reason}")]
+    Layout { file: PathBuf, reason: String },
     #[error("{dir}: no *.safetensors file found")]
     NoWeights { dir: PathBuf },
     #[error("{file}: index names tensor `{tensor}` in shard `{shard}`, which {reason}")]
@@ -102,6 +113,7 @@ pub struct Checkpoint {
     tokenizer: Option<PathBuf>,
     shards: Vec<Shard>,
     entries: BTreeMap<String, Entry>,
+    layout: Layout,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
@@ -233,6 +245,7 @@ impl Checkpoint {
                 }
             }
         }
+        ckpt.layout = Layout::detect(&ckpt.config_path, &ckpt.config, &ckpt.entries)?;
         let tokenizer = dir.join("tokenizer.json");
         ckpt.tokenizer = tokenizer.is_file().then_some(tokenizer);
         Ok(ckpt)
@@ -258,6 +271,7 @@ impl Checkpoint {
             tokenizer: None,
             shards: Vec::new(),
             entries: BTreeMap::new(),
+            layout: Layout::CausalLm,
         };
         ckpt.add_shard(name.to_path_buf(), bytes)?;
         Ok(ckpt)
@@ -276,6 +290,7 @@ impl Checkpoint {
             tokenizer: None,
             shards: Vec::new(),
             entries: BTreeMap::new(),
+            layout: Layout::CausalLm,
         };
         for path in files {
             let bytes = read(path)?;
@@ -316,19 +331,38 @@ impl Checkpoint {
 
     /// Deserializes `config.json` into `T`; the error names the missing or invalid key.
     pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        T::deserialize(&self.config).map_err(|e| {
-            let reason = e.to_string();
-            let key = reason
-                .split('`')
-                .nth(1)
-                .map(str::to_string)
-                .unwrap_or_default();
-            Error::Config {
-                file: self.config_path.clone(),
-                key,
-                reason,
-            }
-        })
+        self.config_view().deserialize()
+    }
+
+    /// A view of `config.json` from its root.
+    pub fn config_view(&self) -> ConfigView<'_> {
+        ConfigView::root(&self.config_path, &self.config)
+    }
+
+    /// How the directory nests its model, decided when it was opened.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The config object of the model the checkpoint holds: the root of `config.json`, or
+    /// `thinker_config` in the [`Layout::Full`] layout.
+    pub fn model_config(&self) -> ConfigView<'_> {
+        let root = self.config_view();
+        match self.layout {
+            Layout::Full => root
+                .get(layout::NESTED_CONFIG)
+                .expect("Layout::Full is only detected with a `thinker_config` object"),
+            Layout::CausalLm | Layout::Thinker => root,
+        }
+    }
+
+    /// The tensors of the model the checkpoint holds: all of them, or those under `thinker.`
+    /// in the [`Layout::Full`] layout.
+    pub fn model_weights(&self) -> Weights<'_> {
+        match self.layout {
+            Layout::Full => self.weights().pp(layout::NESTED_PREFIX),
+            Layout::CausalLm | Layout::Thinker => self.weights(),
+        }
     }
 
     /// `tokenizer.json` in the checkpoint directory, when there is one.
@@ -424,6 +458,25 @@ impl<'a> Weights<'a> {
     /// Whether tensor `prefix.name` exists.
     pub fn contains(&self, name: &str) -> bool {
         self.ckpt.entries.contains_key(&self.full(name))
+    }
+
+    /// Whether tensors `prefix.a` and `prefix.b` exist with the same shape and the same
+    /// values (bit for bit when stored in the same dtype, after conversion to f32 otherwise).
+    pub fn same_values(&self, a: &str, b: &str) -> Result<bool, Error> {
+        let (fa, fb) = (self.full(a), self.full(b));
+        let (Some(ea), Some(eb)) = (self.ckpt.entries.get(&fa), self.ckpt.entries.get(&fb)) else {
+            return Ok(false);
+        };
+        if ea.shape != eb.shape {
+            return Ok(false);
+        }
+        if ea.dtype == eb.dtype {
+            let ckpt: &'a Checkpoint = self.ckpt;
+            let shards = &ckpt.shards;
+            let bytes = |e: &Entry| -> &'a [u8] { &shards[e.shard].bytes[e.start..e.end] };
+            return Ok(bytes(ea) == bytes(eb));
+        }
+        Ok(self.ckpt.read_f32(&fa)?.0 == self.ckpt.read_f32(&fb)?.0)
     }
 
     /// Reads `prefix.name`, checks its shape is `shape` and converts it to the backend float.

@@ -6,8 +6,9 @@
 //! sections), SwiGLU MLP, a final RMSNorm and a tied or untied LM head. A KV cache serves
 //! decoding. [`Qwen2Model`] returns final hidden states; the core applies the head in chunks.
 //!
-//! Reference checkpoints: `Qwen/Qwen2.5-0.5B-Instruct` (`model.*`, tied head),
-//! `Qwen/Qwen2.5-Omni-7B` (`thinker.model.*`, `thinker_config.text_config`).
+//! Reference checkpoints: `Qwen/Qwen2.5-0.5B-Instruct` (`model.*`, tied head), and the
+//! thinker's text model of `Qwen/Qwen2.5-Omni-7B`, which `omniopsd-thinker` hands to
+//! [`Qwen2Model::load`] at its prefix.
 
 use std::path::PathBuf;
 

@@ -19,32 +19,12 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use omniopsd_backends::rows::{product, Layout};
-use omniopsd_checkpoint::{Checkpoint, Dtype, Linear, Weights};
+use omniopsd_backends::rows;
+use omniopsd_checkpoint::{Checkpoint, ConfigView, Dtype, Layout, Weights};
 use omniopsd_core::fused::lm_logits;
+use omniopsd_nn::{Linear, RmsNorm};
 
 use crate::{Error, Qwen2Config};
-
-/// `x / sqrt(mean(x²) + ε) · w` over the last axis (Qwen2RMSNorm).
-#[derive(Module, Debug)]
-struct RmsNorm<B: Backend> {
-    weight: Param<Tensor<B, 1>>,
-    eps: f64,
-}
-
-impl<B: Backend> RmsNorm<B> {
-    fn load(w: &Weights, dim: usize, eps: f64, device: &B::Device) -> Result<Self, Error> {
-        Ok(Self {
-            weight: w.param("weight", [dim], device)?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let rms = (x.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt();
-        x / rms * self.weight.val().unsqueeze()
-    }
-}
 
 #[derive(Module, Debug)]
 struct Attention<B: Backend> {
@@ -254,8 +234,16 @@ pub struct Qwen2Model<B: Backend> {
 }
 
 impl<B: Backend> Qwen2Model<B> {
-    /// Loads the decoder from `w`, the parent of `model.*` and `lm_head.*` (the checkpoint
-    /// root for `Qwen2ForCausalLM`, `thinker` for a full Qwen2.5-Omni checkpoint).
+    /// Loads the decoder from `w`, the parent of `model.*` and `lm_head.weight` (the
+    /// checkpoint root for `Qwen2ForCausalLM`; a thinker's root for Qwen2.5-Omni).
+    ///
+    /// The head follows transformers' `tie_weights` at `from_pretrained`:
+    /// `config.tie_word_embeddings` (the flag of the model that owns the head, which for a
+    /// thinker is not its `text_config`'s) asks for a tied head, but a stored `lm_head.weight`
+    /// that differs from the embeddings is kept as an untied head, and a tied checkpoint that
+    /// stores only `lm_head.weight` shares it as the embeddings. Untied with no stored head is
+    /// an error (transformers would initialise one at random). The loaded model's
+    /// [`Self::config`] says whether the head ended up tied.
     pub fn load(w: &Weights, config: &Qwen2Config, device: &B::Device) -> Result<Self, Error> {
         config.validate().map_err(|(key, reason)| Error::Config {
             file: "config.json".into(),
@@ -300,11 +288,21 @@ impl<B: Backend> Qwen2Model<B> {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let lm_head = if config.tie_word_embeddings {
+        let (embed, head) = ("model.embed_tokens.weight", "lm_head.weight");
+        let tied = config.tie_word_embeddings
+            && !(w.contains(head) && w.contains(embed) && !w.same_values(embed, head)?);
+        let embed_source = if tied && !w.contains(embed) && w.contains(head) {
+            head
+        } else {
+            embed
+        };
+        let lm_head = if tied {
             None
         } else {
-            Some(w.param("lm_head.weight", [config.vocab_size, h], device)?)
+            Some(w.param(head, [config.vocab_size, h], device)?)
         };
+        let mut config = config.clone();
+        config.tie_word_embeddings = tied;
         let mut freq_rows = Vec::with_capacity(d / 2);
         for (row, &n) in config.mrope_section().iter().enumerate() {
             freq_rows.extend(std::iter::repeat_n(row, n));
@@ -315,47 +313,36 @@ impl<B: Backend> Qwen2Model<B> {
             .map(|j| 1.0 / theta.powf((2 * j) as f32 / d as f32))
             .collect();
         Ok(Self {
-            embed_tokens: m.param("embed_tokens.weight", [config.vocab_size, h], device)?,
+            embed_tokens: w.param(embed_source, [config.vocab_size, h], device)?,
             layers,
             norm: RmsNorm::load(&m.pp("norm"), h, eps, device)?,
             lm_head,
             freq_rows,
             inv_freq,
-            config: config.clone(),
+            config,
         })
     }
 
-    /// Loads a `Qwen2ForCausalLM` checkpoint (`model.*`, config at the root) or the text
-    /// model of a Qwen2.5-Omni thinker (`thinker.model.*` or bare `model.*`, config under
-    /// `thinker_config.text_config` or `text_config`).
+    /// Loads a text-only checkpoint ([`Layout::CausalLm`]: `Qwen2ForCausalLM`, `model.*` and
+    /// `lm_head.weight` with the config at the root). The text model of a Qwen2.5-Omni
+    /// checkpoint is loaded by `omniopsd-thinker`, which knows where it sits.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, Error> {
-        let file = ckpt.dir().join("config.json");
-        let root = ckpt.config_json();
-        let (json, key_prefix) = match (root.get("thinker_config"), root.get("text_config")) {
-            (Some(thinker), _) => (
-                thinker.get("text_config").ok_or_else(|| Error::Config {
-                    file: file.clone(),
-                    key: "thinker_config.text_config".into(),
-                    reason: "missing".into(),
-                })?,
-                "thinker_config.text_config.",
-            ),
-            (None, Some(text)) => (text, "text_config."),
-            (None, None) => (root, ""),
-        };
-        let config = Qwen2Config::deserialize_named(json, &file, key_prefix)?;
-        config.validate().map_err(|(key, reason)| Error::Config {
-            file: file.clone(),
-            key: format!("{key_prefix}{key}"),
-            reason,
-        })?;
-        let weights = ckpt.weights();
-        let weights = if weights.contains("thinker.model.embed_tokens.weight") {
-            weights.pp("thinker")
-        } else {
-            weights
-        };
-        Self::load(&weights, &config, device)
+        let config = ckpt.model_config();
+        if ckpt.layout() != Layout::CausalLm {
+            return Err(Error::Config {
+                file: config.file().to_path_buf(),
+                key: "text_config".into(),
+                reason: format!(
+                    "a multimodal checkpoint ({:?} layout); its text model loads through the thinker",
+                    ckpt.layout()
+                ),
+            });
+        }
+        Self::load(
+            &ckpt.model_weights(),
+            &Qwen2Config::from_config(&config)?,
+            device,
+        )
     }
 
     /// The configuration the model was loaded with.
@@ -408,7 +395,7 @@ impl<B: Backend> Qwen2Model<B> {
     /// rows on a host backend the streaming product of [`omniopsd_backends::rows`] (equal up
     /// to f32 rounding).
     pub fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        match product(hidden, self.lm_head_weight(), Layout::OutIn) {
+        match rows::product(hidden, self.lm_head_weight(), rows::Layout::OutIn) {
             Ok(logits) => logits,
             Err((hidden, head)) => lm_logits(hidden, head),
         }
@@ -476,12 +463,12 @@ impl<B: Backend> Qwen2Model<B> {
                 ("input_layernorm", &l.input_layernorm),
                 ("post_attention_layernorm", &l.post_attention_layernorm),
             ] {
-                out.push((format!("{p}.{name}.weight"), norm.weight.val().into_data()));
+                out.push((format!("{p}.{name}.weight"), norm.weight().into_data()));
             }
         }
         out.push((
             "model.norm.weight".to_string(),
-            self.norm.weight.val().into_data(),
+            self.norm.weight().into_data(),
         ));
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.val().into_data()));
@@ -545,21 +532,14 @@ pub fn text_positions<B: Backend>(
 }
 
 impl Qwen2Config {
-    /// Deserializes from a JSON object; the error names `file` and the key (prefixed with
-    /// where the object sits in the file).
-    pub fn deserialize_named(
-        json: &serde_json::Value,
-        file: &Path,
-        key_prefix: &str,
-    ) -> Result<Self, Error> {
-        serde_json::from_value(json.clone()).map_err(|e| {
-            let reason = e.to_string();
-            let key = reason.split('`').nth(1).unwrap_or_default();
-            Error::Config {
-                file: file.to_path_buf(),
-                key: format!("{key_prefix}{key}"),
-                reason,
-            }
-        })
+    /// Deserializes and validates the config object `view` (the root of a `Qwen2ForCausalLM`
+    /// `config.json`, or a thinker's `text_config`); errors name the file and the key with its
+    /// path in the file.
+    pub fn from_config(view: &ConfigView) -> Result<Self, Error> {
+        let config: Self = view.deserialize()?;
+        config
+            .validate()
+            .map_err(|(key, reason)| view.error(key, reason))?;
+        Ok(config)
     }
 }

@@ -268,6 +268,60 @@ fn unsupported_config_is_named() {
     assert!(load_err(dir.path()).contains("num_key_value_heads"));
 }
 
+/// transformers' `tie_weights` at `from_pretrained`: a config that asks for a tied head but a
+/// checkpoint that stores a different `lm_head.weight` keeps that head untied.
+#[test]
+fn tied_config_with_a_different_stored_head_keeps_the_head() {
+    let dir = broken(|c| c["tie_word_embeddings"] = true.into(), |_| true, None);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let m = Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+    assert!(!m.config().tie_word_embeddings);
+    let p = ids("a.prompt0.ids");
+    let err = rel_err(
+        &values(m.logits(m.forward_ids(int2(&p, 1)))),
+        &fixture("a.prompt0.logits").0,
+    );
+    assert!(err <= 1e-4, "{err}");
+}
+
+/// A tied checkpoint that stores the shared matrix only as `lm_head.weight` (transformers
+/// swaps source and target and ties the embeddings to it).
+#[test]
+fn tied_config_storing_only_the_head_shares_it_as_embeddings() {
+    let dir = broken(
+        |c| c["tie_word_embeddings"] = true.into(),
+        |n| n != "model.embed_tokens.weight",
+        None,
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let m = Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+    assert!(m.config().tie_word_embeddings);
+    let (head, _) = ckpt.read_f32("lm_head.weight").unwrap();
+    assert_eq!(values(m.lm_head_weight()), head);
+    let embedded = m.embed(int2(&[0, 1, 2], 1)).reshape([3 * 64]);
+    assert_eq!(values(embedded), head[..3 * 64]);
+}
+
+#[test]
+fn untied_config_without_a_stored_head_names_it() {
+    let dir = broken(|_| {}, |n| n != "lm_head.weight", None);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("lm_head.weight") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn multimodal_checkpoint_is_refused_by_the_text_loader() {
+    let ckpt = Checkpoint::open(&reference().join("omni_tiny")).unwrap();
+    let err = Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default())
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("thinker"), "{err}");
+}
+
 #[test]
 fn tokenizer_larger_than_the_embedding_is_refused() {
     let path = reference().join("qwen2_tiny/tokenizer.json");

@@ -26,6 +26,11 @@ pub struct ThinkerConfig {
     pub position_id_per_seconds: f64,
     #[serde(default = "defaults::seconds_per_chunk")]
     pub seconds_per_chunk: f64,
+    /// Whether the LM head is tied to the embeddings. The thinker's own flag governs its
+    /// head, not `text_config.tie_word_embeddings` (transformers ties per model, each by its
+    /// own config; Qwen2.5-Omni's text config defaults to `true`, the thinker's to `false`).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
     #[serde(skip)]
     pub spatial_merge_size: usize,
 }
@@ -61,10 +66,9 @@ mod defaults {
 }
 
 impl ThinkerConfig {
-    /// Reads the thinker config from a thinker `config.json` or a full Qwen2.5-Omni one
-    /// (`thinker_config`).
-    pub fn from_json(root: &serde_json::Value) -> Result<Self, Error> {
-        let thinker = root.get("thinker_config").unwrap_or(root);
+    /// Reads the thinker's config object: the root of a thinker `config.json`, or
+    /// `thinker_config` of a full Qwen2.5-Omni one.
+    pub fn from_json(thinker: &serde_json::Value) -> Result<Self, Error> {
         let mut cfg: Self = serde_json::from_value(thinker.clone()).map_err(|e| Error::Config {
             field: "thinker_config",
             reason: e.to_string(),

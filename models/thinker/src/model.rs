@@ -11,11 +11,13 @@
 //! and the inner-backend teacher share the prompt.
 
 use burn::tensor::{backend::Backend, Int, Tensor};
-use omniopsd_audio::{AudioEncoder, LogMel};
-use omniopsd_checkpoint::Checkpoint;
+use omniopsd_audio::{AudioEncoder, AudioEncoderConfig, LogMel};
+use omniopsd_checkpoint::{Checkpoint, ConfigView, Weights};
 use omniopsd_core::PolicyModel;
-use omniopsd_decoder::{DecoderCache, EmbeddingInserts, PromptPositions, Qwen2Model, TokenPrompt};
-use omniopsd_vision::{PixelPatches, VisionEncoder};
+use omniopsd_decoder::{
+    DecoderCache, EmbeddingInserts, PromptPositions, Qwen2Config, Qwen2Model, TokenPrompt,
+};
+use omniopsd_vision::{PixelPatches, VisionEncoder, VisionEncoderConfig};
 
 use crate::{expand_prompt, rope_index, Error, Media, ThinkerConfig};
 
@@ -93,26 +95,62 @@ pub struct Thinker<B: Backend> {
     device: B::Device,
 }
 
+/// The thinker's own level of a checkpoint: its tensors and its config object. A thinker
+/// nests its parts as transformers' `Qwen2_5OmniThinkerForConditionalGeneration` saves them:
+/// the text decoder at `model.*` + `lm_head.weight` with `text_config`, the towers at
+/// `audio_tower.*` / `audio_config` and `visual.*` / `vision_config`.
+fn thinker_level(ckpt: &Checkpoint) -> Result<(Weights<'_>, ConfigView<'_>), Error> {
+    if !ckpt.layout().is_multimodal() {
+        return Err(Error::Config {
+            field: "text_config",
+            reason: "missing (not a Qwen2.5-Omni thinker config)".into(),
+        });
+    }
+    Ok((ckpt.model_weights(), ckpt.model_config()))
+}
+
+/// The thinker's text decoder from its level: `text_config` for the shapes, the thinker's
+/// own `tie_word_embeddings` for the head.
+fn load_text_decoder<B: Backend>(
+    weights: &Weights,
+    config: &ConfigView,
+    thinker: &ThinkerConfig,
+    device: &B::Device,
+) -> Result<Qwen2Model<B>, ModelError> {
+    let mut text = Qwen2Config::from_config(&config.get("text_config")?)?;
+    text.tie_word_embeddings = thinker.tie_word_embeddings;
+    Ok(Qwen2Model::load(weights, &text, device)?)
+}
+
+/// The text decoder of any checkpoint the project reads: a `Qwen2ForCausalLM`, or the
+/// thinker's decoder of a Qwen2.5-Omni checkpoint (towers not loaded).
+pub fn load_decoder<B: Backend>(
+    ckpt: &Checkpoint,
+    device: &B::Device,
+) -> Result<Qwen2Model<B>, ModelError> {
+    if !ckpt.layout().is_multimodal() {
+        return Ok(Qwen2Model::from_checkpoint(ckpt, device)?);
+    }
+    let (weights, config) = thinker_level(ckpt)?;
+    let thinker = ThinkerConfig::from_json(config.json())?;
+    load_text_decoder(&weights, &config, &thinker, device)
+}
+
 impl<B: Backend> Thinker<B> {
     /// Loads a Qwen2.5-Omni checkpoint, full-model layout (`thinker.*`, talker and token2wav
     /// ignored) or a bare thinker.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, ModelError> {
-        let root_json = ckpt.config_json();
-        let config = ThinkerConfig::from_json(root_json)?;
-        if root_json.get("thinker_config").is_none() && root_json.get("text_config").is_none() {
-            return Err(Error::Config {
-                field: "text_config",
-                reason: "missing (not a Qwen2.5-Omni thinker config)".into(),
-            }
-            .into());
-        }
-        let decoder = Qwen2Model::from_checkpoint(ckpt, device)?;
+        let (weights, config) = thinker_level(ckpt)?;
+        let thinker = ThinkerConfig::from_json(config.json())?;
+        let decoder = load_text_decoder(&weights, &config, &thinker, device)?;
+        let audio_config = AudioEncoderConfig::from_config(&config.get("audio_config")?)?;
+        let vision_config = VisionEncoderConfig::from_config(&config.get("vision_config")?)?;
         Ok(Self {
-            audio: AudioEncoder::from_checkpoint(ckpt, device)?,
-            visual: VisionEncoder::from_checkpoint(ckpt, device)?,
+            audio: AudioEncoder::load(&weights.pp("audio_tower"), &audio_config, device)?,
+            visual: VisionEncoder::load(&weights.pp("visual"), &vision_config, device)?,
             vocab_size: decoder.config().vocab_size,
             decoder,
-            config,
+            config: thinker,
             device: device.clone(),
         })
     }

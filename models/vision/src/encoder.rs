@@ -17,12 +17,16 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use omniopsd_checkpoint::{Checkpoint, Weights};
+use omniopsd_checkpoint::{ConfigView, Weights};
 use serde::Deserialize;
 
-use crate::nn::RmsNorm;
+use omniopsd_nn::{Linear, RmsNorm};
+
 use crate::{Error, PixelPatches};
-use omniopsd_checkpoint::Linear;
+
+/// ε of every RMSNorm in the tower: transformers hard-codes `Qwen2_5OmniRMSNorm(.., eps=1e-6)`
+/// in the blocks and the merger, and `vision_config` has no key for it.
+const RMS_NORM_EPS: f64 = 1e-6;
 
 /// `rope_parameters` of the vision config (only the base is used: the rope is axial).
 #[derive(Clone, Debug, Deserialize)]
@@ -102,24 +106,10 @@ mod defaults {
 }
 
 impl VisionEncoderConfig {
-    /// Reads `vision_config` from a thinker `config.json` or from a full Qwen2.5-Omni one
-    /// (`thinker_config.vision_config`).
-    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self, Error> {
-        let root = ckpt.config_json();
-        let value = root
-            .get("thinker_config")
-            .and_then(|t| t.get("vision_config"))
-            .or_else(|| root.get("vision_config"))
-            .ok_or_else(|| Error::Config {
-                field: "vision_config",
-                reason:
-                    "config.json has neither `vision_config` nor `thinker_config.vision_config`"
-                        .into(),
-            })?;
-        serde_json::from_value(value.clone()).map_err(|e| Error::Config {
-            field: "vision_config",
-            reason: e.to_string(),
-        })
+    /// Reads the tower's config object (a thinker's `vision_config`); errors name the key
+    /// with its path in `config.json`.
+    pub fn from_config(view: &ConfigView) -> Result<Self, Error> {
+        Ok(view.deserialize()?)
     }
 
     /// Values per patch row: `in_channels · temporal_patch_size · patch_size²`.
@@ -287,8 +277,8 @@ impl<B: Backend> Block<B> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let m = w.pp("mlp");
         Ok(Self {
-            norm1: RmsNorm::load(&w.pp("norm1"), d, device)?,
-            norm2: RmsNorm::load(&w.pp("norm2"), d, device)?,
+            norm1: RmsNorm::load(&w.pp("norm1"), d, RMS_NORM_EPS, device)?,
+            norm2: RmsNorm::load(&w.pp("norm2"), d, RMS_NORM_EPS, device)?,
             attn: Attention::load(&w.pp("attn"), d, cfg.num_heads, device)?,
             mlp: Mlp {
                 gate_proj: Linear::load(&m.pp("gate_proj"), d, i, true, device)?,
@@ -351,7 +341,7 @@ struct Layout {
 }
 
 impl<B: Backend> VisionEncoder<B> {
-    /// Loads the tower from `w` (prefixed at the tower, e.g. `thinker.visual`).
+    /// Loads the tower from `w`, a view at the tower's own tensors (a thinker's `visual`).
     pub fn load(w: &Weights, cfg: &VisionEncoderConfig, device: &B::Device) -> Result<Self, Error> {
         cfg.validate()?;
         let d = cfg.hidden_size;
@@ -375,7 +365,7 @@ impl<B: Backend> VisionEncoder<B> {
             patch_embed: Param::from_tensor(patch.reshape([d, cfg.patch_dim()])),
             blocks,
             merger: Merger {
-                ln_q: RmsNorm::load(&m.pp("ln_q"), d, device)?,
+                ln_q: RmsNorm::load(&m.pp("ln_q"), d, RMS_NORM_EPS, device)?,
                 mlp_0: Linear::load(&m.pp("mlp").pp(0), d * unit, d * unit, true, device)?,
                 mlp_2: Linear::load(
                     &m.pp("mlp").pp(2),
@@ -396,19 +386,6 @@ impl<B: Backend> VisionEncoder<B> {
             out_hidden_size: cfg.out_hidden_size,
             rope_theta: cfg.rope_theta(),
         })
-    }
-
-    /// Loads config and weights from a Qwen2.5-Omni checkpoint, either the full-model layout
-    /// (`thinker.visual.*`) or a bare thinker (`visual.*`).
-    pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, Error> {
-        let cfg = VisionEncoderConfig::from_checkpoint(ckpt)?;
-        let root = ckpt.weights();
-        let w = if root.contains("thinker.visual.patch_embed.proj.weight") {
-            root.pp("thinker").pp("visual")
-        } else {
-            root.pp("visual")
-        };
-        Self::load(&w, &cfg, device)
     }
 
     /// The hidden size the merger projects into (the thinker's).

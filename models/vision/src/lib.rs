@@ -10,7 +10,6 @@
 //! Reference checkpoint: `Qwen/Qwen2.5-Omni-7B` (`thinker.visual.*`).
 
 mod encoder;
-mod nn;
 mod preprocess;
 
 pub use encoder::{VisionEncoder, VisionEncoderConfig};

@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_vision::{
     preprocess_image, preprocess_video, resize_bicubic, smart_resize, Error, Frame,
-    ProcessorConfig, VisionEncoder,
+    ProcessorConfig, VisionEncoder, VisionEncoderConfig,
 };
 
 type B = NdArray<f32>;
@@ -26,9 +26,25 @@ fn fixture() -> Checkpoint {
     Checkpoint::open_file(&reference_dir().join("omni_vision.safetensors")).expect("vision fixture")
 }
 
+/// The tower of the checkpoint in `dir`, found where a thinker keeps it: `visual.*` and
+/// `vision_config` at the model's level of the checkpoint.
+fn tower(dir: &str) -> VisionEncoder<B> {
+    let ckpt = Checkpoint::open(&reference_dir().join(dir)).expect("omni checkpoint");
+    let config = ckpt
+        .model_config()
+        .get("vision_config")
+        .expect("vision_config");
+    let config = VisionEncoderConfig::from_config(&config).expect("vision_config parses");
+    VisionEncoder::load(
+        &ckpt.model_weights().pp("visual"),
+        &config,
+        &Default::default(),
+    )
+    .expect("vision tower loads")
+}
+
 fn model() -> VisionEncoder<B> {
-    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).expect("tiny omni checkpoint");
-    VisionEncoder::from_checkpoint(&ckpt, &Default::default()).expect("vision tower loads")
+    tower("omni_tiny")
 }
 
 fn read<const D: usize>(ckpt: &Checkpoint, name: &str, shape: [usize; D]) -> Vec<f32> {
@@ -308,8 +324,7 @@ fn patches_with_wrong_grid_are_rejected() {
 
 #[test]
 fn full_omni_checkpoint_with_thinker_prefix_loads_the_same_tower() {
-    let ckpt = Checkpoint::open(&reference_dir().join("omni_full_layout")).expect("full layout");
-    let full = VisionEncoder::<B>::from_checkpoint(&ckpt, &Default::default()).expect("loads");
+    let full = tower("omni_full_layout");
     let fx = fixture();
     let x = Tensor::<B, 2>::from_data(
         TensorData::new(read(&fx, "image_pixel_values", [48, 1176]), [48, 1176]),

@@ -114,7 +114,7 @@ pub fn train<B: AutodiffBackend>(
         Some(k) => heldout.into_iter().take(k).collect(),
         None => heldout,
     };
-    let base_model = Qwen2Model::<B>::from_checkpoint(&ckpt, device)?;
+    let base_model = omniopsd_thinker::load_decoder::<B>(&ckpt, device)?;
     let (warm, mut results) = warmup::<B>(&ctx, base_model, &train, &heldout, device)?;
     let mut notes = std::mem::take(&mut corpus.notes);
     for &seed in &cfg.seeds {

@@ -68,9 +68,7 @@ pub fn build<B: burn::tensor::backend::Backend>(
     limits: &Limits,
     device: &B::Device,
 ) -> Result<Vec<Sample>> {
-    let json = ckpt.config_json();
-    let omni_model = json.get("thinker_config").is_some() || json.get("text_config").is_some();
-    if omni_model {
+    if ckpt.layout().is_multimodal() {
         let processor = match ctx.cfg.model.dir {
             None => super::tiny::video_processor(),
             Some(_) => inputs::video_processor(),

@@ -448,10 +448,9 @@ mod tests {
         let ckpt = Checkpoint::open(out.path()).unwrap();
         assert!(ckpt.tokenizer_path().is_some());
         let dev = Default::default();
-        let audio = omniopsd_audio::AudioEncoder::<B>::from_checkpoint(&ckpt, &dev).unwrap();
-        let vision = omniopsd_vision::VisionEncoder::<B>::from_checkpoint(&ckpt, &dev).unwrap();
-        assert_eq!(audio.output_dim(), cfg.hidden_size);
-        assert_eq!(vision.output_dim(), cfg.hidden_size);
+        let thinker = omniopsd_thinker::Thinker::<B>::from_checkpoint(&ckpt, &dev).unwrap();
+        assert_eq!(thinker.audio.output_dim(), cfg.hidden_size);
+        assert_eq!(thinker.visual.output_dim(), cfg.hidden_size);
 
         let json = ckpt.config_json();
         let vocab = c.tk.get_vocab_size(true) as u64;

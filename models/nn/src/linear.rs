@@ -1,11 +1,11 @@
-//! The one layer every architecture crate loads the same way: PyTorch `nn.Linear`.
+//! PyTorch `nn.Linear`, with a streaming path for products of a few rows.
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use omniopsd_backends::rows::{product, Layout};
 
-use crate::Weights;
+use omniopsd_checkpoint::{Error, Weights};
 
 /// `y = x Wᵀ + b` (PyTorch `nn.Linear`). The weight is kept as `Wᵀ`, `[d_in, d_out]`,
 /// contiguous: backends that need contiguous matmul operands (NdArray) would otherwise copy a
@@ -25,13 +25,13 @@ impl<B: Backend> Linear<B> {
         d_out: usize,
         bias: bool,
         device: &B::Device,
-    ) -> Result<Self, crate::Error> {
+    ) -> Result<Self, Error> {
         let weight = w.tensor::<B, 2>("weight", [d_out, d_in], device)?;
         let values = weight
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
-            .map_err(|e| crate::Error::Export {
+            .map_err(|e| Error::Export {
                 file: w.prefix().into(),
                 reason: format!("reading `weight`: {e:?}"),
             })?;

@@ -1,0 +1,16 @@
+//! The layers the model crates share, each loaded from a [`omniopsd_checkpoint::Weights`]
+//! view under the names PyTorch gives them (`weight`, `bias`):
+//!
+//! - [`Linear`]: `nn.Linear`, keeping `Wᵀ` contiguous, with the few-row product of
+//!   [`omniopsd_backends::rows`] for decode steps;
+//! - [`RmsNorm`]: `Qwen2RMSNorm`;
+//! - [`LayerNorm`]: `nn.LayerNorm`.
+//!
+//! The normalisations take ε from the caller: from the config where the architecture reads
+//! it there, otherwise the constant the reference implementation hard-codes.
+
+mod linear;
+mod norm;
+
+pub use linear::Linear;
+pub use norm::{LayerNorm, RmsNorm};
