@@ -31,11 +31,13 @@ default (`--torch-allocator same`) the script re-runs itself with the equivalent
 PyTorch side always runs with glibc's defaults (its 18 GiB naive loss does not fit in 23 GiB
 with heap retention).
 
-Python: the shared venv, or benches/compare/.venv created and filled with pip (decode.py's
-`ensure_python`). CI does not run this.
+Python: `--python`, else $OMNIOPSD_PYTHON, else the one running this script; it needs torch,
+transformers and safetensors (decode.py's `ensure_python`; `--help` says how to make a virtual
+environment with them). CI does not run this.
 
 Run from the repository root: python3 benches/compare/compare.py [--threads 1] [--repeats 3]
     [--shapes h256,h1024] [--vocabs 151936,512] [--workloads 1,2,3] [--json results.json]
+    [--python PYTHON]
 """
 
 import argparse
@@ -116,10 +118,9 @@ def decode_rows(model_dir, vocab, args, flags):
 
 
 def main():
-    decode.ensure_python()
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=decode.VENV_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", choices=("flex", "ndarray"), default="flex")
@@ -129,7 +130,11 @@ def main():
     parser.add_argument("--json", help="also write every measurement here")
     parser.add_argument("--torch-allocator", choices=("same", "default"), default="same",
                         help="PyTorch's glibc allocator settings: as ours, or glibc's defaults")
+    decode.add_python_arg(parser)
     args = parser.parse_args()
+    decode.ensure_python(args.python)
+    import torch
+
     if args.torch_allocator == "same" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
         os.execve(sys.executable, [sys.executable] + sys.argv, env)

@@ -20,16 +20,24 @@ feature (burn is a `default-features = false` dependency), so on `--backend ndar
 runs on one thread; `--backend flex` (Burn's Flex CPU backend) uses rayon, capped by
 `RAYON_NUM_THREADS`. `torch.set_num_threads` and `RAYON_NUM_THREADS` both get `--threads`.
 
-Python: uses /work/venv/bin/python when it exists; otherwise it creates benches/compare/.venv
-and installs torch (CPU), transformers and safetensors there with pip, then re-runs itself
-in it.
+Python: the one given with `--python`, else $OMNIOPSD_PYTHON, else the one running this
+script (`python3` on PATH); the script re-runs itself under the first two. It needs torch,
+transformers and safetensors; a virtual environment with them, set up once from the
+repository root:
+
+    python3 -m venv .venv && .venv/bin/pip install torch transformers safetensors
+
+(add `--index-url https://download.pytorch.org/whl/cpu` before `torch` for the smaller
+CPU-only build), then `--python .venv/bin/python` or `export OMNIOPSD_PYTHON=.venv/bin/python`.
 
 Run from the repository root: python3 benches/compare/decode.py [--repeats 3] [--new-tokens 64]
+    [--python PYTHON]
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,42 +45,49 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED_VENV = "/work/venv"
-LOCAL_VENV = os.path.join(ROOT, "benches", "compare", ".venv")
+# The environment variable naming the Python to run the benches under.
+PYTHON_ENV = "OMNIOPSD_PYTHON"
+# Set in the re-run process, so it checks its imports instead of re-running again.
+REEXEC_ENV = "OMNIOPSD_BENCH_REEXEC"
+VENV_HELP = (
+    "set up a virtual environment once, from the repository root:\n"
+    "    python3 -m venv .venv && .venv/bin/pip install torch transformers safetensors\n"
+    f"then pass --python .venv/bin/python (or export {PYTHON_ENV}=.venv/bin/python)"
+)
 CONTEXTS = (0, 512, 2048)
 # Cargo flags of the Rust side's backend (`--backend flex` adds `--features flex`).
 BACKEND_FLAGS = ()
 
 
-def ensure_python():
-    """Re-executes under a Python that has torch and transformers."""
+def add_python_arg(parser):
+    """The `--python` flag every bench script takes (see `ensure_python`)."""
+    parser.add_argument(
+        "--python",
+        default=os.environ.get(PYTHON_ENV),
+        help=f"Python with torch and transformers to run under (default: ${PYTHON_ENV}, "
+        "else this interpreter); to make one: python3 -m venv .venv && "
+        ".venv/bin/pip install torch transformers safetensors",
+    )
+
+
+def ensure_python(python=None):
+    """Makes sure torch and transformers can be imported: re-runs this script once under
+    `python` (`--python`, else $OMNIOPSD_PYTHON) when one is named, and checks the imports
+    in the interpreter that ends up running it."""
+    if python and not os.environ.get(REEXEC_ENV):
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            found = shutil.which(python)
+            if found is None:
+                sys.exit(f"--python {python}: no such program")
+            python = found
+        # The re-run process and its children (loss.py's PyTorch side) check, not re-run.
+        env = dict(os.environ, **{REEXEC_ENV: "1"})
+        os.execve(python, [python] + sys.argv, env)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    if os.environ.get("OMNIOPSD_DECODE_BENCH_REEXEC"):
-        sys.exit("torch / transformers are still missing after setting up the venv")
-    python = os.path.join(SHARED_VENV, "bin", "python")
-    if not os.path.exists(python):
-        python = os.path.join(LOCAL_VENV, "bin", "python")
-        if not os.path.exists(python):
-            subprocess.check_call([sys.executable, "-m", "venv", LOCAL_VENV])
-            # PyTorch's CPU-only index first (smaller); PyPI's default build where that index
-            # is not reachable (offline machines reach only PyPI).
-            cpu_only = subprocess.call(
-                [python, "-m", "pip", "install", "--index-url",
-                 "https://download.pytorch.org/whl/cpu", "torch"]
-            )
-            if cpu_only != 0:
-                subprocess.check_call([python, "-m", "pip", "install", "torch"])
-            subprocess.check_call(
-                [python, "-m", "pip", "install", "transformers", "safetensors"]
-            )
-    env = dict(os.environ, OMNIOPSD_DECODE_BENCH_REEXEC="1")
-    os.execve(python, [python] + sys.argv, env)
+    except ImportError as e:
+        sys.exit(f"{sys.executable} cannot import torch / transformers ({e}); " + VENV_HELP)
 
 
 # The decode table's model: hidden 256, 4 layers, 4 heads, 2 KV heads, vocab 32,000.
@@ -171,17 +186,19 @@ def rust_runs(model_dir, prompts_file, new_tokens, repeats, threads, extra=(), f
 
 
 def main():
-    ensure_python()
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=VENV_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("ndarray", "flex"), default="ndarray",
                         help="Burn CPU backend of the Rust side")
+    add_python_arg(parser)
     args = parser.parse_args()
+    ensure_python(args.python)
+    import torch
+
     global BACKEND_FLAGS
     BACKEND_FLAGS = ("--features", "flex") if args.backend == "flex" else ()
     if args.repeats < 3:

@@ -13,7 +13,9 @@ Peak memory, both sides the same way: resident set high-water mark (`VmHWM`, res
 /proc/self/clear_refs just before the work) minus the resident size before it. Each side runs
 in its own fresh process. Linux only.
 
+Python: as decode.py (`--python`, else $OMNIOPSD_PYTHON, else the one running this script).
 Run from the repository root: python3 benches/compare/loss.py [--rows 2048] [--vocab 151936]
+    [--python PYTHON]
 """
 
 import argparse
@@ -25,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import ensure_python, run_example  # noqa: E402
+from decode import VENV_HELP, add_python_arg, ensure_python, run_example  # noqa: E402
 
 
 def status_bytes(field):
@@ -122,7 +124,8 @@ def compare(rows, hidden, vocab, chunk, repeats, threads, backend_flags=()):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=VENV_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2048, help="N·R response rows")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)
@@ -131,8 +134,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", choices=("ndarray", "flex"), default="flex")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_python_arg(parser)
     args = parser.parse_args()
-    ensure_python()
+    ensure_python(args.python)
     if args.child:
         torch_side(args.rows, args.hidden, args.vocab, args.repeats, args.threads)
         return

@@ -15,8 +15,8 @@ vocabulary 32,000 and 512) the script
 4. prints response tokens per second (G·32 per step; median over the steps after a warm-up)
    and the ratio ours / PyTorch.
 
-Python comes from decode.py's environment logic (the shared venv, or benches/compare/.venv).
-Run from the repository root: python3 benches/compare/train_step.py [--steps 4]
+Python: as decode.py (`--python`, else $OMNIOPSD_PYTHON, else the one running this script).
+Run from the repository root: python3 benches/compare/train_step.py [--steps 4] [--python PYTHON]
 """
 
 import argparse
@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import ensure_python, run_example  # noqa: E402
+from decode import VENV_HELP, add_python_arg, ensure_python, run_example  # noqa: E402
 
 PROMPT, PRIVILEGED, GROUP, NEW = 64, 64, 4, 32
 # Cargo flags of the Rust side's backend (`--backend flex` adds `--features flex`).
@@ -110,15 +110,17 @@ def rust_steps(model_dir, steps, threads, flags=None):
 
 
 def main():
-    ensure_python()
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=VENV_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", choices=("ndarray", "flex"), default="ndarray",
                         help="Burn CPU backend of the Rust side")
+    add_python_arg(parser)
     args = parser.parse_args()
+    ensure_python(args.python)
+    import torch
+
     global BACKEND_FLAGS
     BACKEND_FLAGS = ("--features", "flex") if args.backend == "flex" else ()
     torch.set_num_threads(args.threads)

@@ -15,10 +15,10 @@ builds the binaries here and calls this there.
 4. MFU = model FLOP/s (`omniopsd_benches::flops`, the same count for both sides) / the
    measured PyTorch peak.
 
-Writes gpu.json (after every stage) and gpu.md to `--out` (default $OUT) and prints the
+Writes gpu.json (after every stage) and gpu.md to `--out` (default .gpu/out) and prints the
 markdown. The Rust stages get time limits (Burn's peak 2 min, our step 6 min 20 s) cut to
-what is left of `--budget` (560 s), and run.sh bounds the whole script, so it fits one
-10-minute device call; a stage that fails or overruns is reported and the others still run.
+what is left of `--budget` (560 s), and run.sh bounds the whole script, so a run takes under
+10 minutes; a stage that fails or overruns is reported and the others still run.
 """
 
 import argparse
@@ -176,7 +176,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bin", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), ".gpu"),
                         help="folder of the CUDA builds of the examples (run.sh build)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(HERE)),
+                                                      ".gpu", "out"),
+                        help="folder for gpu.json and gpu.md")
     parser.add_argument("--budget", type=float, default=560, help="seconds for the whole run")
     parser.add_argument("--config", default=CONFIG, help="the model's config.json")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")

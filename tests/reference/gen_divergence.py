@@ -15,7 +15,8 @@ divergence, which we reduce ourselves for `Reduction::Sequence`.
 Output: tests/reference/divergence_golden.json (inputs as float32-representable values,
 loss, per-token divergence, gradient of the loss w.r.t. the student logits).
 
-Run from the repository root: python tests/reference/gen_divergence.py
+Run from the repository root, with a Python that has torch and trl (tests/reference/README.md:
+how to make one): python3 tests/reference/gen_divergence.py
 """
 
 import json

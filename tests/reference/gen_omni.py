@@ -20,7 +20,8 @@ Every fixture tensor is stored as f32 (masks, grids, ids and u8 pixels too) so o
 serves all. torchvision is not installed here, so the video patches use the video processor's
 recipe written out below (checked against the image processor on a still clip).
 
-Run from the repository root (torch, transformers 5.24): python tests/reference/gen_omni.py
+Run from the repository root, with a Python that has torch, transformers and safetensors
+(tests/reference/README.md: how to make one): python3 tests/reference/gen_omni.py
 """
 
 import json

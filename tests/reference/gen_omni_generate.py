@@ -11,7 +11,8 @@ pixel patches and grids as stored), and generates 64 tokens greedily twice:
 Both must agree (asserted); their ids go to `omni_generate.safetensors` as f32, with the
 smallest top-1 / top-2 logit gap met on the way (how robust the comparison is).
 
-Run from the repository root (torch, transformers 5.24): python tests/reference/gen_omni_generate.py
+Run from the repository root, with a Python that has torch, transformers and safetensors
+(tests/reference/README.md: how to make one): python3 tests/reference/gen_omni_generate.py
 """
 
 import os

@@ -35,7 +35,8 @@ All references are computed in f32 with eager attention. Model B is loaded from 
 with `dtype=torch.float32`, i.e. every bf16 weight is upcast exactly to f32 and all arithmetic
 is f32; the Rust side must read the bf16 weights the same way (exact bf16 -> f32 widening).
 
-Run from the repository root (torch, transformers 5.24): python tests/reference/gen_qwen2.py
+Run from the repository root, with a Python that has torch, transformers, safetensors and
+tokenizers (tests/reference/README.md: how to make one): python3 tests/reference/gen_qwen2.py
 """
 
 import json

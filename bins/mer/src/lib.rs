@@ -10,9 +10,11 @@
 //! | sentiment | `CMU-MOSI`, `CMU-MOSEI`, `CH-SIMS`, `CH-SIMS-v2` | WAF |
 //!
 //! Emotion labels are compared after mapping onto five emotion wheels through the benchmark's
-//! published tables ([`wheel`]), read from the original `format.csv` / `.xlsx` files, with the
-//! reference's quirks kept: `neutral` maps to nothing and is dropped; `fear` maps to `joyful` on
-//! wheel 3 (the first synonym-merged word in sorted order that the wheel knows decides).
+//! published tables ([`wheel`]), read from the original `format.csv` / `.xlsx` files (a
+//! byte-identical copy ships compiled into this crate, [`EmotionWheels::shipped`]; a directory
+//! of them replaces it, [`EmotionWheels::load`]), with the reference's quirks kept: `neutral`
+//! maps to nothing and is dropped; `fear` maps to `joyful` on wheel 3 (the first
+//! synonym-merged word in sorted order that the wheel knows decides).
 //!
 //! Flow: [`predictions::parse_predictions`] -> optional extraction ([`extract`]) ->
 //! [`report::Report::evaluate`]. Invariant: knows nothing about models or training;

@@ -5,13 +5,16 @@
 //! `func_backward_case3`. The files are read as the authors publish them (`format.csv`,
 //! `synonym.xlsx`, `wheel1.xlsx` .. `wheel5.xlsx`), with pandas' reading rules where they matter:
 //! a cell spelled like a pandas missing value (`NA`, `null`, `nan`, ...) counts as blank.
+//!
+//! The crate ships a byte-identical copy of the seven files (`bins/mer/data/`, compiled in with
+//! `include_bytes!`), so scoring needs nothing beside the binary: [`EmotionWheels::shipped`].
+//! A directory given by the user ([`EmotionWheels::load`]) replaces it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use calamine::{open_workbook, Data, Reader, Xlsx};
+use calamine::{Data, Reader, Xlsx};
 
 use crate::error::{Error, Result};
 use crate::labels::{py_strip, string_to_list};
@@ -32,6 +35,22 @@ pub const WHEEL_FILES: [&str; 7] = [
     "wheel4.xlsx",
     "wheel5.xlsx",
 ];
+
+/// The shipped copy of the benchmark's files, in the order of [`WHEEL_FILES`]: the bytes its
+/// authors publish, unchanged (`bins/mer/data/README.md` says where from).
+pub const SHIPPED_FILES: [(&str, &[u8]); 7] = [
+    ("format.csv", include_bytes!("../data/format.csv")),
+    ("synonym.xlsx", include_bytes!("../data/synonym.xlsx")),
+    ("wheel1.xlsx", include_bytes!("../data/wheel1.xlsx")),
+    ("wheel2.xlsx", include_bytes!("../data/wheel2.xlsx")),
+    ("wheel3.xlsx", include_bytes!("../data/wheel3.xlsx")),
+    ("wheel4.xlsx", include_bytes!("../data/wheel4.xlsx")),
+    ("wheel5.xlsx", include_bytes!("../data/wheel5.xlsx")),
+];
+
+/// What errors in the shipped files name in place of a directory (they are compiled in, so
+/// an error there is a bug of this crate, not of the user's setup).
+pub const SHIPPED_ORIGIN: &str = "<shipped MER-UniBench data>";
 
 /// Strings pandas' `read_csv` / `read_excel` turn into NaN by default (`keep_default_na=True`).
 const PANDAS_NA: [&str; 19] = [
@@ -134,11 +153,38 @@ impl EmotionWheels {
                 return Err(Error::MissingWheelFile { path });
             }
         }
-        let format_rows = read_format_csv(&dir.join("format.csv"))?;
-        let synonym_runs = read_synonym_xlsx(&dir.join("synonym.xlsx"))?;
+        let mut files = Vec::with_capacity(WHEEL_FILES.len());
+        for name in WHEEL_FILES {
+            let path = dir.join(name);
+            files.push(std::fs::read(&path).map_err(|e| io_error(&path, e))?);
+        }
+        EmotionWheels::from_files(dir, |i| &files[i])
+    }
+
+    /// The wheels of the copy compiled into this crate ([`SHIPPED_FILES`]).
+    pub fn shipped() -> Result<EmotionWheels> {
+        EmotionWheels::from_files(Path::new(SHIPPED_ORIGIN), |i| SHIPPED_FILES[i].1)
+    }
+
+    /// [`EmotionWheels::load`] from `dir` when given, else [`EmotionWheels::shipped`].
+    pub fn load_or_shipped(dir: Option<&Path>) -> Result<EmotionWheels> {
+        match dir {
+            Some(dir) => EmotionWheels::load(dir),
+            None => EmotionWheels::shipped(),
+        }
+    }
+
+    /// Parses the seven files, `bytes(i)` being the content of `WHEEL_FILES[i]`; errors name
+    /// them as `origin/<file>`.
+    fn from_files<'a>(origin: &Path, bytes: impl Fn(usize) -> &'a [u8]) -> Result<EmotionWheels> {
+        let format_rows = parse_format_csv(bytes(0), &origin.join(WHEEL_FILES[0]))?;
+        let synonym_runs = parse_synonym_xlsx(bytes(1), &origin.join(WHEEL_FILES[1]))?;
         let mut wheels = Vec::with_capacity(N_WHEELS);
-        for k in 1..=N_WHEELS {
-            wheels.push(read_wheel_xlsx(&dir.join(format!("wheel{k}.xlsx")))?);
+        for k in 0..N_WHEELS {
+            wheels.push(parse_wheel_xlsx(
+                bytes(2 + k),
+                &origin.join(WHEEL_FILES[2 + k]),
+            )?);
         }
         Ok(EmotionWheels::from_tables(
             &format_rows,
@@ -234,8 +280,13 @@ fn io_error(path: &Path, source: std::io::Error) -> Error {
 
 /// Reads `format.csv` (columns `name`, `format`) as pandas would.
 pub fn read_format_csv(path: &Path) -> Result<Vec<FormatRow>> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
-    let mut reader = csv::ReaderBuilder::new().from_reader(BufReader::new(file));
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    parse_format_csv(&bytes, path)
+}
+
+/// Parses the bytes of a `format.csv`; `path` is what errors name.
+pub fn parse_format_csv(bytes: &[u8], path: &Path) -> Result<Vec<FormatRow>> {
+    let mut reader = csv::ReaderBuilder::new().from_reader(bytes);
     let csv_error = |e: csv::Error| Error::Csv {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -275,12 +326,14 @@ struct Sheet {
 }
 
 impl Sheet {
-    fn open(path: &Path) -> Result<Sheet> {
+    /// Reads the first worksheet of the `.xlsx` file whose bytes are `bytes`; `path` is what
+    /// errors name.
+    fn parse(bytes: &[u8], path: &Path) -> Result<Sheet> {
         let spreadsheet_error = |message: String| Error::Spreadsheet {
             path: path.to_path_buf(),
             message,
         };
-        let mut workbook: Xlsx<BufReader<File>> = open_workbook(path)
+        let mut workbook = Xlsx::new(Cursor::new(bytes))
             .map_err(|e: calamine::XlsxError| spreadsheet_error(e.to_string()))?;
         let range = workbook
             .worksheet_range_at(0)
@@ -349,7 +402,13 @@ fn cell_name(row: u32, col: u32) -> String {
 
 /// Reads the eight runs of `synonym.xlsx` (columns `word_runK`, `synonym_runK`).
 pub fn read_synonym_xlsx(path: &Path) -> Result<Vec<Vec<SynonymRow>>> {
-    let sheet = Sheet::open(path)?;
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    parse_synonym_xlsx(&bytes, path)
+}
+
+/// Parses the bytes of a `synonym.xlsx`; `path` is what errors name.
+pub fn parse_synonym_xlsx(bytes: &[u8], path: &Path) -> Result<Vec<Vec<SynonymRow>>> {
+    let sheet = Sheet::parse(bytes, path)?;
     let mut runs = Vec::with_capacity(N_SYNONYM_RUNS);
     for k in 1..=N_SYNONYM_RUNS {
         let (word_name, synonym_name) = (format!("word_run{k}"), format!("synonym_run{k}"));
@@ -368,7 +427,13 @@ pub fn read_synonym_xlsx(path: &Path) -> Result<Vec<Vec<SynonymRow>>> {
 
 /// Reads one `wheelN.xlsx` (columns `level1`, `level2`, `level3`).
 pub fn read_wheel_xlsx(path: &Path) -> Result<WheelTree> {
-    let sheet = Sheet::open(path)?;
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    parse_wheel_xlsx(&bytes, path)
+}
+
+/// Parses the bytes of one `wheelN.xlsx`; `path` is what errors name.
+pub fn parse_wheel_xlsx(bytes: &[u8], path: &Path) -> Result<WheelTree> {
+    let sheet = Sheet::parse(bytes, path)?;
     let names = ["level1", "level2", "level3"];
     let cols = [
         sheet.column(names[0])?,
@@ -432,6 +497,22 @@ mod tests {
             [s("Mad"), s("c"), s("x")],
         ]);
         assert_eq!(tree.level1_map()["x"], "sad");
+    }
+
+    #[test]
+    fn shipped_files_are_the_wheel_files_in_order_and_parse() {
+        let names: Vec<&str> = SHIPPED_FILES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, WHEEL_FILES);
+        let wheels = EmotionWheels::shipped().unwrap();
+        assert_eq!(wheels.n_wheels(), N_WHEELS);
+        assert_eq!(wheels.map_label("fear", 0), Some("scared"));
+    }
+
+    #[test]
+    fn a_broken_spreadsheet_is_named_in_the_error() {
+        let err = parse_wheel_xlsx(b"not a zip", Path::new("dir/wheel2.xlsx")).unwrap_err();
+        assert!(matches!(&err, Error::Spreadsheet { path, .. } if path.ends_with("wheel2.xlsx")));
+        assert!(err.to_string().contains("dir/wheel2.xlsx"), "{err}");
     }
 
     #[test]

@@ -1,23 +1,24 @@
-//! Scoring on the benchmark's real wheel data (`../shared/mer-unibench`, read in place):
-//! the shared fixture, an independent Python re-implementation on random cases, and the
-//! label quirks the benchmark is known for.
+//! Scoring on the benchmark's real wheel data (the copy this crate ships, `bins/mer/data`):
+//! the benchmark's fixture, an independent Python re-implementation on random cases, and the
+//! label quirks the benchmark is known for; and the shipped copy checked byte for byte.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::OnceLock;
 
+use common::shared::{fixtures_dir, shared_dir};
+use omniopsd_mer::wheel::SHIPPED_FILES;
 use omniopsd_mer::{parse_predictions, EmotionWheels, Error, ExtractionSummary, Report};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// Tolerance for scores in percent; the issue asks for 1e-9.
 const TOL: f64 = 1e-9;
 
-fn shared_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/mer-unibench")
-}
-
 fn wheels() -> &'static EmotionWheels {
     static WHEELS: OnceLock<EmotionWheels> = OnceLock::new();
-    WHEELS.get_or_init(|| EmotionWheels::load(&shared_dir()).expect("shared wheel data loads"))
+    WHEELS.get_or_init(|| EmotionWheels::shipped().expect("the shipped wheel data loads"))
 }
 
 fn score_file(path: &Path) -> Report {
@@ -67,7 +68,7 @@ fn assert_matches_expected(report: &Report, expected: &Value) -> f64 {
 
 #[test]
 fn shared_fixture_reproduces_expected_scores_to_1e9() {
-    let dir = shared_dir().join("fixtures");
+    let dir = fixtures_dir();
     let report = score_file(&dir.join("sample.jsonl"));
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("sample.expected.json")).unwrap())
@@ -208,7 +209,8 @@ fn a_missing_wheel_file_is_named_in_the_error() {
         "wheel4.xlsx",
         "wheel5.xlsx",
     ] {
-        std::fs::copy(shared_dir().join(name), dir.join(name)).unwrap();
+        let (_, bytes) = SHIPPED_FILES.iter().find(|(n, _)| *n == name).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
     let err = EmotionWheels::load(&dir).unwrap_err();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -232,4 +234,97 @@ fn unknown_dataset_names_are_rejected_with_the_line_number() {
         "{message}"
     );
     assert!(message.contains("CH-SIMS-v2"), "{message}");
+}
+
+/// SHA-256 of the shipped files as the benchmark's authors publish them (also listed in
+/// `bins/mer/data/README.md`): a changed byte fails here even without `../shared`.
+const SHIPPED_SHA256: [(&str, &str); 7] = [
+    (
+        "format.csv",
+        "ba6de7d61db8e129d1d7ef8a2aae22a9e93a2c2e3e683e6f2735d04455f016f2",
+    ),
+    (
+        "synonym.xlsx",
+        "23f81f9ab1d2418aaf96775304fb5dc52c62bb5d5ef652a97471d045fc9d2e29",
+    ),
+    (
+        "wheel1.xlsx",
+        "e70485d354b82a7491ff24648273182a5f4f13f92c76e6b3e4f9033f5e6afcc1",
+    ),
+    (
+        "wheel2.xlsx",
+        "acc001e076a8e60440361f58dd8c05ed900c4890c84bb7d8d1df93708a7d9c87",
+    ),
+    (
+        "wheel3.xlsx",
+        "d62f30bf88c17c55876634cd088eacaef98278fc25457474364439872f9dbf83",
+    ),
+    (
+        "wheel4.xlsx",
+        "660260561b7fe15550f3679a01e7c783608ce3403d4c28db0a88520f68d83aea",
+    ),
+    (
+        "wheel5.xlsx",
+        "2dd4595b2cf8e7628ca06a416a8e38ac831614b244f23d1ae613dc34007649f1",
+    ),
+];
+
+#[test]
+fn shipped_files_have_the_published_checksums() {
+    for ((name, bytes), (want_name, want)) in SHIPPED_FILES.iter().zip(SHIPPED_SHA256) {
+        assert_eq!(*name, want_name);
+        let have: String = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(have, want, "{name}");
+    }
+}
+
+#[test]
+fn shipped_files_are_byte_identical_to_the_benchmark_directory() {
+    let dir = shared_dir();
+    if !dir.is_dir() {
+        eprintln!(
+            "skipped: no benchmark directory at {} (set MER_UNIBENCH_DIR)",
+            dir.display()
+        );
+        return;
+    }
+    for (name, bytes) in SHIPPED_FILES {
+        let reference = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
+        assert!(
+            reference == bytes,
+            "shipped {name} differs from {}",
+            dir.join(name).display()
+        );
+    }
+}
+
+#[test]
+fn a_directory_of_the_same_files_scores_like_the_shipped_copy() {
+    let dir = tempfile_dir("mer-wheel-dir");
+    for (name, bytes) in SHIPPED_FILES {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let from_dir = EmotionWheels::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let samples = parse_predictions(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/random_predictions.jsonl"),
+        )
+        .unwrap(),
+        "random_predictions.jsonl",
+    )
+    .unwrap();
+    let a = Report::evaluate(&from_dir, &samples, ExtractionSummary::None);
+    let b = Report::evaluate(wheels(), &samples, ExtractionSummary::None);
+    assert_eq!(a.to_json(), b.to_json());
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

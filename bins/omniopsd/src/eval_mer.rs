@@ -41,9 +41,10 @@ impl From<ExtractArg> for ExtractMode {
 /// otherwise it is the mean of the defined ones and the report says which are left out.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory with the benchmark's format.csv, synonym.xlsx and wheel1.xlsx .. wheel5.xlsx.
+    /// Directory with the benchmark's format.csv, synonym.xlsx and wheel1.xlsx .. wheel5.xlsx,
+    /// replacing the copy shipped inside this binary (default: the shipped copy).
     #[arg(long, value_name = "DIR")]
-    pub wheel_dir: PathBuf,
+    pub wheel_dir: Option<PathBuf>,
     /// Predictions: one JSON object a line with `dataset`, `id`, `gt`, `pred`.
     #[arg(long, value_name = "FILE.jsonl")]
     pub predictions: PathBuf,
@@ -107,8 +108,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let wheels = EmotionWheels::load(&args.wheel_dir)
-        .with_context(|| format!("loading wheel data from {}", args.wheel_dir.display()))?;
+    let wheels = EmotionWheels::load_or_shipped(args.wheel_dir.as_deref()).with_context(|| {
+        match &args.wheel_dir {
+            Some(dir) => format!("loading wheel data from {}", dir.display()),
+            None => "loading the shipped wheel data".to_string(),
+        }
+    })?;
     let bytes = std::fs::read(&args.predictions)
         .with_context(|| format!("reading predictions {}", args.predictions.display()))?;
     let mut samples = parse_predictions(&bytes, &args.predictions.display().to_string())?;

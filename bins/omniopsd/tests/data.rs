@@ -113,7 +113,7 @@ fn synth_corpus_uses_the_benchmark_taxonomy_and_passes_check() {
     assert!(text.contains("60 samples, all valid"), "{text}");
     let format_csv = fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/mer-unibench/format.csv"
+        "/../mer/data/format.csv"
     ))
     .unwrap();
     let known: std::collections::HashSet<String> = format_csv

@@ -1,22 +1,23 @@
-//! `omniopsd eval-mer` end to end: the built binary on the shared fixture and on bad input.
+//! `omniopsd eval-mer` end to end: the built binary on the benchmark's fixture and on bad
+//! input, scoring with the wheel data shipped inside it unless `--wheel-dir` says otherwise.
 
 #[path = "../../mer/tests/common/mock_llm.rs"]
 mod mock_llm;
+#[path = "../../mer/tests/common/shared.rs"]
+mod shared;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use mock_llm::{emotion_responder, MockLlm};
+use omniopsd_mer::wheel::SHIPPED_FILES;
 use serde_json::Value;
+use shared::fixtures_dir;
 
 const TOL: f64 = 1e-9;
 
-fn shared_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/mer-unibench")
-}
-
 fn fixture() -> PathBuf {
-    shared_dir().join("fixtures/sample.jsonl")
+    fixtures_dir().join("sample.jsonl")
 }
 
 fn eval_mer(args: &[&str]) -> Output {
@@ -27,11 +28,39 @@ fn eval_mer(args: &[&str]) -> Output {
         .expect("the omniopsd binary runs")
 }
 
+/// `eval-mer` on the shipped wheel data (no `--wheel-dir`).
 fn with_wheels(extra: &[&str]) -> Output {
-    let wheel_dir = shared_dir();
-    let mut args = vec!["--wheel-dir", wheel_dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    eval_mer(&args)
+    eval_mer(extra)
+}
+
+/// Writes the shipped wheel files named `names` into `dir`.
+fn write_wheel_files(dir: &Path, names: &[&str]) {
+    for name in names {
+        let (_, bytes) = SHIPPED_FILES.iter().find(|(n, _)| n == name).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+fn expected() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("sample.expected.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Every number of the fixture's expected scores, to 1e-9.
+fn assert_reproduces_fixture(got: &Value) {
+    let expected = expected();
+    for (name, fields) in expected["datasets"].as_object().unwrap() {
+        for (field, want) in fields.as_object().unwrap() {
+            let have = &got["datasets"][name][field];
+            match want.as_f64() {
+                Some(w) => assert!((have.as_f64().unwrap() - w).abs() <= TOL, "{name}.{field}"),
+                None => assert_eq!(have, want, "{name}.{field}"),
+            }
+        }
+    }
+    assert!((got["mean"].as_f64().unwrap() - expected["mean"].as_f64().unwrap()).abs() <= TOL);
 }
 
 fn stdout(o: &Output) -> String {
@@ -65,20 +94,7 @@ fn json_report_reproduces_the_shared_fixture_to_1e9() {
     let o = with_wheels(&["--predictions", fixture().to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared_dir().join("fixtures/sample.expected.json")).unwrap(),
-    )
-    .unwrap();
-    for (name, fields) in expected["datasets"].as_object().unwrap() {
-        for (field, want) in fields.as_object().unwrap() {
-            let have = &got["datasets"][name][field];
-            match want.as_f64() {
-                Some(w) => assert!((have.as_f64().unwrap() - w).abs() <= TOL, "{name}.{field}"),
-                None => assert_eq!(have, want, "{name}.{field}"),
-            }
-        }
-    }
-    assert!((got["mean"].as_f64().unwrap() - expected["mean"].as_f64().unwrap()).abs() <= TOL);
+    assert_reproduces_fixture(&got);
     assert_eq!(got["complete"], true);
     assert_eq!(got["extract"]["mode"], "none");
     assert_eq!(got["datasets"]["OV-MERD+"]["n"], 40);
@@ -89,6 +105,46 @@ fn json_report_reproduces_the_shared_fixture_to_1e9() {
             .len(),
         5
     );
+}
+
+#[test]
+fn runs_from_any_working_directory_without_wheel_dir() {
+    // A fresh directory with nothing in it: the wheels come from inside the binary.
+    let cwd = tempfile::tempdir().unwrap();
+    let predictions = cwd.path().join("preds.jsonl");
+    std::fs::copy(fixture(), &predictions).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_omniopsd"))
+        .current_dir(cwd.path())
+        .args(["eval-mer", "--predictions", "preds.jsonl", "--json"])
+        .output()
+        .expect("the omniopsd binary runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_reproduces_fixture(&got);
+    assert_eq!(got["complete"], true);
+    // Nothing was written beside the predictions.
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn wheel_dir_replaces_the_shipped_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wheel_files(dir.path(), &omniopsd_mer::wheel::WHEEL_FILES);
+    let fx = fixture();
+    let args = ["--predictions", fx.to_str().unwrap(), "--json"];
+    let mut with_dir = vec!["--wheel-dir", dir.path().to_str().unwrap()];
+    with_dir.extend_from_slice(&args);
+    let o = eval_mer(&with_dir);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_reproduces_fixture(&got);
+    let shipped = with_wheels(&args);
+    assert_eq!(stdout(&o), stdout(&shipped));
+
+    // The directory is what gets read: a broken wheel there is an error naming it.
+    std::fs::write(dir.path().join("wheel4.xlsx"), b"not a spreadsheet").unwrap();
+    let o = eval_mer(&with_dir);
+    assert_fails_with(&o, &["wheel4.xlsx"]);
 }
 
 #[test]
@@ -162,16 +218,17 @@ fn duplicate_id_within_a_dataset_fails_naming_both_lines() {
 #[test]
 fn missing_wheel_file_fails_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    for name in [
-        "format.csv",
-        "synonym.xlsx",
-        "wheel1.xlsx",
-        "wheel2.xlsx",
-        "wheel3.xlsx",
-        "wheel4.xlsx",
-    ] {
-        std::fs::copy(shared_dir().join(name), dir.path().join(name)).unwrap();
-    }
+    write_wheel_files(
+        dir.path(),
+        &[
+            "format.csv",
+            "synonym.xlsx",
+            "wheel1.xlsx",
+            "wheel2.xlsx",
+            "wheel3.xlsx",
+            "wheel4.xlsx",
+        ],
+    );
     let o = eval_mer(&[
         "--wheel-dir",
         dir.path().to_str().unwrap(),

@@ -9,13 +9,6 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_omniopsd");
 
-fn mer_data() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/mer-unibench"
-    ))
-}
-
 /// A run small enough for the test profile: one seed, two methods, a checkpoint per update.
 fn config(dir: &Path, name: &str, cache: &Path, extra: &str) -> PathBuf {
     let text = format!(
@@ -42,7 +35,6 @@ lr_warmup_steps = 1
 every = 100
 max_samples = 3
 max_new_tokens = 8
-mer_data = "{mer}"
 [checkpoint]
 every = 1
 keep_last = 10
@@ -50,7 +42,6 @@ keep_last = 10
 "#,
         runs = dir.join("runs").display(),
         cache = cache.display(),
-        mer = mer_data().display(),
     );
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, text).unwrap();

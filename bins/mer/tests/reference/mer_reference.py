@@ -1,14 +1,16 @@
 """Independent MER-UniBench scorer (pandas + numpy + scikit-learn) and random test cases.
 
-Re-implements the scoring rules of ../shared/mer-unibench/README.md the way AffectGPT's
-wheel.py does (pandas reading of format.csv / synonym.xlsx / wheelN.xlsx, sorted lookup,
+Re-implements MER-UniBench's scoring rules (label normalisation, F_s, HIT, WAF) the way
+AffectGPT's wheel.py does (pandas reading of format.csv / synonym.xlsx / wheelN.xlsx, sorted lookup,
 set-based F_s and HIT per wheel, scikit-learn weighted F1), draws random predictions with
 tricky labels (case, whitespace, neutral, fear, multi-word, hyphenated, unknown words, JSON
 lists and bracketed strings), and writes them with the scores to random_predictions.jsonl and
 random_expected.json for bins/mer/tests/benchmark_data.rs.
 
-Run from the repository root: /work/venv/bin/python bins/mer/tests/reference/mer_reference.py
-(the wheel data is read from ../shared/mer-unibench, never copied).
+Run from the repository root, with a Python that has pandas, numpy, scikit-learn and openpyxl
+(tests/reference/README.md: how to make one): python3 bins/mer/tests/reference/mer_reference.py
+The wheel data is read from the copy this crate ships (bins/mer/data), the one the Rust
+scorer compiles in.
 """
 
 import json
@@ -21,7 +23,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.join(HERE, "..", "..", "..", "..", "..", "shared", "mer-unibench")
+ROOT = os.path.join(HERE, "..", "..", "data")
 
 
 def string_to_list(s):

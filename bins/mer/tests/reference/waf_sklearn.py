@@ -5,7 +5,8 @@ binarised sentiment (gt > 0, pred > 0) of the samples with gt != 0, plus accurac
 This script draws small random cases (including one-class and all-wrong ones), binarises them
 exactly like that and writes the inputs and scikit-learn's answers to waf_cases.json.
 
-Run: /work/venv/bin/python bins/mer/tests/reference/waf_sklearn.py
+Run from the repository root, with a Python that has scikit-learn (tests/reference/README.md:
+how to make one): python3 bins/mer/tests/reference/waf_sklearn.py
 """
 
 import json

@@ -376,8 +376,10 @@ pub struct EvalConfig {
     pub max_samples: Option<usize>,
     /// Longest generated answer.
     pub max_new_tokens: usize,
-    /// MER-UniBench scoring data (format.csv, synonym.xlsx, wheel1..5.xlsx).
-    pub mer_data: PathBuf,
+    /// A directory of MER-UniBench scoring data (format.csv, synonym.xlsx, wheel1..5.xlsx)
+    /// replacing the copy shipped inside the binary (absent: the shipped copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mer_data: Option<PathBuf>,
 }
 
 impl Default for EvalConfig {
@@ -386,7 +388,7 @@ impl Default for EvalConfig {
             every: 10,
             max_samples: None,
             max_new_tokens: 24,
-            mer_data: "../shared/mer-unibench".into(),
+            mer_data: None,
         }
     }
 }

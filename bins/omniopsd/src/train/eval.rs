@@ -6,7 +6,7 @@
 //! WAF as a CMU-MOSI sample and the open set by F_s as an OV-MERD+ sample, through
 //! `omniopsd-mer`, the benchmark's exact metric implementation with its emotion wheels.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use omniopsd_mer::{Dataset, EmotionWheels, Gt, Pred, Sample};
@@ -20,13 +20,15 @@ use super::run::Ctx;
 use super::run_dir::MetricLine;
 use crate::data::manifest::Record;
 
-/// Loads the MER-UniBench emotion wheels.
-pub fn load_wheels(dir: &Path) -> Result<EmotionWheels> {
-    EmotionWheels::load(dir).with_context(|| {
-        format!(
-            "loading the MER-UniBench scoring data from {} (set `eval.mer_data`)",
+/// Loads the MER-UniBench emotion wheels: from `dir` (`eval.mer_data`) when set, else the
+/// copy shipped inside the binary.
+pub fn load_wheels(dir: &Option<PathBuf>) -> Result<EmotionWheels> {
+    EmotionWheels::load_or_shipped(dir.as_deref()).with_context(|| match dir {
+        Some(dir) => format!(
+            "loading the MER-UniBench scoring data from {} (`eval.mer_data`)",
             dir.display()
-        )
+        ),
+        None => "loading the shipped MER-UniBench scoring data".to_string(),
     })
 }
 
@@ -157,11 +159,7 @@ mod tests {
     use crate::train::prompt::tests::record;
 
     fn wheels() -> EmotionWheels {
-        load_wheels(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/mer-unibench"
-        )))
-        .unwrap()
+        load_wheels(&None).unwrap()
     }
 
     #[test]
