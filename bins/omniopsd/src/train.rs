@@ -17,7 +17,8 @@
 //!
 //! and below them: [`checkpoint`] (the checksummed file format), [`run_dir`] (metrics.jsonl),
 //! [`report`] (the table), [`plot`] (PNG charts), [`tokenizer`] (BPE and the chat specials),
-//! [`sft`] (the supervised trainer), [`progress`] (bars).
+//! [`progress`] (bars). The label-SFT trainer the warm-up and `label-sft` use is the core's
+//! (`omniopsd_core::sft`).
 
 pub mod checkpoint;
 pub mod config;

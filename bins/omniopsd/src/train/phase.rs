@@ -31,7 +31,6 @@ use super::report::RunResult;
 use super::run::Ctx;
 use super::run_dir::{MetricLine, RunDir};
 use super::samples::Sample;
-use crate::data::synth;
 
 /// A training phase: what its checkpoints, results, metric lines and data order are keyed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,12 +375,10 @@ fn forget_after(run: &RunDir, phase: Phase, step: Option<u64>) -> Result<()> {
 /// Indices of the examples of `step`: epochs are seeded permutations of `0..n`, keyed by the
 /// phase, so the order is a pure function of `(seed, phase, step)`.
 fn batch_indices(seed: u64, phase: &str, step: u64, n: usize, per_step: usize) -> Vec<usize> {
-    let key = phase.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let key = omniopsd_core::rng::fnv1a64(phase.as_bytes());
     let permutation = |epoch: u64| {
         let mut perm: Vec<usize> = (0..n).collect();
-        let mut rng = synth::SplitMix64::new(seed ^ key, epoch);
+        let mut rng = omniopsd_core::rng::SplitMix64::new(seed ^ key, epoch);
         for i in (1..n).rev() {
             perm.swap(i, rng.below(i + 1));
         }

@@ -30,7 +30,7 @@ use super::tokenizer::{
     self, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, IM_END, SPECIALS, VIDEO, VISION_BOS, VISION_EOS,
 };
 use crate::data::manifest::Record;
-use crate::data::synth::SplitMix64;
+use omniopsd_core::rng::{fnv1a64, SplitMix64};
 
 /// The tokenizer and the checkpoint directory training starts from: `model.dir` and its
 /// tokenizer, or the embedded model, made on first use in the run directory (`tokenizer.json`
@@ -341,14 +341,6 @@ pub fn check(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// A stream id per tensor name (FNV-1a), so a tensor's values depend only on the seed, its
-/// name and its size, not on which other tensors the checkpoint holds.
-fn name_stream(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// Writes a complete Qwen2.5-Omni thinker checkpoint into `dir` (created if absent):
 /// `config.json`, `model.safetensors` (f32) and `tokenizer.json`. The decoder takes its sizes
 /// from `cfg` and its vocabulary from `tokenizer`, whose special tokens must hold the ids of
@@ -394,7 +386,9 @@ pub fn write_tiny_omni<B: Backend>(
                 Init::Zeros => vec![0.0; n],
                 Init::Ones => vec![1.0; n],
                 Init::Normal => {
-                    let mut rng = SplitMix64::new(seed, name_stream(&name));
+                    let mut rng = // A stream per tensor name, so its values depend only on the seed, its name and its
+                    // size, not on which other tensors the checkpoint holds.
+                    SplitMix64::new(seed, fnv1a64(name.as_bytes()));
                     (0..n).map(|_| (std * rng.normal()) as f32).collect()
                 }
             };
