@@ -312,6 +312,17 @@ pub(crate) fn logsumexp_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     x.sub(max.clone()).exp().sum_dim(1).log().add(max)
 }
 
+/// Row-wise `log_softmax` of `[rows, W]`, as PyTorch computes it: `(x − max) − log Σ e^{x − max}`
+/// with the detached row maximum. Subtracting the maximum first keeps the result exact to
+/// f32 rounding of `log Σ` (≈ 1 ulp), where `x − logsumexp(x)` would lose `ulp(max x)`: at
+/// logit scale 12 that is ~200× more on peaked rows.
+pub(crate) fn log_softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().detach().max_dim(1);
+    let shifted = x.sub(max);
+    let log_sum = shifted.clone().exp().sum_dim(1).log();
+    shifted.sub(log_sum)
+}
+
 /// Element-wise `log(exp(a) + exp(b))`, shifted by the detached element-wise maximum.
 pub(crate) fn logaddexp<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let max = a.clone().max_pair(b.clone()).detach();

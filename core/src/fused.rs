@@ -11,8 +11,8 @@ use burn::tensor::{
 };
 
 use crate::divergence::{
-    jsd_log_weights, logaddexp, logsumexp_rows, top_k_members, Divergence, LossConfig,
-    LossConfigError, Reduction, TopK,
+    jsd_log_weights, log_softmax_rows, logaddexp, logsumexp_rows, top_k_members, Divergence,
+    LossConfig, LossConfigError, Reduction, TopK,
 };
 
 /// Where the teacher's next-token distribution comes from.
@@ -414,6 +414,9 @@ fn base_with_grad<B: Backend>(
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let p = ls.clone().exp();
     let q = lq.clone().exp();
+    if kl_clip.is_none() {
+        return base_with_grad_unclipped(ls, lq, p, q, divergence);
+    }
     match divergence {
         Divergence::ForwardKl | Divergence::Jsd { beta: 0.0 } => {
             let f = q.clone().mul(lq.sub(ls));
@@ -456,6 +459,50 @@ fn base_with_grad<B: Backend>(
     }
 }
 
+/// [`base_with_grad`] without the point-wise clip, in the forms that lose least to f32
+/// rounding. The caller projects `g` as `g − p Σ g`, which is unchanged by adding `c·p` to `g`
+/// (`Σ p = 1`), so terms that are such a shift are left out rather than cancelled in
+/// rounding: the `+1` of reverse KL, and for JSD the identity `β q r + (1−β) p r = r m =
+/// (1−β) p` folds the three terms into one:
+/// - forward KL: `g = p − q` (the shift of `−q` by `p`);
+/// - reverse KL: `g = p (ls − lq)`;
+/// - JSD(β): `g = (1−β) p (ls − lm)`.
+fn base_with_grad_unclipped<B: Backend>(
+    ls: Tensor<B, 2>,
+    lq: Tensor<B, 2>,
+    p: Tensor<B, 2>,
+    q: Tensor<B, 2>,
+    divergence: Divergence,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match divergence {
+        Divergence::ForwardKl | Divergence::Jsd { beta: 0.0 } => {
+            let d = q.clone().mul(lq.sub(ls)).sum_dim(1);
+            (d, p.sub(q))
+        }
+        Divergence::ReverseKl | Divergence::Jsd { beta: 1.0 } => {
+            let f = p.clone().mul(ls.sub(lq));
+            (f.clone().sum_dim(1), f)
+        }
+        Divergence::Jsd { beta } => {
+            let (log_1m_beta, log_beta) = jsd_log_weights(beta);
+            let lm = logaddexp(
+                ls.clone().add_scalar(log_1m_beta),
+                lq.clone().add_scalar(log_beta),
+            );
+            let f_teacher = q.mul(lq.sub(lm.clone()));
+            let f_student = p.mul(ls.sub(lm));
+            let d = f_teacher
+                .mul_scalar(beta)
+                .add(f_student.clone().mul_scalar(1.0 - beta))
+                .sum_dim(1);
+            (d, f_student.mul_scalar(1.0 - beta))
+        }
+        Divergence::SampledReverseKl { .. } => {
+            unreachable!("sampled-token mode is handled by sampled_terms")
+        }
+    }
+}
+
 /// Full-vocabulary divergence: `∂D/∂z = g − p Σ_v g_v`.
 fn full_terms<B: Backend>(
     z: Tensor<B, 2>,
@@ -463,8 +510,8 @@ fn full_terms<B: Backend>(
     divergence: Divergence,
     kl_clip: Option<f32>,
 ) -> RowTerms<B> {
-    let ls = z.clone().sub(logsumexp_rows(z));
-    let lq = t.clone().sub(logsumexp_rows(t));
+    let ls = log_softmax_rows(z);
+    let lq = log_softmax_rows(t);
     let p = ls.clone().exp();
     let entropy = p.clone().mul(ls.clone()).sum_dim(1).neg();
     let (d, g) = base_with_grad(ls, lq, divergence, kl_clip);
@@ -493,7 +540,7 @@ fn top_k_terms<B: Backend>(
     let k = top.k;
     let device = z.device();
     let lse_z = logsumexp_rows(z.clone());
-    let ls_full = z.clone().sub(lse_z.clone());
+    let ls_full = log_softmax_rows(z.clone());
     let p = ls_full.clone().exp();
     let entropy = p.clone().mul(ls_full.clone()).sum_dim(1).neg();
     let (idx, members) = top_k_members(z.clone(), k);
@@ -508,8 +555,8 @@ fn top_k_terms<B: Backend>(
     let (d, grad_z) = if !top.tail {
         let zk = z.gather(1, idx.clone());
         let tk = t.gather(1, idx.clone());
-        let ls = zk.clone().sub(logsumexp_rows(zk));
-        let lq = tk.clone().sub(logsumexp_rows(tk));
+        let ls = log_softmax_rows(zk);
+        let lq = log_softmax_rows(tk);
         let pk = ls.clone().exp();
         let (d, g) = base_with_grad(ls, lq, divergence, kl_clip);
         let gk = g.clone().sub(pk.mul(g.sum_dim(1)));
@@ -560,13 +607,11 @@ fn sampled_terms<B: Backend>(
     behaviour: Tensor<B, 2>,
     ratio_clip: f32,
 ) -> RowTerms<B> {
-    let lse_z = logsumexp_rows(z.clone());
-    let ls_full = z.sub(lse_z);
+    let ls_full = log_softmax_rows(z);
     let p = ls_full.clone().exp();
     let entropy = p.clone().mul(ls_full.clone()).sum_dim(1).neg();
     let ls_y = ls_full.gather(1, tokens.clone());
-    let lse_t = logsumexp_rows(t.clone());
-    let lt_y = t.gather(1, tokens.clone()).sub(lse_t);
+    let lt_y = log_softmax_rows(t).gather(1, tokens.clone());
     let advantage = lt_y.sub(ls_y.clone());
     let ratio = ls_y.sub(behaviour).exp();
     let clipped = ratio.clone().greater_elem(ratio_clip).float();

@@ -352,6 +352,7 @@ fn response_logprobs<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<f64>> {
     let r = response.len();
+    decoder.check_length(prompt, r - 1)?;
     let ids: Vec<i64> = response.iter().map(|&t| i64::from(t)).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, r]), device);
     let hidden = decoder.response_hidden(prompt, ids);
@@ -363,6 +364,14 @@ fn response_logprobs<B: Backend>(
         .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| anyhow!("reading logits: {e:?}"))?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the logits before response token {} hold {} (the weights are finite: the \
+             activations overflowed in this backend's float type)",
+            i / vocab,
+            values[i]
+        );
+    }
     Ok(response
         .iter()
         .enumerate()
@@ -491,6 +500,10 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     let prompter = loaded.prompter(&args.model)?;
     let prompt_ids = loaded.encode(&args.prompt, "--prompt")?;
     let prompt = prompter.prompt(&prompt_ids, "--prompt")?;
+    loaded
+        .decoder()
+        .check_length(&prompt, args.max_new_tokens - 1)
+        .context("--prompt with --max-new-tokens")?;
     let stop = loaded.stop_tokens();
     let (ids, stopped) = if args.temperature == 0.0 {
         let ids = loaded

@@ -58,7 +58,8 @@ pub struct Args {
     /// trainings are kept, the unfinished one continues from its newest valid checkpoint.
     #[arg(long, conflicts_with_all = ["config", "name", "methods", "seeds"])]
     pub resume: Option<PathBuf>,
-    /// Run name: outputs go to <runs_dir>/<name>/ (an existing run is never overwritten).
+    /// Run name: outputs go to <runs_dir>/<name>/, or <name>-2, <name>-3… when that holds a
+    /// run already (an existing run is never overwritten).
     #[arg(long)]
     pub name: Option<String>,
     /// Methods to run, one flag each: opsd (rationale-privileged teacher), opsd-no-privileged
@@ -83,6 +84,9 @@ pub struct Args {
 
 /// Runs `omniopsd train`.
 pub fn run_cli(args: Args) -> Result<()> {
+    // For a new run, what its directory held before (`None`: it did not exist), so that a
+    // failed start removes only what it made.
+    let mut fresh: Option<Option<Vec<std::ffi::OsString>>> = None;
     let (cfg, run) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir)?;
@@ -94,7 +98,6 @@ pub fn run_cli(args: Args) -> Result<()> {
                 Some(path) => TrainConfig::load(path)?,
                 None => TrainConfig::default(),
             };
-            let named = args.name.is_some() || args.config.is_some();
             if let Some(name) = &args.name {
                 cfg.name = name.clone();
             }
@@ -117,28 +120,45 @@ pub fn run_cli(args: Args) -> Result<()> {
                 cfg.device = device.clone();
             }
             cfg.validate().context("config")?;
-            let mut root = cfg.runs_dir.join(&cfg.name);
-            if root.join("config.toml").exists() {
-                if named {
-                    bail!(
-                        "run directory {} already holds a run: continue it with --resume {}, or pick another --name",
-                        root.display(),
-                        root.display()
-                    );
-                }
-                // The embedded default never overwrites an earlier run: default-2, default-3…
+            // A new run never reuses a directory that holds one: NAME, then NAME-2, NAME-3…
+            if cfg.runs_dir.join(&cfg.name).join("config.toml").exists() {
                 let mut k = 2;
                 while cfg.runs_dir.join(format!("{}-{k}", cfg.name)).exists() {
                     k += 1;
                 }
                 cfg.name = format!("{}-{k}", cfg.name);
-                root = cfg.runs_dir.join(&cfg.name);
             }
+            let root = cfg.runs_dir.join(&cfg.name);
+            let before = std::fs::read_dir(&root).ok().map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect()
+            });
             let run = RunDir::create(&root)?;
             crate::atomic::write_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            fresh = Some(before);
             (cfg, run)
         }
     };
+    let result = train_on_device(&args, &cfg, &run);
+    // A new run that failed before its first update (a missing model, a bad manifest) leaves
+    // nothing behind, so the same command can be rerun under the same name once fixed. An
+    // interrupted run keeps its directory: the error points at `--resume`.
+    if let (Err(err), Some(before)) = (&result, fresh) {
+        if err.downcast_ref::<phase::Interrupted>().is_none() && !run.holds_progress() {
+            if run.remove_all_but(before.as_deref()).is_ok() {
+                return Err(anyhow!(
+                    "{err:#}\n(nothing was trained; {} was removed)",
+                    run.root.display()
+                ));
+            }
+        }
+    }
+    result
+}
+
+/// Trains `cfg` in `run` on the configured device and prints the report.
+fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
     let out = run::Output {
         quiet: args.quiet || args.json_logs,
         json_logs: args.json_logs,
@@ -157,20 +177,20 @@ pub fn run_cli(args: Args) -> Result<()> {
     let report = match device {
         #[cfg(feature = "ndarray")]
         DeviceSpec::NdArray => run::train::<omniopsd_backends::NdArrayTrain>(
-            &cfg,
-            &run,
+            cfg,
+            run,
             &omniopsd_backends::NdArrayDevice::Cpu,
             out,
             stop,
         )?,
         #[cfg(feature = "flex")]
         DeviceSpec::Flex => {
-            run::train::<omniopsd_backends::FlexTrain>(&cfg, &run, &Default::default(), out, stop)?
+            run::train::<omniopsd_backends::FlexTrain>(cfg, run, &Default::default(), out, stop)?
         }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => run::train::<omniopsd_backends::CudaTrain>(
-            &cfg,
-            &run,
+            cfg,
+            run,
             &omniopsd_backends::CudaDevice::new(i),
             out,
             stop,

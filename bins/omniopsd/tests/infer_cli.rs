@@ -316,6 +316,52 @@ fn empty_prompt_is_refused() {
     assert!(err.contains("--prompt"), "{err}");
 }
 
+#[test]
+fn inputs_past_max_position_embeddings_are_refused_naming_both_lengths() {
+    // qwen2_tiny has max_position_embeddings = 512; "hello" is one token a word or more.
+    let long = "hello ".repeat(600);
+    let model = qwen2_dir();
+    let model = model.to_str().unwrap();
+    for args in [
+        vec![
+            "score",
+            "--model",
+            model,
+            "--prompt",
+            &long,
+            "--response",
+            "hi",
+        ],
+        vec![
+            "score",
+            "--model",
+            model,
+            "--prompt",
+            "hi",
+            "--response",
+            &long,
+        ],
+        vec!["generate", "--model", model, "--prompt", &long],
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "600",
+        ],
+    ] {
+        let out = omniopsd(&args);
+        assert!(!out.status.success(), "{:?} should fail", &args[..1]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("max_position_embeddings of 512") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
 // ---- omni-modal checkpoint -------------------------------------------------------------------
 
 /// Ids of the media tokens in omni_tiny's config.json.

@@ -196,24 +196,70 @@ fn ctrl_c_saves_a_checkpoint_and_exits_with_a_resume_hint() {
     assert!(run.join("report.json").is_file());
 }
 
+/// A config whose `[model] dir` does not exist.
+fn config_with_missing_model(dir: &Path, name: &str) -> PathBuf {
+    let path = config(dir, name, &dir.join("cache"), "");
+    let model = format!(
+        "[model]\ndir = \"{}\"\n",
+        dir.join("no-such-model").display()
+    );
+    let text = fs::read_to_string(&path).unwrap().replace(
+        "[model]\nhidden_size = 32\nintermediate_size = 64\n",
+        &model,
+    );
+    fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn an_existing_run_is_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "twice", &dir.path().join("cache"), "");
+    let cfg = config_with_missing_model(dir.path(), "twice");
     let run = dir.path().join("runs/twice");
     fs::create_dir_all(&run).unwrap();
     fs::write(run.join("config.toml"), "name = \"twice\"\n").unwrap();
     let out = train(&["--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The new run went to twice-2 (and, failing before any update, left nothing there).
     assert!(
-        stderr.contains("already holds a run") && stderr.contains("--resume"),
+        stderr.contains("no-such-model") && stderr.contains("twice-2 was removed"),
         "{stderr}"
     );
+    assert!(!dir.path().join("runs/twice-2").exists());
     assert_eq!(
         fs::read_to_string(run.join("config.toml")).unwrap(),
         "name = \"twice\"\n"
     );
+    assert_eq!(fs::read_dir(&run).unwrap().count(), 1, "nothing added");
+}
+
+#[test]
+fn a_run_that_fails_before_its_first_update_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with_missing_model(dir.path(), "early");
+    for _ in 0..2 {
+        let out = train(&["--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The second attempt fails the same way: no "already holds a run", no early-2.
+        assert!(
+            stderr.contains("no-such-model") && stderr.contains("early was removed"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("runs/early").exists());
+        assert!(!dir.path().join("runs/early-2").exists());
+    }
+    // A directory the user made beforehand keeps what it held.
+    let run = dir.path().join("runs/early");
+    fs::create_dir_all(&run).unwrap();
+    fs::write(run.join("notes.txt"), "mine").unwrap();
+    assert!(!train(&["--config", cfg.to_str().unwrap()]).status.success());
+    let left: Vec<_> = fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
 }
 
 #[test]
@@ -310,6 +356,10 @@ fn missing_media_stops_the_run_naming_the_line_unless_skipping() {
         stderr.contains("manifest.jsonl:2") && stderr.contains("skip"),
         "{stderr}"
     );
+    assert!(
+        !dir.path().join("runs/strict").exists(),
+        "nothing left behind"
+    );
 
     let lenient = dir.path().join("lenient.toml");
     fs::write(
@@ -371,6 +421,10 @@ fn checkpoint_without_tokenizer_is_a_clear_error() {
     assert!(
         stderr.contains("omni_tiny") && stderr.contains("tokenizer.json"),
         "{stderr}"
+    );
+    assert!(
+        !dir.path().join("runs/notok").exists(),
+        "nothing left behind"
     );
 }
 

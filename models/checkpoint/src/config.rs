@@ -68,14 +68,28 @@ impl<'a> ConfigView<'a> {
     }
 
     /// Deserializes this object into `T`; the error names the missing or invalid key with
-    /// its full path.
+    /// its full path (`thinker_config.text_config.hidden_size`, `rope_scaling.mrope_section[2]`).
     pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        T::deserialize(self.value).map_err(|e| {
-            let reason = e.to_string();
-            let key = reason.split('`').nth(1).unwrap_or_default();
+        serde_path_to_error::deserialize(self.value).map_err(|e| {
+            let reason = e.inner().to_string();
+            let mut key = e.path().to_string();
+            if key == "." {
+                key.clear();
+            }
+            // A missing field is reported at its parent; name the field itself.
+            if let Some(field) = reason
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                key = if key.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
             Error::Config {
                 file: self.file.to_path_buf(),
-                key: self.key(key),
+                key: self.key(&key),
                 reason,
             }
         })

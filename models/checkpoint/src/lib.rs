@@ -78,6 +78,13 @@ pub enum Error {
         tensor: String,
         dtype: String,
     },
+    #[error("{file}: tensor `{tensor}` holds {value} at index {index:?} (first non-finite value); the checkpoint is corrupt or was saved after training diverged")]
+    NonFinite {
+        file: PathBuf,
+        tensor: String,
+        index: Vec<usize>,
+        value: f32,
+    },
     #[error("{file}: export failed: {reason}")]
     Export { file: PathBuf, reason: String },
 }
@@ -138,7 +145,7 @@ type HeaderEntry = (String, StDtype, Vec<usize>, usize, usize);
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, Error> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| Error::InvalidSafetensors {
         file: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: diagnose_header(bytes).unwrap_or_else(|| e.to_string()),
     })?;
     Ok(st
         .tensors()
@@ -150,6 +157,86 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, Error> {
             (name, view.dtype(), view.shape().to_vec(), start, end)
         })
         .collect())
+}
+
+/// Why a header the safetensors crate refused is wrong, naming the tensor, when one tensor's
+/// entry is to blame: its byte range runs past the data section, overlaps or leaves a gap
+/// after the previous tensor, or disagrees with its dtype and shape. `None` when the header
+/// cannot be read far enough to say (the crate's own message is used then).
+fn diagnose_header(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let n = usize::try_from(n).ok()?;
+    let data_len = bytes.len().checked_sub(8)?.checked_sub(n)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    let mut entries: Vec<(&str, u64, u64, Option<u64>)> = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let bytes_per = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .and_then(dtype_bytes);
+        let count = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|dims| {
+                dims.iter()
+                    .try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?))
+            });
+        let size = bytes_per.zip(count).and_then(|(b, c)| b.checked_mul(c));
+        entries.push((name, start, end, size));
+    }
+    entries.sort_by_key(|&(_, start, end, _)| (start, end));
+    let sizes = format!(
+        "the data section holds {data_len} bytes (file {} bytes, header {n} bytes)",
+        bytes.len()
+    );
+    let mut covered = 0u64;
+    for &(name, start, end, size) in &entries {
+        if end < start {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}], which end before they start"
+            ));
+        }
+        if end > data_len as u64 {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}], past the end of the data: {sizes}"
+            ));
+        }
+        if let Some(size) = size.filter(|&size| size != end - start) {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}] ({} bytes), but its dtype and shape need {size} bytes",
+                end - start
+            ));
+        }
+        if start != covered {
+            let what = if start < covered { "overlap" } else { "gap" };
+            return Some(format!(
+                "tensor `{name}` starts at byte {start} of the data, where the previous tensor ends at {covered} (a {what})"
+            ));
+        }
+        covered = end;
+    }
+    (covered != data_len as u64).then(|| {
+        format!(
+            "the tensors cover {covered} bytes of data, but {sizes}: the file has trailing bytes"
+        )
+    })
+}
+
+/// Bytes per element of a safetensors dtype name, `None` for an unknown one.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
 }
 
 impl Checkpoint {
@@ -396,7 +483,7 @@ impl Checkpoint {
         })?;
         let shard = &self.shards[entry.shard];
         let data = &shard.bytes[entry.start..entry.end];
-        let values = match entry.dtype {
+        let values: Vec<f32> = match entry.dtype {
             StDtype::F32 => data
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -417,6 +504,20 @@ impl Checkpoint {
                 })
             }
         };
+        if let Some(flat) = values.iter().position(|v| !v.is_finite()) {
+            let mut index = vec![0; entry.shape.len()];
+            let mut rest = flat;
+            for (i, &dim) in entry.shape.iter().enumerate().rev() {
+                index[i] = rest % dim.max(1);
+                rest /= dim.max(1);
+            }
+            return Err(Error::NonFinite {
+                file: shard.path.clone(),
+                tensor: name.to_string(),
+                index,
+                value: values[flat],
+            });
+        }
         Ok((values, entry.shape.clone()))
     }
 }

@@ -110,6 +110,51 @@ fn header_offsets_past_the_data_are_rejected() {
     std::fs::write(dir.path().join("model.safetensors"), raw_file(header, 16)).unwrap();
     let err = Checkpoint::open(dir.path()).err().unwrap();
     assert!(matches!(err, Error::InvalidSafetensors { .. }), "{err}");
+    let msg = err.to_string();
+    for part in [
+        "model.safetensors",
+        "`x`",
+        "[0, 1000000]",
+        "16 bytes",
+        "file 84 bytes",
+    ] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+}
+
+#[test]
+fn header_errors_name_the_tensor_to_blame() {
+    let cases = [
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,12]}}"#,
+            12,
+            "tensor `b` has data_offsets [8, 12] (4 bytes), but its dtype and shape need 8 bytes",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "tensor `b` starts at byte 4",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            12,
+            "the tensors cover 8 bytes of data, but the data section holds 12 bytes",
+        ),
+    ];
+    for (header, data_len, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            raw_file(header, data_len),
+        )
+        .unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap();
+        assert!(
+            err.to_string().contains(expected),
+            "{expected} missing from: {err}"
+        );
+    }
 }
 
 #[test]
@@ -154,4 +199,84 @@ fn sharded_index_pointing_outside_the_directory_is_rejected() {
         matches!(err, Error::Index { ref tensor, .. } if tensor == "model.w"),
         "{err}"
     );
+}
+
+#[test]
+fn non_finite_weights_name_the_tensor_and_element() {
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let tensors = vec![
+            (
+                "model.a".to_string(),
+                TensorData::new(vec![1.0f32; 4], [2, 2]),
+            ),
+            (
+                "model.b".to_string(),
+                TensorData::new(vec![0.0f32, 1.0, 2.0, 3.0, value, 5.0], [2, 3]),
+            ),
+        ];
+        save_safetensors::<B>(&dir.path().join("model.safetensors"), &tensors, Dtype::Bf16)
+            .unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert!(ckpt.read_f32("model.a").is_ok());
+        let err = ckpt.read_f32("model.b").unwrap_err();
+        assert!(
+            matches!(err, Error::NonFinite { ref tensor, ref index, .. } if tensor == "model.b" && index == &[1, 1]),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(shown) && msg.contains("model.safetensors"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn config_type_errors_name_the_key_and_the_file() {
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Rope {
+        mrope_section: Vec<usize>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Cfg {
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        #[serde(default)]
+        rope_scaling: Option<Rope>,
+    }
+    let cases = [
+        (
+            r#"{"hidden_size": "wide", "num_hidden_layers": 2}"#,
+            "hidden_size",
+        ),
+        (
+            r#"{"hidden_size": 8, "num_hidden_layers": -2}"#,
+            "num_hidden_layers",
+        ),
+        (
+            r#"{"hidden_size": 8, "num_hidden_layers": 2, "rope_scaling": {"mrope_section": [1, "x"]}}"#,
+            "rope_scaling.mrope_section[1]",
+        ),
+        (
+            r#"{"hidden_size": 8, "num_hidden_layers": 2, "rope_scaling": {}}"#,
+            "rope_scaling.mrope_section",
+        ),
+    ];
+    for (config, key) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(dir.path(), config, Dtype::F32);
+        let err = Checkpoint::open(dir.path())
+            .unwrap()
+            .config::<Cfg>()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Config { key: ref found, .. } if found == key),
+            "{key}: {err}"
+        );
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
 }

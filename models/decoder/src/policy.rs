@@ -138,6 +138,34 @@ impl<B: Backend> Qwen2Model<B> {
                 return err(format!("insert slot {s} is past the {p} prompt tokens"));
             }
         }
+        self.check_length(prompt, 0)
+    }
+
+    /// Checks that `prompt` followed by `extra` more tokens stays inside the model's
+    /// `max_position_embeddings`: the largest position id (text: `P + extra − 1`; with media,
+    /// the TMRoPE position, which can be smaller than the token count) must be below it.
+    pub fn check_length(&self, prompt: &TokenPrompt, extra: usize) -> Result<(), Error> {
+        let limit = self.config().max_position_embeddings;
+        let rows = prompt.position_rows(extra);
+        let last = rows
+            .iter()
+            .filter_map(|row| row.iter().copied().max())
+            .max()
+            .unwrap_or(0);
+        if last >= limit as i64 {
+            let p = prompt.ids.len();
+            let what = if extra == 0 {
+                format!("{p} tokens")
+            } else {
+                format!("{p} tokens + {extra} more")
+            };
+            return Err(Error::Prompt {
+                reason: format!(
+                    "{what} reach position {last}, past the model's max_position_embeddings of \
+                     {limit} (config.json); shorten the input"
+                ),
+            });
+        }
         Ok(())
     }
 

@@ -109,6 +109,13 @@ fn thinker_level(ckpt: &Checkpoint) -> Result<(Weights<'_>, ConfigView<'_>), Err
     Ok((ckpt.model_weights(), ckpt.model_config()))
 }
 
+/// The thinker's prompt-layout config at its level: type errors first, named with their full
+/// key path in the file (`thinker_config.audio_token_index`), then the derived checks.
+fn read_thinker_config(config: &ConfigView) -> Result<ThinkerConfig, ModelError> {
+    config.deserialize::<ThinkerConfig>()?;
+    Ok(ThinkerConfig::from_json(config.json())?)
+}
+
 /// The thinker's text decoder from its level: `text_config` for the shapes, the thinker's
 /// own `tie_word_embeddings` for the head.
 fn load_text_decoder<B: Backend>(
@@ -132,7 +139,7 @@ pub fn load_decoder<B: Backend>(
         return Ok(Qwen2Model::from_checkpoint(ckpt, device)?);
     }
     let (weights, config) = thinker_level(ckpt)?;
-    let thinker = ThinkerConfig::from_json(config.json())?;
+    let thinker = read_thinker_config(&config)?;
     load_text_decoder(&weights, &config, &thinker, device)
 }
 
@@ -141,7 +148,7 @@ impl<B: Backend> Thinker<B> {
     /// ignored) or a bare thinker.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &B::Device) -> Result<Self, ModelError> {
         let (weights, config) = thinker_level(ckpt)?;
-        let thinker = ThinkerConfig::from_json(config.json())?;
+        let thinker = read_thinker_config(&config)?;
         let decoder = load_text_decoder(&weights, &config, &thinker, device)?;
         let audio_config = AudioEncoderConfig::from_config(&config.get("audio_config")?)?;
         let vision_config = VisionEncoderConfig::from_config(&config.get("vision_config")?)?;

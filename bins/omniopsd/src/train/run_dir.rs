@@ -60,6 +60,45 @@ impl RunDir {
         Self::create(root)
     }
 
+    /// Whether the run has anything worth resuming: a metric line, a checkpoint or a finished
+    /// training's result.
+    pub fn holds_progress(&self) -> bool {
+        let metrics = fs::metadata(self.metrics_path()).is_ok_and(|m| m.len() > 0);
+        let any_entry = |sub: &str| {
+            fs::read_dir(self.root.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
+        };
+        metrics || self.any_checkpoint() || any_entry("results")
+    }
+
+    fn any_checkpoint(&self) -> bool {
+        let Ok(phases) = fs::read_dir(self.root.join("checkpoints")) else {
+            return false;
+        };
+        phases
+            .filter_map(|p| p.ok())
+            .any(|p| fs::read_dir(p.path()).is_ok_and(|mut files| files.next().is_some()))
+    }
+
+    /// Removes the run directory, or, when it existed before the run (`before`: its entries
+    /// then), only the entries the run added.
+    pub fn remove_all_but(&self, before: Option<&[std::ffi::OsString]>) -> std::io::Result<()> {
+        let Some(before) = before else {
+            return fs::remove_dir_all(&self.root);
+        };
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            if before.contains(&entry.file_name()) {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// `metrics.jsonl`.
     pub fn metrics_path(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
