@@ -16,7 +16,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
-use crate::divergence::{LossConfig, LossConfigError, Reduction};
+use crate::divergence::{Divergence, LossConfig, LossConfigError, Reduction};
 use crate::fused::{fused_distillation, ResponseBatch};
 use crate::model::PolicyModel;
 use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutError};
@@ -68,8 +68,9 @@ pub struct OpsdConfig {
     /// Clip the global L2 norm of the gradient (over all parameters) to this value;
     /// `None` disables clipping.
     pub max_grad_norm: Option<f32>,
-    /// Optimizer updates per rollout. Above 1 the later updates are off-policy and the
-    /// importance ratio of the sampled-token loss corrects for it.
+    /// Optimizer updates per rollout. Above 1 the later updates are off-policy; only the
+    /// sampled-token loss (`Divergence::SampledReverseKl`) carries the importance ratio that
+    /// corrects for it, so [`OpsdConfig::validate`] refuses more than 1 with any other loss.
     pub updates_per_rollout: usize,
     /// Rows of `N·R` per chunk of the fused loss (bounds the `[rows, V]` working set).
     pub chunk_rows: usize,
@@ -125,6 +126,17 @@ impl OpsdConfig {
             return Err(StepError::Config {
                 field: "updates_per_rollout",
                 expected: ">= 1",
+                found: format!("{}", self.updates_per_rollout),
+            });
+        }
+        if self.updates_per_rollout > 1
+            && !matches!(self.loss.divergence, Divergence::SampledReverseKl { .. })
+        {
+            return Err(StepError::Config {
+                field: "updates_per_rollout",
+                expected: "1 unless loss.divergence is the sampled-token reverse KL (the only \
+                           loss the importance ratio enters; a reused rollout would go \
+                           uncorrected)",
                 found: format!("{}", self.updates_per_rollout),
             });
         }

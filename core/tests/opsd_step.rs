@@ -183,6 +183,34 @@ fn lr_schedule_follows_warmup_then_cosine_or_linear_decay() {
 }
 
 #[test]
+fn reused_rollouts_are_refused_for_losses_without_the_importance_ratio() {
+    for divergence in [
+        Divergence::Jsd { beta: 0.5 },
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+    ] {
+        let cfg = OpsdConfig {
+            loss: LossConfig {
+                divergence,
+                ..LossConfig::default()
+            },
+            updates_per_rollout: 2,
+            ..config()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("updates_per_rollout"),
+            "{divergence:?}: {err}"
+        );
+        let one = OpsdConfig {
+            updates_per_rollout: 1,
+            ..cfg
+        };
+        assert!(one.validate().is_ok());
+    }
+}
+
+#[test]
 fn several_updates_per_rollout_each_step_the_optimizer() {
     let cfg = OpsdConfig {
         loss: LossConfig {
@@ -270,6 +298,10 @@ fn through_json<R: Record<B>, B: burn::tensor::backend::Backend>(record: R) -> R
 fn resumed_trainer_continues_bit_identically_from_a_serialized_checkpoint() {
     let cfg = OpsdConfig {
         teacher: TeacherMode::Ema { rate: 0.3 },
+        loss: LossConfig {
+            divergence: Divergence::SampledReverseKl { ratio_clip: 2.0 },
+            ..LossConfig::default()
+        },
         updates_per_rollout: 2,
         schedule: LrSchedule {
             warmup_steps: 1,

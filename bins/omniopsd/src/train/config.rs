@@ -323,7 +323,8 @@ pub struct OpsdSection {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub weight_decay: f32,
-    /// Updates per rollout (>1 is off-policy; the ratio clip corrects).
+    /// Updates per rollout; >1 reuses a rollout off-policy, allowed only with the
+    /// sampled-token loss, whose importance ratio corrects it.
     pub updates_per_rollout: usize,
     /// Rows per chunk of the fused loss.
     pub chunk_rows: usize,
@@ -568,7 +569,7 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "opsd.updates_per_rollout",
         "updates_per_rollout",
-        ">1 reuses a rollout off-policy (the ratio clip corrects)",
+        ">1 reuses a rollout off-policy; only with divergence = sampled_reverse_kl, whose importance ratio corrects it",
     ),
     knob(
         "opsd.chunk_rows",
@@ -868,6 +869,13 @@ mod tests {
         assert!(error("[opsd]\nadam_epsilon = 0.0\n").contains("opsd.adam_epsilon: must be"));
         assert!(error("[opsd]\nlr_warmup_steps = 30\n").contains("opsd.steps: must be"));
         assert!(error("[opsd]\nchunk_rows = 0\n").contains("opsd.chunk_rows: must be"));
+        assert!(error("[opsd]\nupdates_per_rollout = 2\n")
+            .contains("opsd.updates_per_rollout: must be 1 unless"));
+        assert!(TrainConfig::from_toml(
+            "[opsd]\nupdates_per_rollout = 2\ndivergence = \"sampled_reverse_kl\"\n",
+            "t"
+        )
+        .is_ok());
     }
 
     #[test]
