@@ -539,7 +539,6 @@ fn top_k_terms<B: Backend>(
     let [len, v] = z.dims();
     let k = top.k;
     let device = z.device();
-    let lse_z = logsumexp_rows(z.clone());
     let ls_full = log_softmax_rows(z.clone());
     let p = ls_full.clone().exp();
     let entropy = p.clone().mul(ls_full.clone()).sum_dim(1).neg();
@@ -562,6 +561,7 @@ fn top_k_terms<B: Backend>(
         let gk = g.clone().sub(pk.mul(g.sum_dim(1)));
         (d, scatter(gk))
     } else {
+        let lse_z = logsumexp_rows(z.clone());
         let lse_t = logsumexp_rows(t.clone());
         let z_rest = z.mask_fill(members.clone(), f32::NEG_INFINITY);
         let lse_z_rest = logsumexp_rows(z_rest.clone());

@@ -84,14 +84,13 @@ pub struct Args {
 
 /// Runs `omniopsd train`.
 pub fn run_cli(args: Args) -> Result<()> {
-    // For a new run, what its directory held before (`None`: it did not exist), so that a
-    // failed start removes only what it made.
-    let mut fresh: Option<Option<Vec<std::ffi::OsString>>> = None;
-    let (cfg, run) = match &args.resume {
+    // `fresh`: for a new run, what its directory held before (`None` inside: it did not
+    // exist), so that a failed start removes only what it made; `None` for a resumed run.
+    let (cfg, run, fresh) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir)?;
             let cfg = TrainConfig::load(&dir.join("config.toml"))?;
-            (cfg, run)
+            (cfg, run, None)
         }
         None => {
             let mut cfg = match &args.config {
@@ -129,15 +128,15 @@ pub fn run_cli(args: Args) -> Result<()> {
                 cfg.name = format!("{}-{k}", cfg.name);
             }
             let root = cfg.runs_dir.join(&cfg.name);
-            let before = std::fs::read_dir(&root).ok().map(|entries| {
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.file_name()))
-                    .collect()
-            });
+            let before: Option<Vec<std::ffi::OsString>> =
+                std::fs::read_dir(&root).ok().map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok().map(|e| e.file_name()))
+                        .collect()
+                });
             let run = RunDir::create(&root)?;
             crate::atomic::write_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-            fresh = Some(before);
-            (cfg, run)
+            (cfg, run, Some(before))
         }
     };
     let result = train_on_device(&args, &cfg, &run);

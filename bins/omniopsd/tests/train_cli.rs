@@ -196,19 +196,20 @@ fn ctrl_c_saves_a_checkpoint_and_exits_with_a_resume_hint() {
     assert!(run.join("report.json").is_file());
 }
 
-/// A config whose `[model] dir` does not exist.
-fn config_with_missing_model(dir: &Path, name: &str) -> PathBuf {
+/// [`config`] with `[model] dir = model` in place of the embedded model's sizes.
+fn config_with_model(dir: &Path, name: &str, model: &Path) -> PathBuf {
     let path = config(dir, name, &dir.join("cache"), "");
-    let model = format!(
-        "[model]\ndir = \"{}\"\n",
-        dir.join("no-such-model").display()
-    );
     let text = fs::read_to_string(&path).unwrap().replace(
         "[model]\nhidden_size = 32\nintermediate_size = 64\n",
-        &model,
+        &format!("[model]\ndir = \"{}\"\n", model.display()),
     );
     fs::write(&path, text).unwrap();
     path
+}
+
+/// A config whose `[model] dir` does not exist.
+fn config_with_missing_model(dir: &Path, name: &str) -> PathBuf {
+    config_with_model(dir, name, &dir.join("no-such-model"))
 }
 
 #[test]
@@ -387,13 +388,7 @@ fn reference(dir: &str) -> PathBuf {
 #[test]
 fn trains_a_text_only_hf_checkpoint_and_exports_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = format!("[model]\ndir = \"{}\"\n", reference("qwen2_tiny").display());
-    let path = config(dir.path(), "text", &dir.path().join("cache"), "");
-    let text = fs::read_to_string(&path).unwrap().replace(
-        "[model]\nhidden_size = 32\nintermediate_size = 64\n",
-        &model,
-    );
-    fs::write(&path, text).unwrap();
+    let path = config_with_model(dir.path(), "text", &reference("qwen2_tiny"));
     ok(&train(&["--config", path.to_str().unwrap()]));
     let run = dir.path().join("runs/text");
     let report = fs::read_to_string(run.join("report.md")).unwrap();
@@ -408,13 +403,7 @@ fn trains_a_text_only_hf_checkpoint_and_exports_it() {
 #[test]
 fn checkpoint_without_tokenizer_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let model = format!("[model]\ndir = \"{}\"\n", reference("omni_tiny").display());
-    let path = config(dir.path(), "notok", &dir.path().join("cache"), "");
-    let text = fs::read_to_string(&path).unwrap().replace(
-        "[model]\nhidden_size = 32\nintermediate_size = 64\n",
-        &model,
-    );
-    fs::write(&path, text).unwrap();
+    let path = config_with_model(dir.path(), "notok", &reference("omni_tiny"));
     let out = train(&["--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use serde::Deserialize;
 
 /// Everything that can be wrong with a checkpoint; each variant names the file and, where
 /// one is involved, the tensor or config key.
@@ -176,10 +177,10 @@ fn diagnose_header(bytes: &[u8]) -> Option<String> {
         }
         let offsets = info.get("data_offsets")?.as_array()?;
         let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
-        let bytes_per = info
+        let bits = info
             .get("dtype")
-            .and_then(|d| d.as_str())
-            .and_then(dtype_bytes);
+            .and_then(|d| StDtype::deserialize(d).ok())
+            .map(|d| d.bitsize() as u64);
         let count = info
             .get("shape")
             .and_then(|s| s.as_array())
@@ -187,7 +188,10 @@ fn diagnose_header(bytes: &[u8]) -> Option<String> {
                 dims.iter()
                     .try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?))
             });
-        let size = bytes_per.zip(count).and_then(|(b, c)| b.checked_mul(c));
+        let size = bits
+            .zip(count)
+            .and_then(|(b, c)| b.checked_mul(c))
+            .map(|b| b / 8);
         entries.push((name, start, end, size));
     }
     entries.sort_by_key(|&(_, start, end, _)| (start, end));
@@ -225,17 +229,6 @@ fn diagnose_header(bytes: &[u8]) -> Option<String> {
         format!(
             "the tensors cover {covered} bytes of data, but {sizes}: the file has trailing bytes"
         )
-    })
-}
-
-/// Bytes per element of a safetensors dtype name, `None` for an unknown one.
-fn dtype_bytes(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "I64" | "U64" | "F64" => 8,
-        _ => return None,
     })
 }
 

@@ -69,11 +69,17 @@ impl ThinkerConfig {
     /// Reads the thinker's config object: the root of a thinker `config.json`, or
     /// `thinker_config` of a full Qwen2.5-Omni one.
     pub fn from_json(thinker: &serde_json::Value) -> Result<Self, Error> {
-        let mut cfg: Self = serde_json::from_value(thinker.clone()).map_err(|e| Error::Config {
+        let cfg: Self = serde_json::from_value(thinker.clone()).map_err(|e| Error::Config {
             field: "thinker_config",
             reason: e.to_string(),
         })?;
-        cfg.spatial_merge_size = match thinker
+        cfg.complete(thinker)
+    }
+
+    /// The checks and derived values beyond the keys' types: `spatial_merge_size` from
+    /// `vision_config`, positive position rates. `thinker` is the object `self` was read from.
+    pub fn complete(mut self, thinker: &serde_json::Value) -> Result<Self, Error> {
+        self.spatial_merge_size = match thinker
             .get("vision_config")
             .and_then(|v| v.get("spatial_merge_size"))
         {
@@ -83,16 +89,16 @@ impl ThinkerConfig {
                 reason: format!("expected a positive integer, found {v}"),
             })? as usize,
         };
-        if !(cfg.position_id_per_seconds > 0.0 && cfg.seconds_per_chunk > 0.0) {
+        if !(self.position_id_per_seconds > 0.0 && self.seconds_per_chunk > 0.0) {
             return Err(Error::Config {
                 field: "position_id_per_seconds / seconds_per_chunk",
                 reason: format!(
                     "must be positive, found {} and {}",
-                    cfg.position_id_per_seconds, cfg.seconds_per_chunk
+                    self.position_id_per_seconds, self.seconds_per_chunk
                 ),
             });
         }
-        Ok(cfg)
+        Ok(self)
     }
 
     /// Position ids per chunk of interleaved audio and video (`25 · 2 = 50`).

@@ -112,8 +112,8 @@ fn thinker_level(ckpt: &Checkpoint) -> Result<(Weights<'_>, ConfigView<'_>), Err
 /// The thinker's prompt-layout config at its level: type errors first, named with their full
 /// key path in the file (`thinker_config.audio_token_index`), then the derived checks.
 fn read_thinker_config(config: &ConfigView) -> Result<ThinkerConfig, ModelError> {
-    config.deserialize::<ThinkerConfig>()?;
-    Ok(ThinkerConfig::from_json(config.json())?)
+    let thinker: ThinkerConfig = config.deserialize()?;
+    Ok(thinker.complete(config.json())?)
 }
 
 /// The thinker's text decoder from its level: `text_config` for the shapes, the thinker's
