@@ -5,19 +5,20 @@
 //! Qwen2.5-7B-Instruct (vLLM; temperature 0.7, top-p 0.8, repetition penalty 1.05, 512 new
 //! tokens) to list the emotions of a free-form description ([`openset_prompt`]) and, for the
 //! sentiment sets, to turn that list into a sentiment word ([`sentiment_prompt`]). Here the model
-//! is reached through any OpenAI-compatible `/chat/completions` endpoint, and every answer is
-//! cached on disk so a rerun makes no call.
+//! is reached through any OpenAI-compatible `/chat/completions` endpoint with the client, retry
+//! policy and cache of `omniopsd-endpoint` (shared with `omniopsd rationale`), and every answer
+//! is cached on disk so a rerun makes no call.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use omniopsd_endpoint::{
+    chat_completions_url, hex_sha256, run_bounded, ApiKey, Cache, CacheEntry, ChatClient,
+    RetryPolicy,
+};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::dataset::Metric;
 use crate::error::{Error, Result};
@@ -219,9 +220,11 @@ pub struct LlmConfig {
     /// Base URL (`http://host:8000/v1`) or the full `/chat/completions` URL.
     pub url: String,
     pub model: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
     pub sampling: Sampling,
     pub timeout: Duration,
+    /// When a failed request is sent again (429, 5xx, timeouts).
+    pub retry: RetryPolicy,
     /// Requests in flight at once.
     pub concurrency: usize,
     /// The JSONL cache file (created if absent, appended to).
@@ -231,12 +234,7 @@ pub struct LlmConfig {
 impl LlmConfig {
     /// The `/chat/completions` URL the requests go to.
     pub fn endpoint(&self) -> String {
-        let base = self.url.trim_end_matches('/');
-        if base.ends_with("/chat/completions") {
-            base.to_string()
-        } else {
-            format!("{base}/chat/completions")
-        }
+        chat_completions_url(&self.url)
     }
 }
 
@@ -259,116 +257,47 @@ struct ChatRequest<'a> {
     repetition_penalty: Option<f64>,
 }
 
-#[derive(Deserialize)]
-struct ChatResponse {
-    choices: Vec<Choice>,
+/// One line of the extraction cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheLine {
+    /// SHA-256 (hex) of the request body.
+    pub key: String,
+    pub model: String,
+    pub prompt: String,
+    /// The raw answer, before [`postprocess_response`].
+    pub response: String,
 }
 
-#[derive(Deserialize)]
-struct Choice {
-    message: ChoiceMessage,
-}
-
-#[derive(Deserialize)]
-struct ChoiceMessage {
-    content: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CacheLine {
-    key: String,
-    model: String,
-    prompt: String,
-    response: String,
+impl CacheEntry for CacheLine {
+    fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 /// The on-disk extraction cache: one JSON object a line, `{key, model, prompt, response}`,
 /// `key` = SHA-256 (hex) of the request body. Answers are appended as they arrive, so an
-/// interrupted run keeps what it paid for.
-pub struct ExtractionCache {
-    path: PathBuf,
-    entries: HashMap<String, String>,
-    file: Mutex<Option<File>>,
-}
+/// interrupted run keeps what it paid for (the shared [`Cache`] of `omniopsd-endpoint`).
+pub type ExtractionCache = Cache<CacheLine>;
 
-impl ExtractionCache {
-    /// Reads the cache at `path`; a missing file is an empty cache.
-    pub fn open(path: &Path) -> Result<ExtractionCache> {
-        let mut entries = HashMap::new();
-        match File::open(path) {
-            Ok(file) => {
-                for (index, line) in BufReader::new(file).lines().enumerate() {
-                    let line_no = index + 1;
-                    let line = line.map_err(|e| Error::BadCache {
-                        path: path.to_path_buf(),
-                        line: line_no,
-                        message: e.to_string(),
-                    })?;
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let entry: CacheLine =
-                        serde_json::from_str(&line).map_err(|e| Error::BadCache {
-                            path: path.to_path_buf(),
-                            line: line_no,
-                            message: format!("invalid cache entry: {e}"),
-                        })?;
-                    entries.insert(entry.key, entry.response);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        }
-        Ok(ExtractionCache {
-            path: path.to_path_buf(),
-            entries,
-            file: Mutex::new(None),
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn get(&self, key: &str) -> Option<&String> {
-        self.entries.get(key)
-    }
-
-    /// Appends one answer to the file (one `write_all` of a whole line, then flush).
-    fn append(&self, entry: &CacheLine) -> Result<()> {
-        let io = |source| Error::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(io)?;
-            *guard = Some(file);
-        }
-        let mut line = serde_json::to_string(entry).map_err(|e| Error::BadCache {
-            path: self.path.clone(),
-            line: 0,
-            message: e.to_string(),
-        })?;
-        line.push('\n');
-        if let Some(file) = guard.as_mut() {
-            file.write_all(line.as_bytes()).map_err(io)?;
-            file.flush().map_err(io)?;
-        }
-        Ok(())
+/// Maps the shared crate's errors onto this crate's: cache errors keep their file and line,
+/// request errors name the endpoint.
+fn endpoint_error(url: &str, error: omniopsd_endpoint::Error) -> Error {
+    use omniopsd_endpoint::Error as E;
+    match error {
+        E::Io { path, source } => Error::Io { path, source },
+        E::BadCache {
+            path,
+            line,
+            message,
+        } => Error::BadCache {
+            path,
+            line,
+            message,
+        },
+        other => Error::Llm {
+            url: url.to_string(),
+            message: other.to_string(),
+        },
     }
 }
 
@@ -376,7 +305,7 @@ impl ExtractionCache {
 pub struct LlmExtractor {
     config: LlmConfig,
     cache: ExtractionCache,
-    agent: ureq::Agent,
+    client: ChatClient,
     prompts: HashSet<String>,
     cache_hits: usize,
     calls: usize,
@@ -384,12 +313,15 @@ pub struct LlmExtractor {
 
 impl LlmExtractor {
     pub fn new(config: LlmConfig) -> Result<LlmExtractor> {
-        let cache = ExtractionCache::open(&config.cache)?;
-        let agent = ureq::AgentBuilder::new().timeout(config.timeout).build();
+        let cache =
+            Cache::open(&config.cache).map_err(|e| endpoint_error(&config.endpoint(), e))?;
+        let client = ChatClient::new(&config.url, config.timeout)
+            .with_api_key(config.api_key.clone())
+            .with_retry(config.retry.clone());
         Ok(LlmExtractor {
             config,
             cache,
-            agent,
+            client,
             prompts: HashSet::new(),
             cache_hits: 0,
             calls: 0,
@@ -420,119 +352,69 @@ impl LlmExtractor {
         }
     }
 
-    /// One call to the endpoint; returns the raw message content.
-    fn call(&self, body: &str) -> Result<String> {
-        let mut request = self
-            .agent
-            .post(&self.config.endpoint())
-            .set("Content-Type", "application/json");
-        if let Some(key) = &self.config.api_key {
-            request = request.set("Authorization", &format!("Bearer {key}"));
-        }
-        let response = match request.send_string(body) {
-            Ok(response) => response,
-            Err(ureq::Error::Status(code, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let snippet: String = text.chars().take(300).collect();
-                return Err(self.llm_error(format!("HTTP status {code}: {snippet}")));
-            }
-            Err(e) => return Err(self.llm_error(e.to_string())),
-        };
-        let text = response
-            .into_string()
-            .map_err(|e| self.llm_error(format!("cannot read the response body: {e}")))?;
-        let parsed: ChatResponse = serde_json::from_str(&text).map_err(|e| {
-            self.llm_error(format!(
-                "response is not a chat completion ({e}): {}",
-                text.chars().take(300).collect::<String>()
-            ))
-        })?;
-        parsed
-            .choices
-            .into_iter()
-            .next()
-            .and_then(|choice| choice.message.content)
-            .ok_or_else(|| self.llm_error("response has no choices[0].message.content".into()))
-    }
-
     /// Answers every prompt (post-processed), from the cache or by calling the endpoint with up
-    /// to `concurrency` requests in flight. Each new answer is cached as soon as it arrives.
+    /// to `concurrency` requests in flight. Each new answer is cached as soon as it arrives;
+    /// the first failure (after the retry policy gave up) stops the run.
     pub fn complete_all(&mut self, prompts: &[String]) -> Result<Vec<String>> {
         let keyed: Vec<(String, String)> = prompts
             .iter()
             .map(|p| {
                 let body = self.request_body(p);
-                (hex_sha256(&body), body)
+                (hex_sha256(body.as_bytes()), body)
             })
             .collect();
-        let mut todo: Vec<(usize, &String)> = Vec::new();
+        let mut todo: Vec<usize> = Vec::new();
         let mut seen = HashSet::new();
         for (i, (key, _)) in keyed.iter().enumerate() {
+            let cached = self.cache.get(key).is_some();
             if self.prompts.insert(key.clone()) {
-                if self.cache.get(key).is_some() {
+                if cached {
                     self.cache_hits += 1;
                 } else {
                     self.calls += 1;
                 }
             }
-            if self.cache.get(key).is_none() && seen.insert(key.clone()) {
-                todo.push((i, key));
+            if !cached && seen.insert(key.clone()) {
+                todo.push(i);
             }
         }
 
-        let fresh: Mutex<HashMap<String, String>> = Mutex::new(HashMap::new());
-        let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let workers = self.config.concurrency.clamp(1, 64).min(todo.len().max(1));
+        let stop = AtomicBool::new(false);
+        let url = self.config.endpoint();
         let this = &*self;
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    if failed.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let j = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&(i, key)) = todo.get(j) else { break };
-                    let outcome = this.call(&keyed[i].1).and_then(|response| {
-                        this.cache.append(&CacheLine {
+        let outcomes = run_bounded(
+            &todo,
+            this.config.concurrency.clamp(1, 64),
+            &stop,
+            |_, &i| {
+                let (key, body) = &keyed[i];
+                let outcome = this
+                    .client
+                    .complete(body)
+                    .and_then(|completion| {
+                        this.cache.insert(CacheLine {
                             key: key.clone(),
                             model: this.config.model.clone(),
                             prompt: prompts[i].clone(),
-                            response: response.clone(),
-                        })?;
-                        Ok(response)
-                    });
-                    match outcome {
-                        Ok(response) => {
-                            fresh
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(key.clone(), response);
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::SeqCst);
-                            first_error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
+                            response: completion.content,
+                        })
+                    })
+                    .map_err(|e| endpoint_error(&url, e));
+                if outcome.is_err() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                outcome
+            },
+        );
+        if let Some(error) = outcomes.into_iter().flatten().find_map(|o| o.err()) {
+            return Err(error);
         }
-        let fresh = fresh.into_inner().unwrap_or_else(|p| p.into_inner());
-        self.cache.entries.extend(fresh);
         keyed
             .iter()
             .map(|(key, _)| {
                 self.cache
                     .get(key)
-                    .map(|raw| postprocess_response(raw))
+                    .map(|line| postprocess_response(&line.response))
                     .ok_or_else(|| self.llm_error("an answer went missing".into()))
             })
             .collect()
@@ -593,13 +475,6 @@ impl LlmExtractor {
     }
 }
 
-fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +529,7 @@ mod tests {
             api_key: None,
             sampling: Sampling::default(),
             timeout: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
             concurrency: 1,
             cache: PathBuf::from("c.jsonl"),
         };

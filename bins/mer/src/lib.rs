@@ -32,6 +32,7 @@ pub mod wheel;
 pub use dataset::{Dataset, Metric};
 pub use error::{Error, Result};
 pub use extract::{ExtractMode, ExtractionSummary, LlmConfig, LlmExtractor, Sampling};
+pub use omniopsd_endpoint::{ApiKey, RetryPolicy};
 pub use predictions::{parse_predictions, Gt, Pred, Sample};
 pub use report::Report;
 pub use wheel::EmotionWheels;

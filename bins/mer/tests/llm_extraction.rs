@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::mock_llm::{emotion_responder, failing_responder, MockLlm};
 use omniopsd_mer::extract::{openset_prompt, sentiment_prompt};
 use omniopsd_mer::{
-    parse_predictions, Error, ExtractionSummary, LlmConfig, LlmExtractor, Pred, Sampling,
+    parse_predictions, ApiKey, Error, ExtractionSummary, LlmConfig, LlmExtractor, Pred,
+    RetryPolicy, Sampling,
 };
 
 const PREDICTIONS: &str = r#"{"dataset":"OV-MERD+","id":"a","gt":"happy","pred":"She is smiling broadly."}
@@ -29,9 +30,14 @@ fn config(url: &str, cache: PathBuf) -> LlmConfig {
     LlmConfig {
         url: url.to_string(),
         model: "qwen2.5-7b-instruct".into(),
-        api_key: Some("test-key".into()),
+        api_key: Some(ApiKey::new("test-key")),
         sampling: Sampling::default(),
         timeout: Duration::from_secs(10),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        },
         concurrency: 3,
         cache,
     }
@@ -180,5 +186,30 @@ fn a_corrupt_cache_line_is_reported_with_its_line_number() {
         .err()
         .unwrap();
     assert!(matches!(err, Error::BadCache { line: 2, .. }), "{err}");
+    std::fs::remove_file(&cache).unwrap();
+}
+
+/// Fails the first request with 503, then answers like [`emotion_responder`].
+fn flaky_responder(prompt: &str) -> Result<String, u16> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        Err(503)
+    } else {
+        emotion_responder(prompt)
+    }
+}
+
+#[test]
+fn a_transient_server_error_is_retried_by_the_shared_client() {
+    let mock = MockLlm::start(flaky_responder);
+    let cache = temp_cache("flaky");
+    let line = r#"{"dataset":"MELD","id":"b","gt":"sadness","pred":"tears"}"#;
+    let mut samples = parse_predictions(line.as_bytes(), "p").unwrap();
+    LlmExtractor::new(config(&mock.url, cache.clone()))
+        .unwrap()
+        .apply(&mut samples)
+        .unwrap();
+    assert_eq!(mock.requests(), 2, "one 503, one retry");
+    assert_eq!(samples[0].pred, Pred::Text("[sad]".into()));
     std::fs::remove_file(&cache).unwrap();
 }

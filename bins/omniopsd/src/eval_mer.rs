@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use omniopsd_mer::{
-    extract::apply_structured, parse_predictions, EmotionWheels, ExtractMode, ExtractionSummary,
-    LlmConfig, LlmExtractor, Report, Sampling,
+    extract::apply_structured, parse_predictions, ApiKey, EmotionWheels, ExtractMode,
+    ExtractionSummary, LlmConfig, LlmExtractor, Report, RetryPolicy, Sampling,
 };
 
 /// How free-form answers become label lists before scoring.
@@ -173,7 +173,7 @@ fn llm_config(args: &Args) -> anyhow::Result<LlmConfig> {
     Ok(LlmConfig {
         url,
         model,
-        api_key: args.llm_api_key.clone(),
+        api_key: args.llm_api_key.clone().map(ApiKey::new),
         sampling: Sampling {
             temperature: args.llm_temperature,
             top_p: args.llm_top_p,
@@ -182,6 +182,7 @@ fn llm_config(args: &Args) -> anyhow::Result<LlmConfig> {
                 .then_some(args.llm_repetition_penalty),
         },
         timeout: Duration::from_secs(args.llm_timeout_secs),
+        retry: RetryPolicy::default(),
         concurrency: args.llm_concurrency.max(1),
         cache,
     })
