@@ -107,6 +107,13 @@ pub fn run(command: Command) -> Result<()> {
             for p in &checked.problems {
                 println!("{name}:{}: {}", p.line, p.message);
             }
+            if !checked.missing_rationale.is_empty() {
+                println!(
+                    "{name}: {} samples lack a rationale: {}",
+                    checked.missing_rationale.len(),
+                    checked.missing_rationale.join(", ")
+                );
+            }
             if checked.problems.is_empty() {
                 println!("{name}: {} samples, all valid", checked.records.len());
                 Ok(())

@@ -7,6 +7,7 @@ mod data;
 mod eval_mer;
 mod infer;
 mod inputs;
+mod rationale;
 mod train;
 
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.
@@ -25,6 +26,10 @@ enum Command {
     /// Corpus tools: generate the synthetic corpus, validate a manifest.
     #[command(subcommand)]
     Data(data::Command),
+    /// Write evidence-aware rationales for the training samples that lack one, with a
+    /// frontier model behind any OpenAI-compatible endpoint (frames, audio, subtitle and gold
+    /// labels in; cached, resumable, validated).
+    Rationale(rationale::Args),
     /// Score predictions on MER-UniBench (F_s, HIT, WAF, nine-dataset mean).
     #[command(name = "eval-mer")]
     EvalMer(eval_mer::Args),
@@ -41,6 +46,7 @@ fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(args) => train::run_cli(args),
         Command::Data(cmd) => data::run(cmd),
+        Command::Rationale(args) => rationale::run(args),
         Command::EvalMer(args) => eval_mer::run(args),
         Command::Score(args) => infer::run_score(args),
         Command::Generate(args) => infer::run_generate(args),

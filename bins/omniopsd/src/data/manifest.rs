@@ -50,6 +50,13 @@ pub struct Record {
     /// Evidence-aware rationale citing audio, visual and textual cues (the privileged block).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rationale: Option<String>,
+    /// The model that wrote the rationale, when `omniopsd rationale` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationale_model: Option<String>,
+    /// The prompt template that asked for it: its file name (`default` for the shipped one)
+    /// and the first 12 hex digits of its SHA-256, e.g. `default@3f2a9c0d4e1b`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationale_prompt: Option<String>,
     /// One of [`BASIC_EMOTIONS`].
     pub emotion: String,
     /// Sentiment score in `[-3, 3]`; `0` is neutral.
@@ -107,6 +114,9 @@ pub struct Checked {
     pub problems: Vec<Problem>,
     /// Non-blank lines read.
     pub lines: usize,
+    /// Ids of the samples whose `rationale` is absent or empty, in file order (listed
+    /// whether or not the limits require one).
+    pub missing_rationale: Vec<String>,
 }
 
 /// Resolves a manifest path field against the manifest's directory.
@@ -149,10 +159,11 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
         .as_deref()
         .is_none_or(|r| r.trim().is_empty());
     if limits.require_rationale && rationale_missing {
-        problems.push(
-            "missing rationale: field `rationale` is absent or empty, and OPSD's teacher needs it"
-                .to_string(),
-        );
+        problems.push(format!(
+            "missing rationale: field `rationale` of sample `{}` is absent or empty, and OPSD's \
+             teacher needs it (`omniopsd rationale` writes one)",
+            record.id
+        ));
     }
     if let Err(err) = media::read_wav(
         &resolve(base, &record.audio),
@@ -195,6 +206,13 @@ pub fn check_manifest(path: &Path, limits: &Limits) -> Result<Checked> {
                 continue;
             }
         };
+        if record
+            .rationale
+            .as_deref()
+            .is_none_or(|r| r.trim().is_empty())
+        {
+            checked.missing_rationale.push(record.id.clone());
+        }
         let mut problems = check_record(&record, base, limits);
         if !seen.insert(record.id.clone()) {
             problems.push(format!("duplicate id `{}`", record.id));

@@ -648,6 +648,8 @@ fn generate(cfg: &SynthConfig, index: usize) -> Sample {
         split,
         subtitle,
         rationale: Some(rationale),
+        rationale_model: None,
+        rationale_prompt: None,
         emotion: emotion.to_string(),
         sentiment,
         openset,

@@ -239,6 +239,8 @@ pub(crate) mod tests {
             video: String::new(),
             subtitle: "x".into(),
             rationale: Some("r".into()),
+            rationale_model: None,
+            rationale_prompt: None,
             emotion: emotion.into(),
             sentiment,
             openset: openset.iter().map(|s| s.to_string()).collect(),
