@@ -396,9 +396,15 @@ fn ask(
                 if stops_the_run(&err) {
                     stop.store(true, Ordering::SeqCst);
                 }
+                let hint = match err {
+                    EndpointError::Status { status: 400, .. } if !args.no_audio => {
+                        " (an endpoint without `input_audio` refuses the audio part: try --no-audio)"
+                    }
+                    _ => "",
+                };
                 return Outcome::Failed(match invalid {
-                    Some(first) => format!("{first}; then {err}"),
-                    None => err.to_string(),
+                    Some(first) => format!("{first}; then {err}{hint}"),
+                    None => format!("{err}{hint}"),
                 });
             }
         };

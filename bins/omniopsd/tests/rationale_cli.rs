@@ -657,3 +657,51 @@ fn out_equal_to_the_input_is_refused() {
     assert!(text(&o).contains("is the input manifest"), "{}", text(&o));
     assert_eq!(std::fs::read(&c.manifest).unwrap(), before);
 }
+
+#[test]
+fn include_heldout_also_asks_for_the_held_out_samples() {
+    let c = corpus(10);
+    assert!(
+        c.gold.len() > c.train.len(),
+        "the corpus needs held-out samples"
+    );
+    let server = ChatServer::start(good_answer);
+    let o = rationale(&c, &server, &["--include-heldout"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(server.requests().len(), c.gold.len());
+    let all: Vec<String> = c.gold.keys().cloned().collect();
+    assert_eq!(ids_with_rationale(&c.out()), set(&all));
+    let o = omniopsd(&["data", "check", c.out().to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn an_endpoint_refusing_the_audio_part_is_reported_with_the_no_audio_hint() {
+    let c = corpus(6);
+    let server = ChatServer::start(|r: &Request| {
+        let parts = r.body["messages"][0]["content"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if parts.iter().any(|p| p["type"] == "input_audio") {
+            Reply::status(400)
+        } else {
+            good_answer(r)
+        }
+    });
+    let o = rationale(&c, &server, &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("HTTP status 400 after 1 attempt(s)"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("try --no-audio"), "{}", text(&o));
+    assert_eq!(
+        server.requests().len(),
+        c.train.len(),
+        "a 400 is not retried"
+    );
+    let o = rationale(&c, &server, &["--force", "--no-audio"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
