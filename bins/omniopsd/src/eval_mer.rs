@@ -70,6 +70,9 @@ pub struct Args {
     /// API key sent as `Authorization: Bearer KEY`.
     #[arg(long, value_name = "KEY")]
     pub llm_api_key: Option<String>,
+    /// Environment variable holding the API key instead (keeps it out of the process list).
+    #[arg(long, value_name = "VAR", conflicts_with = "llm_api_key")]
+    pub llm_api_key_env: Option<String>,
     /// Extraction cache (JSONL); default: the predictions path + `.llm-cache.jsonl`.
     #[arg(long, value_name = "FILE")]
     pub llm_cache: Option<PathBuf>,
@@ -170,10 +173,19 @@ fn llm_config(args: &Args) -> anyhow::Result<LlmConfig> {
         name.push(".llm-cache.jsonl");
         PathBuf::from(name)
     });
+    let api_key = match &args.llm_api_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(value) if !value.trim().is_empty() => Some(ApiKey::new(value.trim())),
+            _ => bail!(
+                "--llm-api-key-env {var}: the environment variable {var} is not set (or is empty)"
+            ),
+        },
+        None => args.llm_api_key.clone().map(ApiKey::new),
+    };
     Ok(LlmConfig {
         url,
         model,
-        api_key: args.llm_api_key.clone().map(ApiKey::new),
+        api_key,
         sampling: Sampling {
             temperature: args.llm_temperature,
             top_p: args.llm_top_p,

@@ -63,7 +63,9 @@ pub struct Args {
     /// itself is never a flag, never printed, never cached).
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
-    /// Prompt template replacing the shipped one (placeholders: see the README).
+    /// Prompt template replacing the shipped one. Placeholders: {{id}}, {{subtitle}},
+    /// {{emotion}}, {{sentiment}}, {{sentiment_word}}, {{openset}}, {{media}}, {{frames}},
+    /// {{audio}}.
     #[arg(long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
     /// Answer cache (JSONL); default: OUT + `.cache.jsonl`.

@@ -401,3 +401,42 @@ fn llm_extraction_without_a_url_is_an_error() {
     ]);
     assert_fails_with(&o, &["--extract llm needs --llm-url"]);
 }
+
+#[test]
+fn llm_api_key_env_sends_the_key_from_the_named_variable() {
+    let mock = MockLlm::start(emotion_responder);
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_predictions(
+        dir.path(),
+        "{\"dataset\":\"MER2024\",\"id\":\"a\",\"gt\":\"happy\",\"pred\":\"She keeps smiling.\"}\n",
+    );
+    let args = [
+        "eval-mer",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--json",
+        "--extract",
+        "llm",
+        "--llm-url",
+        mock.url.as_str(),
+        "--llm-model",
+        "qwen",
+        "--llm-api-key-env",
+        "OMNIOPSD_TEST_MER_KEY",
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_omniopsd"))
+        .args(args)
+        .env("OMNIOPSD_TEST_MER_KEY", "sk-mer-secret")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(mock.authorizations(), ["Bearer sk-mer-secret"]);
+    assert!(!stdout(&o).contains("sk-mer-secret") && !stderr(&o).contains("sk-mer-secret"));
+
+    let o = Command::new(env!("CARGO_BIN_EXE_omniopsd"))
+        .args(args)
+        .env_remove("OMNIOPSD_TEST_MER_KEY")
+        .output()
+        .unwrap();
+    assert_fails_with(&o, &["OMNIOPSD_TEST_MER_KEY is not set"]);
+}

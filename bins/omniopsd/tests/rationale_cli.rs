@@ -125,12 +125,12 @@ fn write_prompt(corpus: &Corpus) -> PathBuf {
 
 /// `rationale` with the scripted server, the id prompt, fast retries and `extra` flags.
 fn rationale(corpus: &Corpus, server: &ChatServer, extra: &[&str]) -> Output {
-    rationale_with_env(corpus, server, "frontier-omni", extra, &[])
+    rationale_with_env(corpus, &server.url, "frontier-omni", extra, &[])
 }
 
 fn rationale_with_env(
     corpus: &Corpus,
-    server: &ChatServer,
+    url: &str,
     model: &str,
     extra: &[&str],
     envs: &[(&str, &str)],
@@ -143,7 +143,7 @@ fn rationale_with_env(
         "--out".into(),
         corpus.out().display().to_string(),
         "--endpoint".into(),
-        server.url.clone(),
+        url.into(),
         "--model".into(),
         model.into(),
         "--prompt-file".into(),
@@ -194,7 +194,7 @@ fn requests_carry_frames_audio_model_and_the_key_from_the_named_variable_never_s
     let input_before = std::fs::read(&c.manifest).unwrap();
     let o = rationale_with_env(
         &c,
-        &server,
+        &server.url,
         "frontier-omni",
         &["--api-key-env", "OMNIOPSD_TEST_KEY", "--max-frames", "3"],
         &[("OMNIOPSD_TEST_KEY", "sk-secret")],
@@ -331,7 +331,7 @@ fn a_rerun_makes_zero_requests_and_writes_the_same_manifest() {
     );
 
     // A different model is a different content address: asked again.
-    let o = rationale_with_env(&c, &server, "other-model", &["--force"], &[]);
+    let o = rationale_with_env(&c, &server.url, "other-model", &["--force"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(server.requests().len(), 2 * sent);
 }
@@ -704,4 +704,26 @@ fn an_endpoint_refusing_the_audio_part_is_reported_with_the_no_audio_hint() {
     );
     let o = rationale(&c, &server, &["--force", "--no-audio"]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_wrong_endpoint_path_stops_the_run_after_one_request() {
+    let c = corpus(8);
+    let server = ChatServer::start(good_answer);
+    let wrong = format!("{}/nowhere", server.url);
+    let o = rationale_with_env(&c, &wrong, "frontier-omni", &["--concurrency", "1"], &[]);
+    assert!(!o.status.success());
+    // A 404 is final, and every later request would get it too: the run stops.
+    assert_eq!(server.requests().len(), 1);
+    assert_eq!(server.requests()[0].path, "/v1/nowhere/chat/completions");
+    let s = summary(&c);
+    let failed = s["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), c.train.len());
+    assert!(failed[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP status 404"));
+    assert!(failed[1..]
+        .iter()
+        .all(|f| f["reason"].as_str().unwrap().contains("not attempted")));
 }
