@@ -178,8 +178,16 @@ pub fn compiled_families() -> Vec<Family> {
 /// `M_MMAP_MAX = 0` every request comes from the heap, and `M_TRIM_THRESHOLD` lets up to
 /// 2 GiB of free heap stay mapped. The cost is resident memory that stays at its high-water
 /// mark. Call it once at the start of `main`, before the first allocation that matters; it
-/// does nothing off Linux/glibc.
+/// does nothing off Linux/glibc, or when `OMNIOPSD_KEEP_FREED=off` (or `0`, `false`) is in
+/// the environment, so its effect is two runs of the same benchmark
+/// (`benches/compare/compare.py --our-allocator default`).
 pub fn keep_freed_memory() {
+    if matches!(
+        std::env::var("OMNIOPSD_KEEP_FREED").as_deref(),
+        Ok("off" | "0" | "false")
+    ) {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes allocator parameters; both are documented options with
     // in-range values, and it is called before any thread of ours allocates concurrently.

@@ -4,10 +4,9 @@
 //!
 //! Such a product reads the whole weight to do little arithmetic on it, so its speed is the
 //! rate at which it streams the weight. On Flex, the `gemm` crate packs operands and picks
-//! microkernels made for large `m`: at 8 rows it streams a hidden-1,024 model's weights at
-//! 14–22 GB/s, where a plain streaming read on one core of the development machine reaches
-//! 25–30. The kernels here keep every partial sum in registers, read each weight element
-//! once, in the layout it is stored in, and prefetch ahead of the reads:
+//! microkernels made for large `m`, which stream the weight well below the core's read
+//! bandwidth at 2–8 rows. The kernels here keep every partial sum in registers, read each
+//! weight element once, in the layout it is stored in, and prefetch ahead of the reads:
 //! - [`Layout::InOut`]: `w` is `[k, n]` (a `Linear` kept as `Wᵀ`); register tiles of rows ×
 //!   up to 96 columns go down panels of 16 rows of `w`;
 //! - [`Layout::OutIn`]: `w` is `[n, k]` (an embedding matrix used as the LM head); each
@@ -15,7 +14,10 @@
 //!   for `k` ≤ 512 and a few side by side for longer rows.
 //!
 //! Only f32, contiguous operands on Flex, on CPUs with AVX-512F, take this path (checked at
-//! run time); anything else is handed back for the backend's own matmul. The sums run in a
+//! run time); anything else is handed back for the backend's own matmul. `OMNIOPSD_ROWS=off`
+//! in the environment hands every product back too (read once per process), so an A/B of the
+//! kernels is two runs of the same benchmark (`benches/compare/compare.py --rows-kernels off`).
+//! The sums run in a
 //! different order than a GEMM's, so results differ from it by f32 rounding, and are the same
 //! from run to run.
 
@@ -48,12 +50,24 @@ pub fn product<B: Backend>(
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
     #[cfg(feature = "flex")]
     {
-        if (MIN_ROWS..=MAX_ROWS).contains(&x.dims()[0]) && simd::available() {
+        if (MIN_ROWS..=MAX_ROWS).contains(&x.dims()[0]) && simd::available() && enabled() {
             return flex::product(x, w, layout);
         }
     }
     let _ = layout;
     Err((x, w))
+}
+
+/// Whether [`product`] may use the kernels: not when `OMNIOPSD_ROWS` is `off` (or `0`,
+/// `false`), read once per process.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("OMNIOPSD_ROWS").as_deref(),
+            Ok("off" | "0" | "false")
+        )
+    })
 }
 
 /// `y = x · w` (`layout` `InOut`, `w` `[k, n]`) or `y = x · wᵀ` (`OutIn`, `w` `[n, k]`) on

@@ -27,9 +27,14 @@ Allocator: our binaries keep freed large buffers in the heap (glibc `M_MMAP_MAX 
 intermediate from being page-faulted in again. PyTorch gains from the same setting, so by
 default (`--torch-allocator same`) the script re-runs itself with the equivalent
 `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` environment and both sides allocate alike;
-`--torch-allocator default` measures PyTorch with glibc's defaults instead. Workload 3's
+`--torch-allocator default` measures PyTorch with glibc's defaults instead, and
+`--our-allocator default` ours (`OMNIOPSD_KEEP_FREED=off`). Workload 3's
 PyTorch side always runs with glibc's defaults (its 18 GiB naive loss does not fit in 23 GiB
 with heap retention).
+
+A/B switches for our side, each a second run of the same suite: `--rows-kernels off` hands
+every few-row product back to the backend's matmul (`OMNIOPSD_ROWS=off`, see
+`omniopsd_backends::rows`), `--our-allocator default` as above.
 
 Python: `--python`, else $OMNIOPSD_PYTHON, else the one running this script; it needs torch,
 transformers and safetensors (decode.py's `ensure_python`; `--help` says how to make a virtual
@@ -37,7 +42,7 @@ environment with them). CI does not run this.
 
 Run from the repository root: python3 benches/compare/compare.py [--threads 1] [--repeats 3]
     [--shapes h256,h1024] [--vocabs 151936,512] [--workloads 1,2,3] [--json results.json]
-    [--python PYTHON]
+    [--rows-kernels on|off] [--our-allocator keep-freed|default] [--python PYTHON]
 """
 
 import argparse
@@ -130,10 +135,21 @@ def main():
     parser.add_argument("--json", help="also write every measurement here")
     parser.add_argument("--torch-allocator", choices=("same", "default"), default="same",
                         help="PyTorch's glibc allocator settings: as ours, or glibc's defaults")
+    parser.add_argument("--our-allocator", choices=("keep-freed", "default"),
+                        default="keep-freed",
+                        help="ours: keep freed buffers in the heap, or glibc's defaults")
+    parser.add_argument("--rows-kernels", choices=("on", "off"), default="on",
+                        help="ours: the few-row AVX-512 products (omniopsd_backends::rows)")
     decode.add_python_arg(parser)
     args = parser.parse_args()
     decode.ensure_python(args.python)
     import torch
+
+    # Inherited by every Rust example this script runs.
+    if args.rows_kernels == "off":
+        os.environ["OMNIOPSD_ROWS"] = "off"
+    if args.our_allocator == "default":
+        os.environ["OMNIOPSD_KEEP_FREED"] = "off"
 
     if args.torch_allocator == "same" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))

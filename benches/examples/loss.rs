@@ -8,11 +8,14 @@
 //! student hidden states and the head. Peak memory is measured two ways: resident set
 //! (`VmHWM` after resetting it through `/proc/self/clear_refs`, minus `VmRSS` before: the
 //! same measure `loss.py` takes of PyTorch) and heap bytes (a counting allocator). Prints one
-//! JSON line.
+//! JSON line. With `--grads-out DIR`, the two gradients are written there as raw little-endian
+//! f32 (`grad_hidden.f32`, `grad_weight.f32`, row-major), for `loss.py` to compare element by
+//! element with PyTorch's.
 //!
 //! `cargo run --release -p omniopsd-benches --example loss -- [--rows 2048] [--hidden 1024]
-//! [--vocab 151936] [--chunk 128] [--repeats 3]`
+//! [--vocab 151936] [--chunk 128] [--repeats 3] [--grads-out DIR]`
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Tensor;
@@ -52,18 +55,26 @@ fn reset_peak_rss() -> Result<(), String> {
     std::fs::write("/proc/self/clear_refs", "5").map_err(|e| format!("/proc/self/clear_refs: {e}"))
 }
 
-fn checksum<const D: usize>(t: Tensor<B, D>) -> Result<f64, String> {
+/// Writes a gradient as raw little-endian f32 to `dir/name`.
+fn write_raw<const D: usize>(t: Tensor<B, D>, dir: &Path, name: &str) -> Result<(), String> {
     let v = t
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| format!("reading a gradient: {e:?}"))?;
-    Ok(v.iter().map(|x| f64::from(*x).abs()).sum())
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let (mut rows, mut hidden, mut vocab, mut chunk, mut repeats) = (2048, 1024, 151_936, 128, 3);
+    let mut grads_out: Option<PathBuf> = None;
     for (flag, value) in flag_values()? {
+        if flag == "--grads-out" {
+            grads_out = Some(PathBuf::from(value));
+            continue;
+        }
         let number = count(&flag, &value, 1)?;
         match flag.as_str() {
             "--rows" => rows = number,
@@ -91,7 +102,12 @@ fn main() -> Result<(), String> {
     let first = start.elapsed().as_secs_f64();
     let peak_rss = status_bytes("VmHWM:")?.saturating_sub(rss_before);
     let peak_heap = ALLOC.peak().saturating_sub(heap_before);
-    let sums = (checksum(grad_hidden)?, checksum(grad_weight)?);
+    if let Some(dir) = &grads_out {
+        write_raw(grad_hidden, dir, "grad_hidden.f32")?;
+        write_raw(grad_weight, dir, "grad_weight.f32")?;
+    } else {
+        drop((grad_hidden, grad_weight));
+    }
 
     let mut seconds = vec![first];
     for _ in 1..repeats {
@@ -105,7 +121,6 @@ fn main() -> Result<(), String> {
         json!({
             "rows": n * r, "hidden": hidden, "vocab": vocab, "chunk_rows": chunk,
             "loss": loss,
-            "grad_hidden_abs_sum": sums.0, "grad_weight_abs_sum": sums.1,
             "peak_rss_bytes": peak_rss, "peak_heap_bytes": peak_heap,
             "seconds": seconds,
         })

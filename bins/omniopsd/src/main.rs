@@ -1,14 +1,7 @@
 //! `omniopsd`: rationale-privileged on-policy self-distillation from the command line.
 
 use clap::{Parser, Subcommand};
-
-mod atomic;
-mod data;
-mod eval_mer;
-mod infer;
-mod inputs;
-mod rationale;
-mod train;
+use omniopsd_cli::{data, eval_mer, infer, rationale, train};
 
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.
 #[derive(Debug, Parser)]

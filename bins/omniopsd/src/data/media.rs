@@ -111,6 +111,13 @@ pub fn read_wav(path: &Path, expected_rate: u32, max_seconds: f64) -> Result<Aud
     if samples.is_empty() {
         bail!("audio {}: no samples", path.display());
     }
+    if let Some(at) = samples.iter().position(|s| !s.is_finite()) {
+        bail!(
+            "audio {}: sample {at} is {} (a float WAV must hold finite samples)",
+            path.display(),
+            samples[at]
+        );
+    }
     if samples.len() != frames as usize {
         bail!(
             "audio {}: header announces {} samples but the file holds {}",
@@ -143,6 +150,10 @@ pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
         .with_context(|| format!("finishing PNG file {}", path.display()))
 }
 
+/// The most pixels a PNG frame may hold (4096 x 4096): its header alone decides the decode
+/// buffer, so a tiny file must not be able to claim gigabytes.
+pub const MAX_FRAME_PIXELS: u64 = 4096 * 4096;
+
 /// Reads a PNG (8-bit gray, gray+alpha, RGB or RGBA; palettes expanded) as RGB.
 pub fn read_png(path: &Path) -> Result<Frame> {
     let file =
@@ -152,6 +163,14 @@ pub fn read_png(path: &Path) -> Result<Frame> {
     let mut reader = decoder
         .read_info()
         .with_context(|| format!("frame {}: not a readable PNG file", path.display()))?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if u64::from(width) * u64::from(height) > MAX_FRAME_PIXELS {
+        bail!(
+            "frame {}: {width}x{height} pixels, more than the {MAX_FRAME_PIXELS} a frame may \
+             have (resize the frames first; the vision processor shrinks them anyway)",
+            path.display()
+        );
+    }
     let size = reader
         .output_buffer_size()
         .with_context(|| format!("frame {}: image too large", path.display()))?;
