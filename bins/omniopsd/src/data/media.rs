@@ -278,3 +278,71 @@ pub fn read_frames(dir: &Path, max_frames: usize) -> Result<Vec<Frame>> {
     }
     Ok(frames)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CRC-32 (ISO-HDLC), as PNG chunks carry it.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn a_png_header_claiming_gigapixels_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(50_000u32.to_be_bytes());
+        ihdr.extend(40_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+        bytes.extend(13u32.to_be_bytes());
+        bytes.extend(&ihdr);
+        bytes.extend(crc32(&ihdr).to_be_bytes());
+        // The header is read up to the first data chunk: a few bytes of one, never decoded.
+        let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+        bytes.extend(((idat.len() - 4) as u32).to_be_bytes());
+        bytes.extend(idat);
+        bytes.extend(crc32(idat).to_be_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let err = format!("{:#}", read_png(&path).unwrap_err());
+        assert!(
+            err.contains("huge.png") && err.contains("50000x40000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_float_wav_holding_nan_names_the_file_and_the_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nan.wav");
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: SAMPLE_RATE,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+        for s in [0.1, -0.2, f32::NAN, 0.3] {
+            writer.write_sample(s).unwrap();
+        }
+        writer.finalize().unwrap();
+        let err = format!("{:#}", read_wav(&path, SAMPLE_RATE, 30.0).unwrap_err());
+        assert!(
+            err.contains("nan.wav") && err.contains("sample 2 is NaN"),
+            "{err}"
+        );
+    }
+}
