@@ -169,6 +169,12 @@ pub fn compiled_families() -> Vec<Family> {
         .collect()
 }
 
+/// Whether the environment variable `name` turns an optimisation off (`off`, `0` or `false`),
+/// for the A/B runs of `benches/compare/`.
+pub(crate) fn switched_off(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref(), Ok("off" | "0" | "false"))
+}
+
 /// Keeps freed large buffers in the process for reuse instead of handing them back to the OS.
 ///
 /// CPU backends allocate a fresh buffer for most tensor operations. glibc serves large
@@ -182,10 +188,7 @@ pub fn compiled_families() -> Vec<Family> {
 /// the environment, so its effect is two runs of the same benchmark
 /// (`benches/compare/compare.py --our-allocator default`).
 pub fn keep_freed_memory() {
-    if matches!(
-        std::env::var("OMNIOPSD_KEEP_FREED").as_deref(),
-        Ok("off" | "0" | "false")
-    ) {
+    if switched_off("OMNIOPSD_KEEP_FREED") {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -62,12 +62,7 @@ pub fn product<B: Backend>(
 /// `false`), read once per process.
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("OMNIOPSD_ROWS").as_deref(),
-            Ok("off" | "0" | "false")
-        )
-    })
+    *ENABLED.get_or_init(|| !crate::switched_off("OMNIOPSD_ROWS"))
 }
 
 /// `y = x · w` (`layout` `InOut`, `w` `[k, n]`) or `y = x · wᵀ` (`OutIn`, `w` `[n, k]`) on
