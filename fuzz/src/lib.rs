@@ -71,7 +71,7 @@ fn first_shard(index: &[u8]) -> Option<String> {
 }
 
 /// Everything the CLI does with a checkpoint directory before computing: open it, read
-/// every tensor, parse each part's config, load the text decoder's weights.
+/// every tensor, parse each part's config, load the weights (the thinker's, or the decoder's).
 pub fn open_checkpoint(dir: &Path) {
     let Ok(ckpt) = Checkpoint::open(dir) else {
         return;
@@ -81,9 +81,11 @@ pub fn open_checkpoint(dir: &Path) {
         let _ = ckpt.read_f32(name);
     }
     let device = Default::default();
-    let _ = omniopsd_thinker::load_decoder::<NdArray<f32>>(&ckpt, &device);
+    // The thinker's load includes its decoder's; a text checkpoint has only the decoder.
     if ckpt.layout().is_multimodal() {
         let _ = omniopsd_thinker::Thinker::<NdArray<f32>>::from_checkpoint(&ckpt, &device);
+    } else {
+        let _ = omniopsd_thinker::load_decoder::<NdArray<f32>>(&ckpt, &device);
     }
 }
 
