@@ -4,15 +4,15 @@
 //!
 //! Initialised as transformers' `Qwen2PreTrainedModel._init_weights` does: every projection
 //! and the embedding from `N(0, initializer_range²)` (default 0.02), biases 0, RMSNorm
-//! weights 1. The draws come from a SplitMix64 stream seeded by the seed and the tensor's
-//! name (Box–Muller), so a seed always gives the same weights, whatever the tensor order.
+//! weights 1, through the models' one random init ([`RandomInit`]), so a seed always gives
+//! the same weights, whatever the tensor order.
 
 use std::path::Path;
 
 use burn::tensor::TensorData;
 use omniopsd_checkpoint::{save_safetensors, Dtype};
-use omniopsd_core::rng::{fnv1a64, SplitMix64};
 use omniopsd_decoder::Qwen2Config;
+use omniopsd_nn::RandomInit;
 
 /// The HF-named tensors of a randomly initialised Qwen2 decoder of `config`.
 pub fn random_qwen2(config: &Qwen2Config, std: f64, seed: u64) -> Vec<(String, TensorData)> {
@@ -20,43 +20,25 @@ pub fn random_qwen2(config: &Qwen2Config, std: f64, seed: u64) -> Vec<(String, T
     let q = config.num_attention_heads * config.head_dim();
     let kv = config.kv_heads() * config.head_dim();
     let i = config.intermediate_size;
-    let v = config.vocab_size;
-    let mut out = Vec::new();
-    let mut normal = |name: String, shape: Vec<usize>| {
-        let values = normals(shape.iter().product(), std, seed ^ fnv1a64(name.as_bytes()));
-        out.push((name, TensorData::new(values, shape)));
-    };
-    normal("model.embed_tokens.weight".into(), vec![v, h]);
+    let mut init = RandomInit::new();
+    init.normal("model.embed_tokens.weight", vec![config.vocab_size, h]);
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (part, rows, cols) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            normal(format!("{p}.{part}.weight"), vec![rows, cols]);
-        }
+        init.rms_norm(&format!("{p}.input_layernorm"), h);
+        init.linear(&format!("{p}.self_attn.q_proj"), h, q, true);
+        init.linear(&format!("{p}.self_attn.k_proj"), h, kv, true);
+        init.linear(&format!("{p}.self_attn.v_proj"), h, kv, true);
+        init.linear(&format!("{p}.self_attn.o_proj"), q, h, false);
+        init.rms_norm(&format!("{p}.post_attention_layernorm"), h);
+        init.linear(&format!("{p}.mlp.gate_proj"), h, i, false);
+        init.linear(&format!("{p}.mlp.up_proj"), h, i, false);
+        init.linear(&format!("{p}.mlp.down_proj"), i, h, false);
     }
+    init.rms_norm("model.norm", h);
     if !config.tie_word_embeddings {
-        normal("lm_head.weight".into(), vec![v, h]);
+        init.linear("lm_head", h, config.vocab_size, false);
     }
-    let constant =
-        |name: String, len: usize, value: f32| (name, TensorData::new(vec![value; len], [len]));
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (part, len) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-            out.push(constant(format!("{p}.self_attn.{part}.bias"), len, 0.0));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.push(constant(format!("{p}.{norm}.weight"), h, 1.0));
-        }
-    }
-    out.push(constant("model.norm.weight".into(), h, 1.0));
-    out
+    init.draw(std, seed)
 }
 
 /// Writes `config` (as given, a `config.json` object) and its [`random_qwen2`] weights
@@ -89,25 +71,10 @@ pub fn write_random_qwen2(dir: &Path, config: &serde_json::Value, seed: u64) -> 
     save_safetensors::<crate::Cpu>(&weights, &tensors, Dtype::F32).map_err(|e| e.to_string())?;
     let text = serde_json::to_string_pretty(config).map_err(|e| e.to_string())?;
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, text).map_err(|e| {
+    omniopsd_checkpoint::atomic::write_atomic(&config_path, text.as_bytes()).map_err(|e| {
         let _ = std::fs::remove_file(&weights);
-        format!("{}: {e}", config_path.display())
+        e.to_string()
     })
-}
-
-/// `len` draws from `N(0, std²)`: SplitMix64 uniforms in `(0, 1]` (never 0, so the
-/// logarithm is finite), Box–Muller pairs.
-fn normals(len: usize, std: f64, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix64::from_state(seed);
-    let mut out = Vec::with_capacity(len + 1);
-    while out.len() < len {
-        let radius = (-2.0 * rng.uniform_nonzero().ln()).sqrt() * std;
-        let angle = core::f64::consts::TAU * rng.uniform_nonzero();
-        out.push((radius * angle.cos()) as f32);
-        out.push((radius * angle.sin()) as f32);
-    }
-    out.truncate(len);
-    out
 }
 
 #[cfg(test)]
@@ -123,30 +90,6 @@ mod tests {
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "tie_word_embeddings": tied, "initializer_range": 0.05
         })
-    }
-
-    #[test]
-    fn normals_are_pinned_bit_for_bit() {
-        // Produced by this module's own SplitMix64 and FNV-1a before they moved into
-        // omniopsd_core::rng: the same seed must keep giving the same checkpoint.
-        let a = normals(5, 0.02, 7 ^ fnv1a64(b"model.embed_tokens.weight"));
-        let bits: Vec<u32> = a.iter().map(|x| x.to_bits()).collect();
-        assert_eq!(
-            bits,
-            [0x3c01891d, 0xbcca6cf1, 0xbb0904ea, 0xbc718000, 0x3c97d591]
-        );
-    }
-
-    #[test]
-    fn normals_have_the_asked_spread_and_depend_only_on_the_seed() {
-        let a = normals(200_001, 0.02, 7);
-        assert_eq!(a.len(), 200_001);
-        let mean = a.iter().map(|x| *x as f64).sum::<f64>() / a.len() as f64;
-        let var = a.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 2e-4, "{mean}");
-        assert!((var.sqrt() - 0.02).abs() < 2e-4, "{}", var.sqrt());
-        assert_eq!(a, normals(200_001, 0.02, 7));
-        assert_ne!(a[..8], normals(8, 0.02, 8)[..]);
     }
 
     #[test]

@@ -73,6 +73,16 @@ impl FieldError {
         }
     }
 
+    /// `field` outside its range: `must be {expected}, found {found}`, the one wording every
+    /// config error of the core uses.
+    pub(crate) fn out_of_range(
+        field: &str,
+        expected: &str,
+        found: &dyn core::fmt::Display,
+    ) -> Self {
+        Self::new(field, alloc::format!("must be {expected}, found {found}"))
+    }
+
     /// The same error seen from a config that holds this one's struct under `parent`.
     pub(crate) fn within(mut self, parent: &str) -> Self {
         self.field = alloc::format!("{parent}.{}", self.field);

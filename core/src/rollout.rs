@@ -141,10 +141,7 @@ impl RolloutError {
                 field,
                 expected,
                 found,
-            } => Some(crate::FieldError::new(
-                field,
-                format!("must be {expected}, found {found}"),
-            )),
+            } => Some(crate::FieldError::out_of_range(field, expected, found)),
             Self::Sampling(e) => e.field_error().map(|e| e.within("sampling")),
             _ => None,
         }

@@ -10,7 +10,6 @@
 //! `k` most likely tokens, renormalise, keep the smallest prefix of the remaining tokens (most
 //! likely first) whose mass reaches `p`, renormalise, draw.
 
-use alloc::format;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
 // Without std, `f64::exp`/`ln`/`cos`/`sqrt` come from libm through this trait.
@@ -160,10 +159,7 @@ impl SamplingError {
                 field,
                 expected,
                 found,
-            } => Some(crate::FieldError::new(
-                field,
-                format!("must be {expected}, found {found}"),
-            )),
+            } => Some(crate::FieldError::out_of_range(field, expected, found)),
             _ => None,
         }
     }

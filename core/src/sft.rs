@@ -147,6 +147,22 @@ pub enum SftError {
     },
 }
 
+impl SftError {
+    /// The out-of-range field as its path in [`SftConfig`] (`learning_rate`,
+    /// `schedule.total_steps`, `adamw.epsilon`, …), if this is a config error from
+    /// [`SftConfig::validate`].
+    pub fn field_error(&self) -> Option<crate::FieldError> {
+        match self {
+            Self::Config {
+                field,
+                expected,
+                found,
+            } => Some(crate::FieldError::out_of_range(field, expected, found)),
+            _ => None,
+        }
+    }
+}
+
 impl From<ConfigError> for SftError {
     fn from(e: ConfigError) -> Self {
         SftError::Config {

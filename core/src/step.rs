@@ -227,10 +227,7 @@ impl StepError {
                 field,
                 expected,
                 found,
-            } => Some(crate::FieldError::new(
-                field,
-                format!("must be {expected}, found {found}"),
-            )),
+            } => Some(crate::FieldError::out_of_range(field, expected, found)),
             Self::RolloutConfig(e) => e.field_error().map(|e| e.within("rollout")),
             Self::Loss(e) => Some(e.field_error().within("loss")),
             Self::Teacher(e) => e.field_error().map(|e| e.within("teacher")),

@@ -149,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     out.display()
                 );
             }
-            crate::atomic::write_atomic(out, text.as_bytes())?;
+            omniopsd_checkpoint::atomic::write_atomic(out, text.as_bytes())?;
             eprintln!("wrote {}", out.display());
         }
         None => {

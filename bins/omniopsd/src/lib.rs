@@ -2,7 +2,6 @@
 //! (`fuzz/`) feed arbitrary bytes, through the same functions (train config TOML, manifest
 //! JSONL, WAV and PNG media). `main.rs` only parses the command line and dispatches.
 
-pub mod atomic;
 pub mod data;
 pub mod eval_mer;
 pub mod infer;

@@ -353,7 +353,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let summary_path = suffixed(&args.out, ".summary.json");
     let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
-    crate::atomic::write_atomic(&summary_path, format!("{text}\n").as_bytes())?;
+    omniopsd_checkpoint::atomic::write_atomic(&summary_path, format!("{text}\n").as_bytes())?;
     print_summary(&summary, &summary_path);
     if summary.failed.is_empty() {
         Ok(())

@@ -135,7 +135,10 @@ pub fn run_cli(args: Args) -> Result<()> {
                         .collect()
                 });
             let run = RunDir::create(&root)?;
-            crate::atomic::write_atomic(&root.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            omniopsd_checkpoint::atomic::write_atomic(
+                &root.join("config.toml"),
+                cfg.to_toml()?.as_bytes(),
+            )?;
             (cfg, run, Some(before))
         }
     };

@@ -12,7 +12,11 @@
 //! weight view and a config view at the model's own level ([`Checkpoint::model_weights`],
 //! [`Checkpoint::model_config`]); below that level the model crates name their own parts
 //! with [`Weights::pp`] and [`ConfigView::get`].
+//!
+//! [`atomic`] is the project's one way to write a file others read; the exports here and
+//! every file of the CLI go through it.
 
+pub mod atomic;
 mod config;
 mod layout;
 
@@ -606,8 +610,8 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// Writes HF-named tensors to `path` as safetensors in `dtype` (f32, bf16 or f16). The file
-/// is written to a sibling temporary and renamed, so a crash never leaves a half-written file.
+/// Writes HF-named tensors to `path` as safetensors in `dtype` (f32, bf16 or f16), through
+/// [`atomic::write_atomic`], so a crash never leaves a half-written file.
 pub fn save_safetensors<B: Backend>(
     path: &Path,
     tensors: &[(String, TensorData)],
@@ -652,13 +656,8 @@ pub fn save_safetensors<B: Backend>(
     metadata.insert("format".to_string(), "pt".to_string());
     let serialized =
         safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| export(e.to_string()))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, serialized).map_err(|source| Error::Io {
-        file: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        file: path.to_path_buf(),
-        source,
+    atomic::write_atomic(path, &serialized).map_err(|e| Error::Io {
+        file: e.path,
+        source: e.source,
     })
 }

@@ -505,11 +505,9 @@ impl<B: Backend> Qwen2Model<B> {
             };
             obj.insert("torch_dtype".into(), serde_json::json!(name));
         }
-        let config_path = dir.join("config.json");
-        let tmp = dir.join("config.json.tmp");
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, &config_path).map_err(|e| io(&config_path, e))?;
+        omniopsd_checkpoint::atomic::write_atomic(&dir.join("config.json"), text.as_bytes())
+            .map_err(|e| io(&e.path, e.source))?;
         omniopsd_checkpoint::save_safetensors::<B>(
             &dir.join("model.safetensors"),
             &self.export_tensors(),

@@ -237,7 +237,10 @@ pub fn write_manifest(path: &Path, records: &[Record]) -> Result<()> {
         out.push_str(&serde_json::to_string(r).context("serializing a manifest record")?);
         out.push('\n');
     }
-    Ok(crate::atomic::write_atomic(path, out.as_bytes())?)
+    Ok(omniopsd_checkpoint::atomic::write_atomic(
+        path,
+        out.as_bytes(),
+    )?)
 }
 
 /// The sentiment word of a sentiment score: its sign, as CMU-MOSI's labels read it.

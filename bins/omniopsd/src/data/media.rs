@@ -4,10 +4,11 @@
 //! bad file is reported with its path and what was expected instead of reaching a tensor.
 
 use std::fs;
-use std::io::BufWriter;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use omniopsd_checkpoint::atomic::write_atomic;
 
 /// The sample rate every audio encoder of the project consumes (Whisper's feature extractor).
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -39,7 +40,7 @@ pub struct Frame {
     pub rgb: Vec<u8>,
 }
 
-/// Writes 16-bit PCM mono at [`SAMPLE_RATE`].
+/// Writes 16-bit PCM mono at [`SAMPLE_RATE`], whole or not at all.
 pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
     let spec = hound::WavSpec {
         channels: 1,
@@ -47,16 +48,16 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    let mut writer = hound::WavWriter::create(path, spec)
-        .with_context(|| format!("creating WAV file {}", path.display()))?;
-    for s in samples {
-        writer
-            .write_sample(*s)
-            .with_context(|| format!("writing WAV file {}", path.display()))?;
-    }
-    writer
-        .finalize()
-        .with_context(|| format!("finishing WAV file {}", path.display()))
+    let mut bytes = Cursor::new(Vec::with_capacity(44 + 2 * samples.len()));
+    let encode = |bytes: &mut Cursor<Vec<u8>>| -> hound::Result<()> {
+        let mut writer = hound::WavWriter::new(bytes, spec)?;
+        for s in samples {
+            writer.write_sample(*s)?;
+        }
+        writer.finalize()
+    };
+    encode(&mut bytes).with_context(|| format!("encoding WAV file {}", path.display()))?;
+    Ok(write_atomic(path, bytes.get_ref())?)
 }
 
 /// Reads a mono WAV file (16/24/32-bit integer or 32-bit float PCM) and checks that it is
@@ -132,22 +133,20 @@ pub fn read_wav(path: &Path, expected_rate: u32, max_seconds: f64) -> Result<Aud
     })
 }
 
-/// Writes an 8-bit RGB PNG.
+/// Writes an 8-bit RGB PNG, whole or not at all.
 pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
-    let file =
-        fs::File::create(path).with_context(|| format!("creating PNG file {}", path.display()))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), frame.width, frame.height);
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, frame.width, frame.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
+    encoder
         .write_header()
-        .with_context(|| format!("writing PNG header {}", path.display()))?;
-    writer
-        .write_image_data(&frame.rgb)
-        .with_context(|| format!("writing PNG data {}", path.display()))?;
-    writer
-        .finish()
-        .with_context(|| format!("finishing PNG file {}", path.display()))
+        .and_then(|mut w| {
+            w.write_image_data(&frame.rgb)?;
+            w.finish()
+        })
+        .with_context(|| format!("encoding PNG file {}", path.display()))?;
+    Ok(write_atomic(path, &bytes)?)
 }
 
 /// The most pixels a PNG frame may hold (4096 x 4096): its header alone decides the decode

@@ -6,7 +6,7 @@
 //! ```text
 //! "OMNIOPSD-CKPT\0\0\x01" | u32 n | n × (u32 name_len, name, u64 len, bytes) | sha256[32]
 //! ```
-//! (integers little-endian). It is written with [`crate::atomic::write_atomic`], so a crash (kill -9, power
+//! (integers little-endian). It is written with [`omniopsd_checkpoint::atomic::write_atomic`], so a crash (kill -9, power
 //! loss) at any moment leaves either the old set of checkpoints or the new one, never a torn
 //! file under a final name. Loading verifies the checksum; the newest file that verifies is
 //! used, so a damaged newest file falls back to the previous one.
@@ -111,9 +111,9 @@ fn save_with(
     fs::create_dir_all(dir)
         .with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let path = dir.join(file_name(step));
-    crate::atomic::write_atomic_with(&path, &encode(sections), open).with_context(|| {
-        format!("saving the checkpoint of step {step}; the previous checkpoints are unchanged")
-    })?;
+    omniopsd_checkpoint::atomic::write_atomic_with(&path, &encode(sections), open).with_context(
+        || format!("saving the checkpoint of step {step}; the previous checkpoints are unchanged"),
+    )?;
     let all = list(dir)?;
     for (_, old) in all.iter().rev().skip(keep.max(1)) {
         fs::remove_file(old)

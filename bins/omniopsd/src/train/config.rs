@@ -25,34 +25,23 @@ use omniopsd_core::step::{AdamWSettings, LrDecay, LrSchedule, OpsdConfig, StepEr
 use omniopsd_core::teacher::TeacherMode;
 use serde::{Deserialize, Serialize};
 
-use omniopsd_core::sft::SftConfig;
+use omniopsd_core::sft::{SftConfig, SftError};
 
-/// The whole configuration.
+/// The whole configuration. Each field is a top-level key or a `[section]`; what a key does
+/// is its row in [`KNOBS`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Run name: outputs go to `<runs_dir>/<name>/`.
     pub name: String,
-    /// Parent directory of runs.
     pub runs_dir: PathBuf,
-    /// Device: `cpu`, `ndarray`, `flex`, `cuda`, `cuda:N` (see `omniopsd_backends::DeviceSpec`).
     pub device: String,
-    /// One full training per seed; the report gives mean ± sd over them.
     pub seeds: Vec<u64>,
-    /// Methods to run (the ablation table's rows): `opsd` (rationale-privileged),
-    /// `opsd-no-privileged`, `opsd-label-privileged`, `label-sft`.
     pub methods: Vec<Method>,
-    /// Where the samples come from.
     pub data: DataConfig,
-    /// The model and its tokenizer.
     pub model: ModelConfig,
-    /// The warm-up SFT phase that teaches reading evidence in context.
     pub warmup: WarmupConfig,
-    /// The OPSD phase: every knob of the core trainer.
     pub opsd: OpsdSection,
-    /// Held-out evaluation.
     pub eval: EvalConfig,
-    /// Checkpointing.
     pub checkpoint: CheckpointConfig,
 }
 
@@ -115,24 +104,17 @@ pub enum BadSamplePolicy {
     Skip,
 }
 
-/// Data source.
+/// `[data]`: where the samples come from (keys `data.*` in [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// A JSONL manifest; absent: the synthetic corpus, generated on first use into `cache_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<PathBuf>,
-    /// Where the synthetic corpus is cached.
     pub cache_dir: PathBuf,
-    /// Samples in the synthetic corpus.
     pub synth_n: usize,
-    /// Seed of the synthetic corpus.
     pub synth_seed: u64,
-    /// Longest audio accepted, in seconds.
     pub max_audio_seconds: f64,
-    /// Most frames accepted per video.
     pub max_frames: usize,
-    /// What to do with an invalid sample.
     pub on_bad_sample: BadSamplePolicy,
 }
 
@@ -150,27 +132,19 @@ impl Default for DataConfig {
     }
 }
 
-/// The model: an HF checkpoint directory, or the embedded tiny omni model.
+/// `[model]`: an HF checkpoint directory, or the embedded tiny omni model's sizes (keys
+/// `model.*` in [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// HF checkpoint directory (Qwen2 or Qwen2.5-Omni thinker); absent: the embedded tiny
-    /// model, randomly initialised and given a tokenizer trained on the corpus.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
-    /// Tokenizer vocabulary size (embedded model only).
     pub vocab_size: usize,
-    /// Hidden size (embedded model only).
     pub hidden_size: usize,
-    /// Decoder layers (embedded model only).
     pub num_hidden_layers: usize,
-    /// Attention heads (embedded model only).
     pub num_attention_heads: usize,
-    /// Key/value heads for GQA (embedded model only).
     pub num_key_value_heads: usize,
-    /// SwiGLU inner size (embedded model only).
     pub intermediate_size: usize,
-    /// Seed of the random initialisation (embedded model only; the run seed is added).
     pub init_seed: u64,
 }
 
@@ -189,15 +163,13 @@ impl Default for ModelConfig {
     }
 }
 
-/// The warm-up: supervised answers given the rationale in context.
+/// `[warmup]`: supervised answers given the rationale in context (keys `warmup.*` in
+/// [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WarmupConfig {
-    /// Optimizer updates (0 skips the warm-up).
     pub steps: u64,
-    /// Samples per update.
     pub batch_size: usize,
-    /// Peak learning rate.
     pub learning_rate: f64,
 }
 
@@ -259,74 +231,42 @@ pub enum DecayName {
     Linear,
 }
 
-/// Every knob of the core's OPSD trainer.
+/// `[opsd]`: every knob of the core's OPSD trainer (keys `opsd.*` in [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpsdSection {
-    /// Optimizer updates of the OPSD phase (and of `label-sft`, the same budget).
     pub steps: u64,
-    /// Prompts (episodes) per micro-batch.
     pub batch_size: usize,
-    /// Micro-batches whose gradients are accumulated into one update.
     pub grad_accumulation: usize,
-    /// `G`: responses sampled per prompt.
     pub samples_per_prompt: usize,
-    /// Longest response, stop token included.
     pub max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
     pub temperature: f32,
-    /// Sampling top-k (absent: all tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
-    /// Nucleus sampling mass.
     pub top_p: f32,
-    /// The divergence.
     pub divergence: DivergenceName,
-    /// JSD mixture weight β in [0, 1] (0 = forward KL, 1 = reverse KL, as TRL).
     pub beta: f32,
-    /// Importance-ratio clamp of `sampled_reverse_kl`.
     pub ratio_clip: f32,
-    /// Restrict the divergence to the student's top-k tokens (absent: full vocabulary).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_top_k: Option<usize>,
-    /// With `loss_top_k`, keep the remaining mass in one tail bucket.
     pub loss_top_k_tail: bool,
-    /// Loss reduction.
     pub reduction: ReductionName,
-    /// Loss temperature (separate from the sampling temperature).
     pub loss_temperature: f32,
-    /// Point-wise clip of each (token, vocabulary entry) KL term (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl_clip: Option<f32>,
-    /// Teacher weights. Default `frozen` (the weights OPSD starts from): on the embedded
-    /// default a `live` teacher drifts with the student and the answer format collapses
-    /// within 20 updates at this learning rate, while a frozen one improves steadily.
     pub teacher: TeacherName,
-    /// EMA rate when `teacher = "ema"`.
     pub ema_rate: f32,
-    /// Peak learning rate.
     pub learning_rate: f64,
-    /// Linear warm-up updates of the schedule.
     pub lr_warmup_steps: u64,
-    /// Decay after warm-up.
     pub lr_decay: DecayName,
-    /// Floor of the decay as a fraction of the peak.
     pub min_lr_ratio: f64,
-    /// Global gradient-norm clip (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f32>,
-    /// AdamW β₁.
     pub adam_beta1: f32,
-    /// AdamW β₂.
     pub adam_beta2: f32,
-    /// AdamW ε.
     pub adam_epsilon: f32,
-    /// AdamW decoupled weight decay.
     pub weight_decay: f32,
-    /// Updates per rollout; >1 reuses a rollout off-policy, allowed only with the
-    /// sampled-token loss, whose importance ratio corrects it.
     pub updates_per_rollout: usize,
-    /// Rows per chunk of the fused loss.
     pub chunk_rows: usize,
 }
 
@@ -366,19 +306,14 @@ impl Default for OpsdSection {
     }
 }
 
-/// Held-out evaluation.
+/// `[eval]`: held-out evaluation (keys `eval.*` in [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
-    /// Evaluate every this many updates (and at the end).
     pub every: u64,
-    /// Held-out samples evaluated (absent: all).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_samples: Option<usize>,
-    /// Longest generated answer.
     pub max_new_tokens: usize,
-    /// A directory of MER-UniBench scoring data (format.csv, synonym.xlsx, wheel1..5.xlsx)
-    /// replacing the copy shipped inside the binary (absent: the shipped copy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mer_data: Option<PathBuf>,
 }
@@ -394,13 +329,11 @@ impl Default for EvalConfig {
     }
 }
 
-/// Checkpointing.
+/// `[checkpoint]`: checkpointing (keys `checkpoint.*` in [`KNOBS`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Save every this many updates (0: only at the end and on Ctrl-C).
     pub every: u64,
-    /// Checkpoints kept per training (older ones are deleted after a newer one is safe).
     pub keep_last: usize,
 }
 
@@ -429,10 +362,25 @@ const fn knob(key: &'static str, core: &'static str, help: &'static str) -> Knob
     Knob { key, core, help }
 }
 
-/// Every knob `omniopsd train --help` lists, in the order it lists them.
+/// Every config key, in the order `omniopsd train --help` lists them: the one place a key
+/// is documented (the section structs' fields are the keys, their defaults are the `Default`
+/// impls).
 pub const KNOBS: &[Knob] = &[
-    knob("name", "", "run name: outputs go to runs_dir/name/"),
-    knob("device", "", "cpu | ndarray | flex | cuda | cuda:N"),
+    knob(
+        "name",
+        "",
+        "run name: outputs go to runs_dir/name/ (NAME-2, NAME-3… when taken)",
+    ),
+    knob(
+        "runs_dir",
+        "",
+        "parent directory of runs",
+    ),
+    knob(
+        "device",
+        "",
+        "cpu | ndarray | flex | cuda | cuda:N",
+    ),
     knob(
         "seeds",
         "",
@@ -441,12 +389,7 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "methods",
         "",
-        "opsd | opsd-no-privileged | opsd-label-privileged | label-sft",
-    ),
-    knob(
-        "model.dir",
-        "",
-        "HF checkpoint (Qwen2.5-Omni thinker or Qwen2); absent: the embedded tiny omni model",
+        "opsd | opsd-no-privileged | opsd-label-privileged | label-sft (the ablation rows)",
     ),
     knob(
         "data.manifest",
@@ -454,9 +397,74 @@ pub const KNOBS: &[Knob] = &[
         "JSONL manifest; absent: the synthetic corpus (data.synth_n, data.synth_seed)",
     ),
     knob(
+        "data.cache_dir",
+        "",
+        "where the synthetic corpus is generated on first use",
+    ),
+    knob(
+        "data.synth_n",
+        "",
+        "samples in the synthetic corpus (>= 10)",
+    ),
+    knob(
+        "data.synth_seed",
+        "",
+        "seed of the synthetic corpus",
+    ),
+    knob(
+        "data.max_audio_seconds",
+        "",
+        "longest audio accepted, in seconds",
+    ),
+    knob(
+        "data.max_frames",
+        "",
+        "most frames accepted per video",
+    ),
+    knob(
         "data.on_bad_sample",
         "",
         "\"error\" stops on the first invalid line, \"skip\" leaves it out and reports it",
+    ),
+    knob(
+        "model.dir",
+        "",
+        "HF checkpoint (Qwen2.5-Omni thinker or Qwen2); absent: the embedded tiny omni model",
+    ),
+    knob(
+        "model.vocab_size",
+        "",
+        "embedded model: tokenizer vocabulary, trained on the corpus",
+    ),
+    knob(
+        "model.hidden_size",
+        "",
+        "embedded model: hidden size",
+    ),
+    knob(
+        "model.num_hidden_layers",
+        "",
+        "embedded model: decoder layers",
+    ),
+    knob(
+        "model.num_attention_heads",
+        "",
+        "embedded model: attention heads",
+    ),
+    knob(
+        "model.num_key_value_heads",
+        "",
+        "embedded model: key/value heads (GQA)",
+    ),
+    knob(
+        "model.intermediate_size",
+        "",
+        "embedded model: SwiGLU inner size",
+    ),
+    knob(
+        "model.init_seed",
+        "",
+        "embedded model: seed of the random init (the run seed is added)",
     ),
     knob(
         "warmup.steps",
@@ -464,9 +472,54 @@ pub const KNOBS: &[Knob] = &[
         "SFT updates with the rationale in context before OPSD (0 skips)",
     ),
     knob(
+        "warmup.batch_size",
+        "",
+        "samples per warm-up update",
+    ),
+    knob(
+        "warmup.learning_rate",
+        "",
+        "peak LR of the warm-up (schedule shape and AdamW from [opsd])",
+    ),
+    knob(
         "opsd.steps",
         "schedule.total_steps",
         "optimizer updates of every method (label-sft included)",
+    ),
+    knob(
+        "opsd.batch_size",
+        "",
+        "prompts per micro-batch; opsd.grad_accumulation micro-batches per update",
+    ),
+    knob(
+        "opsd.grad_accumulation",
+        "",
+        "micro-batches whose gradients make one update",
+    ),
+    knob(
+        "opsd.samples_per_prompt",
+        "rollout.samples_per_prompt",
+        "G rollouts per prompt",
+    ),
+    knob(
+        "opsd.max_new_tokens",
+        "rollout.max_new_tokens",
+        "longest sampled answer",
+    ),
+    knob(
+        "opsd.temperature",
+        "rollout.sampling.temperature",
+        "rollout sampling temperature (0 = greedy)",
+    ),
+    knob(
+        "opsd.top_k",
+        "rollout.sampling.top_k",
+        "rollout sampling top-k (absent: none)",
+    ),
+    knob(
+        "opsd.top_p",
+        "rollout.sampling.top_p",
+        "rollout nucleus mass",
     ),
     knob(
         "opsd.divergence",
@@ -476,12 +529,27 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "opsd.beta",
         "loss.divergence.beta",
-        "JSD mixture weight (0 = forward KL, 1 = reverse KL, as TRL's GKD)",
+        "JSD mixture weight in [0, 1] (0 = forward KL, 1 = reverse KL, as TRL's GKD)",
+    ),
+    knob(
+        "opsd.ratio_clip",
+        "loss.divergence.ratio_clip",
+        "importance-ratio clamp of sampled_reverse_kl",
     ),
     knob(
         "opsd.loss_top_k",
         "loss.top_k.k",
-        "restrict the divergence to the student's top-k tokens (+ tail bucket)",
+        "restrict the divergence to the student's top-k tokens (absent: full vocabulary)",
+    ),
+    knob(
+        "opsd.loss_top_k_tail",
+        "",
+        "with opsd.loss_top_k, keep the remaining mass in one tail bucket",
+    ),
+    knob(
+        "opsd.reduction",
+        "",
+        "token (mean over all valid tokens) | sequence (per sequence, then over sequences)",
     ),
     knob(
         "opsd.loss_temperature",
@@ -491,12 +559,7 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "opsd.kl_clip",
         "loss.kl_clip",
-        "clip each per-token, per-entry KL term",
-    ),
-    knob(
-        "opsd.ratio_clip",
-        "loss.divergence.ratio_clip",
-        "importance-ratio clamp of sampled_reverse_kl",
+        "clip each per-token, per-entry KL term (absent: none)",
     ),
     knob(
         "opsd.teacher",
@@ -509,32 +572,15 @@ pub const KNOBS: &[Knob] = &[
         "weight of the student in each EMA blend of the teacher",
     ),
     knob(
-        "opsd.samples_per_prompt",
-        "rollout.samples_per_prompt",
-        "G rollouts per prompt",
+        "opsd.learning_rate",
+        "learning_rate",
+        "peak LR",
     ),
     knob(
-        "opsd.temperature",
-        "rollout.sampling.temperature",
-        "rollout sampling temperature (0 = greedy)",
+        "opsd.lr_warmup_steps",
+        "",
+        "linear LR warm-up updates",
     ),
-    knob(
-        "opsd.top_k",
-        "rollout.sampling.top_k",
-        "rollout sampling top-k",
-    ),
-    knob(
-        "opsd.top_p",
-        "rollout.sampling.top_p",
-        "rollout nucleus mass",
-    ),
-    knob(
-        "opsd.max_new_tokens",
-        "rollout.max_new_tokens",
-        "longest sampled answer",
-    ),
-    knob("opsd.learning_rate", "learning_rate", "peak LR"),
-    knob("opsd.lr_warmup_steps", "", "linear LR warm-up updates"),
     knob(
         "opsd.lr_decay",
         "",
@@ -546,21 +592,25 @@ pub const KNOBS: &[Knob] = &[
         "floor of the LR decay, as a fraction of the peak",
     ),
     knob(
-        "opsd.batch_size",
-        "",
-        "prompts per micro-batch; opsd.grad_accumulation micro-batches per update",
-    ),
-    knob(
         "opsd.max_grad_norm",
         "max_grad_norm",
-        "global gradient-norm clip",
+        "global gradient-norm clip (absent: none)",
     ),
     knob(
         "opsd.adam_beta1",
         "adamw.beta_1/beta_2",
-        "AdamW β₁ (opsd.adam_beta2: β₂)",
+        "AdamW β₁",
     ),
-    knob("opsd.adam_epsilon", "adamw.epsilon", "AdamW ε"),
+    knob(
+        "opsd.adam_beta2",
+        "",
+        "AdamW β₂",
+    ),
+    knob(
+        "opsd.adam_epsilon",
+        "adamw.epsilon",
+        "AdamW ε",
+    ),
     knob(
         "opsd.weight_decay",
         "adamw.weight_decay",
@@ -579,12 +629,32 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "eval.every",
         "",
-        "held-out evaluation every N updates (HIT, WAF, F_s)",
+        "held-out evaluation every N updates and at the end (HIT, WAF, F_s)",
+    ),
+    knob(
+        "eval.max_samples",
+        "",
+        "held-out samples evaluated (absent: all)",
+    ),
+    knob(
+        "eval.max_new_tokens",
+        "",
+        "longest generated answer in evaluation",
+    ),
+    knob(
+        "eval.mer_data",
+        "",
+        "MER-UniBench scoring data directory replacing the shipped copy (absent: shipped)",
     ),
     knob(
         "checkpoint.every",
         "",
-        "checkpoint every N updates; checkpoint.keep_last kept",
+        "checkpoint every N updates (0: only at the end and on Ctrl-C)",
+    ),
+    knob(
+        "checkpoint.keep_last",
+        "",
+        "checkpoints kept per training; older ones are deleted once a newer one is safe",
     ),
 ];
 
@@ -614,6 +684,24 @@ fn opsd_error(e: &StepError) -> anyhow::Error {
         Some(k) => anyhow!("{}: {}", k.key, f.problem),
         None => anyhow!("[opsd] ({}): {}", f.field, f.problem),
     }
+}
+
+/// A core error of the warm-up's [`SftConfig`] as the TOML key it came from. The warm-up
+/// owns its budget and peak rate; everything else it shares with `[opsd]` (see
+/// [`TrainConfig::warmup_sft`]), so those fields are renamed as `[opsd]`'s are.
+fn warmup_error(e: &SftError) -> anyhow::Error {
+    let Some(f) = e.field_error() else {
+        return anyhow!("[warmup]: {e}");
+    };
+    let key = match f.field.as_str() {
+        "learning_rate" => "warmup.learning_rate",
+        "schedule.total_steps" => "warmup.steps",
+        other => match KNOBS.iter().find(|k| k.core == other) {
+            Some(k) => k.key,
+            None => return anyhow!("[warmup] ({}): {}", f.field, f.problem),
+        },
+    };
+    anyhow!("{key}: {}", f.problem)
 }
 
 impl OpsdSection {
@@ -773,11 +861,9 @@ impl TrainConfig {
         need(self.data.max_frames >= 1, "data.max_frames", ">= 1")?;
         super::tiny::check(&self.model)?;
         need(self.warmup.batch_size >= 1, "warmup.batch_size", ">= 1")?;
-        need(
-            self.warmup.learning_rate > 0.0 && self.warmup.learning_rate.is_finite(),
-            "warmup.learning_rate",
-            "a finite number > 0",
-        )?;
+        if self.warmup.steps > 0 {
+            self.warmup_sft().validate().map_err(|e| warmup_error(&e))?;
+        }
         let o = &self.opsd;
         need(o.steps >= 1, "opsd.steps", ">= 1")?;
         need(o.batch_size >= 1, "opsd.batch_size", ">= 1")?;
@@ -883,6 +969,60 @@ mod tests {
         let msg = error("[model]\nnum_key_value_heads = 3\n");
         assert!(msg.contains("model.num_key_value_heads"), "{msg}");
         assert!(error("[model]\nhidden_size = 0\n").contains("model.hidden_size"));
+    }
+
+    /// Every key of a config with every optional key set, as `section.key`.
+    fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = value {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if v.is_table() {
+                    keys(v, &key, out);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn knobs_list_every_key_once_and_nothing_else() {
+        let mut cfg = TrainConfig::default();
+        cfg.data.manifest = Some("m.jsonl".into());
+        cfg.model.dir = Some("ckpt".into());
+        cfg.opsd.top_k = Some(5);
+        cfg.opsd.loss_top_k = Some(5);
+        cfg.opsd.kl_clip = Some(1.0);
+        cfg.eval.max_samples = Some(3);
+        cfg.eval.mer_data = Some("mer".into());
+        let value: toml::Value = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        let mut found = Vec::new();
+        keys(&value, "", &mut found);
+        found.sort();
+        let mut listed: Vec<String> = KNOBS.iter().map(|k| k.key.to_string()).collect();
+        listed.sort();
+        assert_eq!(found, listed);
+        assert!(TrainConfig::from_toml(&cfg.to_toml().unwrap(), "t").is_ok());
+    }
+
+    #[test]
+    fn warmup_range_errors_are_the_cores_naming_the_toml_key() {
+        let msg = error("[warmup]\nlearning_rate = 0.0\n");
+        assert!(
+            msg.contains("warmup.learning_rate: must be a finite number > 0, found 0"),
+            "{msg}"
+        );
+        // A decaying schedule needs more updates than its LR warm-up.
+        let msg = error("[warmup]\nsteps = 3\n[opsd]\nlr_warmup_steps = 3\n");
+        assert!(msg.contains("warmup.steps: must be >"), "{msg}");
+        // Shared with [opsd]: reported under the key that set it.
+        assert!(error("[opsd]\nadam_epsilon = -1.0\n").contains("opsd.adam_epsilon: must be"));
+        // A skipped warm-up has no schedule to check.
+        assert!(TrainConfig::from_toml("[warmup]\nsteps = 0\n", "t").is_ok());
     }
 
     #[test]

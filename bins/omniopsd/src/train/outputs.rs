@@ -4,7 +4,7 @@
 //! Invariant: outputs are derived, never read back by training: predictions and exported
 //! students are written once per finished phase, and the report and plots are recomputed from
 //! the phase results and `metrics.jsonl` after every phase, so a resumed run rewrites them
-//! identically. Every file goes through [`crate::atomic::write_atomic`].
+//! identically. Every file goes through [`omniopsd_checkpoint::atomic::write_atomic`].
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -42,7 +42,7 @@ pub fn write_predictions(
     }
     let dir = ctx.run.root.join("predictions");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(crate::atomic::write_atomic(
+    Ok(omniopsd_checkpoint::atomic::write_atomic(
         &dir.join(format!("{phase}.jsonl")),
         text.as_bytes(),
     )?)
@@ -89,7 +89,7 @@ pub fn export_student<B: burn::tensor::backend::Backend>(
         Dtype::F32,
     )?;
     let config = serde_json::to_vec_pretty(init.config_json())?;
-    crate::atomic::write_atomic(&dir.join("config.json"), &config)?;
+    omniopsd_checkpoint::atomic::write_atomic(&dir.join("config.json"), &config)?;
     super::tokenizer::save(ctx.tokenizer, &dir.join("tokenizer.json"))
 }
 

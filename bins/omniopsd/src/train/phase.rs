@@ -439,7 +439,7 @@ pub fn read_result(run: &RunDir, name: &str) -> Result<Option<RunResult>> {
 pub fn write_result(run: &RunDir, name: &str, result: &RunResult) -> Result<()> {
     let path = result_path(run, name);
     fs::create_dir_all(path.parent().unwrap_or(&run.root))?;
-    Ok(crate::atomic::write_atomic(
+    Ok(omniopsd_checkpoint::atomic::write_atomic(
         &path,
         &serde_json::to_vec_pretty(result)?,
     )?)

@@ -206,8 +206,8 @@ pub fn markdown(report: &Report) -> String {
 /// Writes `report.md` and `report.json` into `dir`.
 pub fn write(dir: &Path, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report).context("serializing report.json")?;
-    crate::atomic::write_atomic(&dir.join("report.json"), json.as_bytes())?;
-    crate::atomic::write_atomic(&dir.join("report.md"), markdown(report).as_bytes())?;
+    omniopsd_checkpoint::atomic::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+    omniopsd_checkpoint::atomic::write_atomic(&dir.join("report.md"), markdown(report).as_bytes())?;
     Ok(())
 }
 

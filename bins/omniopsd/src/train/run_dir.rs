@@ -154,7 +154,7 @@ impl RunDir {
             text.push_str(&serde_json::to_string(l).context("serializing a metric line")?);
             text.push('\n');
         }
-        Ok(crate::atomic::write_atomic(
+        Ok(omniopsd_checkpoint::atomic::write_atomic(
             &self.metrics_path(),
             text.as_bytes(),
         )?)

@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::{backend::Backend, TensorData};
+use burn::tensor::backend::Backend;
 use omniopsd_decoder::Qwen2Config;
 use omniopsd_vision::ProcessorConfig;
 use serde_json::json;
@@ -30,7 +30,7 @@ use super::tokenizer::{
     self, AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, IM_END, SPECIALS, VIDEO, VISION_BOS, VISION_EOS,
 };
 use crate::data::manifest::Record;
-use omniopsd_core::rng::{fnv1a64, SplitMix64};
+use omniopsd_nn::RandomInit;
 
 /// The tokenizer and the checkpoint directory training starts from: `model.dir` and its
 /// tokenizer, or the embedded model, made on first use in the run directory (`tokenizer.json`
@@ -107,52 +107,13 @@ pub fn mrope_section(head_dim: usize) -> [usize; 3] {
     [t, h, pairs - t - h]
 }
 
-/// How a tensor of the checkpoint starts (transformers `PreTrainedModel._init_weights`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Init {
-    /// `N(0, initializer_range²)`: linear, convolution and embedding weights.
-    Normal,
-    /// Biases.
-    Zeros,
-    /// Norm scales.
-    Ones,
-}
-
-/// The thinker's tensors, named and shaped as in a bare-thinker checkpoint.
-struct Spec(Vec<(String, Vec<usize>, Init)>);
-
-impl Spec {
-    fn normal(&mut self, name: String, shape: Vec<usize>) {
-        self.0.push((name, shape, Init::Normal));
-    }
-
-    fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) {
-        self.normal(format!("{prefix}.weight"), vec![d_out, d_in]);
-        if bias {
-            self.0
-                .push((format!("{prefix}.bias"), vec![d_out], Init::Zeros));
-        }
-    }
-
-    fn rms_norm(&mut self, prefix: &str, dim: usize) {
-        self.0
-            .push((format!("{prefix}.weight"), vec![dim], Init::Ones));
-    }
-
-    fn layer_norm(&mut self, prefix: &str, dim: usize) {
-        self.rms_norm(prefix, dim);
-        self.0
-            .push((format!("{prefix}.bias"), vec![dim], Init::Zeros));
-    }
-}
-
 /// Every tensor `Qwen2_5OmniThinkerForConditionalGeneration` holds for these sizes.
-fn thinker_spec(cfg: &ModelConfig, vocab: usize) -> Spec {
+fn thinker_spec(cfg: &ModelConfig, vocab: usize) -> RandomInit {
     let h = cfg.hidden_size;
     let kv = cfg.num_key_value_heads * (h / cfg.num_attention_heads);
-    let mut s = Spec(Vec::new());
+    let mut s = RandomInit::new();
 
-    s.normal("model.embed_tokens.weight".into(), vec![vocab, h]);
+    s.normal("model.embed_tokens.weight", vec![vocab, h]);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         s.rms_norm(&format!("{p}.input_layernorm"), h);
@@ -179,14 +140,11 @@ fn thinker_spec(cfg: &ModelConfig, vocab: usize) -> Spec {
     s.linear("lm_head", h, vocab, false);
 
     let d = AUDIO_D_MODEL;
-    s.normal("audio_tower.audio_bos_eos_token.weight".into(), vec![2, h]);
-    s.normal(
-        "audio_tower.conv1.weight".into(),
-        vec![d, AUDIO_MEL_BINS, 3],
-    );
-    s.0.push(("audio_tower.conv1.bias".into(), vec![d], Init::Zeros));
-    s.normal("audio_tower.conv2.weight".into(), vec![d, d, 3]);
-    s.0.push(("audio_tower.conv2.bias".into(), vec![d], Init::Zeros));
+    s.normal("audio_tower.audio_bos_eos_token.weight", vec![2, h]);
+    s.normal("audio_tower.conv1.weight", vec![d, AUDIO_MEL_BINS, 3]);
+    s.zeros("audio_tower.conv1.bias", vec![d]);
+    s.normal("audio_tower.conv2.weight", vec![d, d, 3]);
+    s.zeros("audio_tower.conv2.bias", vec![d]);
     for i in 0..AUDIO_LAYERS {
         let p = format!("audio_tower.layers.{i}");
         s.linear(&format!("{p}.self_attn.q_proj"), d, d, true);
@@ -203,7 +161,7 @@ fn thinker_spec(cfg: &ModelConfig, vocab: usize) -> Spec {
 
     let v = VISION_HIDDEN;
     s.normal(
-        "visual.patch_embed.proj.weight".into(),
+        "visual.patch_embed.proj.weight",
         vec![v, 3, VISION_TEMPORAL, VISION_PATCH, VISION_PATCH],
     );
     for i in 0..VISION_DEPTH {
@@ -344,8 +302,7 @@ pub fn check(cfg: &ModelConfig) -> Result<()> {
 /// Writes a complete Qwen2.5-Omni thinker checkpoint into `dir` (created if absent):
 /// `config.json`, `model.safetensors` (f32) and `tokenizer.json`. The decoder takes its sizes
 /// from `cfg` and its vocabulary from `tokenizer`, whose special tokens must hold the ids of
-/// [`SPECIALS`]; weights are drawn from a SplitMix64 stream keyed by `(seed, tensor name)`
-/// with Box–Muller normals. `B` only instantiates `omniopsd_checkpoint::save_safetensors`;
+/// [`SPECIALS`]; weights are HF-style random ([`RandomInit`]) from `seed`. `B` only instantiates `omniopsd_checkpoint::save_safetensors`;
 /// the bytes written do not depend on it.
 pub fn write_tiny_omni<B: Backend>(
     dir: &Path,
@@ -374,27 +331,9 @@ pub fn write_tiny_omni<B: Backend>(
     let config = serde_json::to_string_pretty(&thinker_config(cfg, vocab, user_token))
         .context("serializing config.json")?;
     let config_path = dir.join("config.json");
-    crate::atomic::write_atomic(&config_path, config.as_bytes())?;
+    omniopsd_checkpoint::atomic::write_atomic(&config_path, config.as_bytes())?;
 
-    let std = INITIALIZER_RANGE;
-    let tensors: Vec<(String, TensorData)> = thinker_spec(cfg, vocab)
-        .0
-        .into_iter()
-        .map(|(name, shape, init)| {
-            let n: usize = shape.iter().product();
-            let values: Vec<f32> = match init {
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-                Init::Normal => {
-                    let mut rng = // A stream per tensor name, so its values depend only on the seed, its name and its
-                    // size, not on which other tensors the checkpoint holds.
-                    SplitMix64::new(seed, fnv1a64(name.as_bytes()));
-                    (0..n).map(|_| (std * rng.normal()) as f32).collect()
-                }
-            };
-            (name, TensorData::new(values, shape))
-        })
-        .collect();
+    let tensors = thinker_spec(cfg, vocab).draw(INITIALIZER_RANGE, seed);
     omniopsd_checkpoint::save_safetensors::<B>(
         &dir.join("model.safetensors"),
         &tensors,

@@ -109,7 +109,7 @@ pub fn save(tk: &Tokenizer, path: &Path) -> Result<()> {
     let json = tk
         .to_string(true)
         .map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
-    crate::atomic::write_atomic(path, json.as_bytes())
+    omniopsd_checkpoint::atomic::write_atomic(path, json.as_bytes())
         .with_context(|| format!("saving {}", path.display()))
 }
 

@@ -1,12 +1,13 @@
 //! Whole-file writes that readers and crashes never see half done.
 //!
-//! Invariant: every file `omniopsd` writes for others to read (configs, reports, predictions,
-//! checkpoints, exported weights' side files, manifests, metrics rewrites) goes through
-//! [`write_atomic`]: the bytes go to a hidden temp file beside the target, which is fsynced,
+//! Invariant: every file the project writes for others to read (configs, reports, predictions,
+//! checkpoints, exported weights and their configs, manifests, metrics rewrites, plots) goes
+//! through [`write_atomic`]: the bytes go to a hidden temp file beside the target, which is fsynced,
 //! renamed over the target, and the directory fsynced. After a crash (kill -9, power loss) at
 //! any moment the target holds either its old bytes or the new ones, never a torn file.
 //!
-//! Standard library only, so it can move into a shared crate unchanged.
+//! Standard library only; it lives here, the lowest crate that writes files, so the model
+//! crates' exports and the CLI share it.
 
 use std::fmt;
 use std::fs::{self, File};
