@@ -130,8 +130,11 @@ pub struct DataConfig {
     pub synth_seed: u64,
     /// Longest audio accepted, in seconds.
     pub max_audio_seconds: f64,
-    /// Most frames accepted per video.
+    /// Most frames accepted per directory of frames.
     pub max_frames: usize,
+    /// How frames of video files are sampled and sized (`[data.video]`: `fps`, `min_frames`,
+    /// `max_frames`, `min_pixels`, `max_pixels`, `total_pixels`; qwen-omni-utils' defaults).
+    pub video: crate::data::video::VideoOptions,
     /// What to do with an invalid sample.
     pub on_bad_sample: BadSamplePolicy,
 }
@@ -145,6 +148,7 @@ impl Default for DataConfig {
             synth_seed: 0,
             max_audio_seconds: 30.0,
             max_frames: 64,
+            video: Default::default(),
             on_bad_sample: BadSamplePolicy::Error,
         }
     }
@@ -452,6 +456,12 @@ pub const KNOBS: &[Knob] = &[
         "data.manifest",
         "",
         "JSONL manifest; absent: the synthetic corpus (data.synth_n, data.synth_seed)",
+    ),
+    knob(
+        "data.video",
+        "",
+        "video files: fps (2), min_frames (4), max_frames (768), min_pixels, max_pixels, \
+         total_pixels, as qwen-omni-utils samples them",
     ),
     knob(
         "data.on_bad_sample",
@@ -771,6 +781,7 @@ impl TrainConfig {
             "> 0",
         )?;
         need(self.data.max_frames >= 1, "data.max_frames", ">= 1")?;
+        self.data.video.check("data.video.")?;
         super::tiny::check(&self.model)?;
         need(self.warmup.batch_size >= 1, "warmup.batch_size", ">= 1")?;
         need(
