@@ -299,21 +299,46 @@ mod tests {
     }
 
     #[test]
-    fn wrong_sample_rate_is_an_error_naming_record_file_and_rates() {
-        let msg = media_error(|base, r| {
-            let spec = hound::WavSpec {
-                channels: 1,
-                sample_rate: 8_000,
-                bits_per_sample: 16,
-                sample_format: hound::SampleFormat::Int,
-            };
-            let mut w =
-                hound::WavWriter::create(record_audio_path(r, base).unwrap(), spec).unwrap();
-            for i in 0..8_000 {
-                w.write_sample(((i % 50) * 100) as i16).unwrap();
-            }
-            w.finalize().unwrap();
-        });
-        assert!(msg.contains(".wav") && msg.contains("8000 Hz"), "{msg}");
+    fn an_8_khz_wav_is_resampled_to_16_khz() {
+        if !crate::data::video::required_in_tests() {
+            return;
+        }
+        let c = corpus();
+        let r = &c.records[2];
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 8_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let path = record_audio_path(r, c.dir.path()).unwrap();
+        let mut w = hound::WavWriter::create(&path, spec).unwrap();
+        for i in 0..8_000 {
+            w.write_sample(((i % 50) * 100) as i16).unwrap();
+        }
+        w.finalize().unwrap();
+        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
+        // One second: 16 000 samples, 100 log-mel frames of 160 samples.
+        assert_eq!(m.mel.valid_frames, 100);
+        assert!(
+            (m.second_per_grid - 2.0 / 4.0).abs() < 1e-9,
+            "4 frames over 1 s"
+        );
+    }
+
+    #[test]
+    fn a_frame_directory_without_audio_is_an_error_naming_record_and_directory() {
+        let c = corpus();
+        let r = Record {
+            audio: None,
+            ..c.records[0].clone()
+        };
+        let err =
+            record_media(&r, c.dir.path(), &Limits::default(), &video_processor()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&r.id) && msg.contains(&r.video) && msg.contains("no sound track"),
+            "{msg}"
+        );
     }
 }

@@ -775,6 +775,23 @@ pub fn is_video_file(path: &Path) -> bool {
             .is_some_and(|e| VIDEO_EXTENSIONS.iter().any(|v| e.eq_ignore_ascii_case(v)))
 }
 
+/// For tests that need FFmpeg: true when it is here; false (said on stderr) when it is not and
+/// `OMNIOPSD_SKIP_FFMPEG_TESTS=1` allows skipping; a failure otherwise, so CI cannot skip.
+#[cfg(test)]
+pub(crate) fn required_in_tests() -> bool {
+    if available() {
+        return true;
+    }
+    let skip = std::env::var("OMNIOPSD_SKIP_FFMPEG_TESTS").is_ok_and(|v| v == "1");
+    assert!(
+        skip,
+        "this test needs the ffmpeg and ffprobe programs (apt-get install ffmpeg); set \
+         OMNIOPSD_SKIP_FFMPEG_TESTS=1 to skip it on a machine without them"
+    );
+    eprintln!("skipped: no ffmpeg/ffprobe and OMNIOPSD_SKIP_FFMPEG_TESTS=1");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,8 +827,16 @@ mod tests {
         assert!(h * w >= opts.min_pixels, "{h}x{w}");
         let (h, w) = frame_size(1080, 1920, 8, &opts).unwrap();
         assert!(h * w <= VIDEO_MAX_PIXELS, "{h}x{w}");
-        // Many frames share the total budget, but never go under 1.05 · min_pixels' floor.
+        // Many frames share the total budget: 768 frames get 2 · total / 768 pixels each.
         let (h, w) = frame_size(1080, 1920, 768, &opts).unwrap();
+        assert!(h * w <= opts.total_pixels * 2 / 768, "{h}x{w}");
+        assert!(h * w > VIDEO_MAX_PIXELS / 4, "{h}x{w}");
+        // ... but never under ⌊1.05 · min_pixels⌋.
+        let tight = VideoOptions {
+            total_pixels: 1,
+            ..VideoOptions::default()
+        };
+        let (h, w) = frame_size(1080, 1920, 768, &tight).unwrap();
         assert!(h * w <= (opts.min_pixels as f64 * 1.05) as usize, "{h}x{w}");
     }
 }
