@@ -206,3 +206,212 @@ fn audio_files_and_video_tracks_match_librosa_and_whisper_features() {
         assert!(max <= 0.06, "{name}: log-mel max |Δ| {max}");
     }
 }
+
+// ---- manifests with video files, through `omniopsd data check` ----
+
+fn omniopsd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_omniopsd"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the omniopsd binary runs")
+}
+
+/// A manifest line for `video` (and `audio`, when given), valid in every other field.
+fn line(id: &str, video: &str, audio: Option<&str>) -> String {
+    let mut record = serde_json::json!({
+        "id": id, "split": "train", "video": video, "subtitle": "I am fine.",
+        "emotion": "sad", "sentiment": -1.0, "openset": ["sad"],
+        "rationale": "Audio: low pitch. Visual: downcast eyes. Text: flat. So: sad.",
+    });
+    if let Some(audio) = audio {
+        record["audio"] = audio.into();
+    }
+    record.to_string()
+}
+
+/// Runs `data check` on `lines` in `dir`; returns (success, stdout + stderr).
+fn check(dir: &std::path::Path, lines: &[String], env: &[(&str, &str)]) -> (bool, String) {
+    let manifest = dir.join("manifest.jsonl");
+    std::fs::write(&manifest, lines.join("\n") + "\n").unwrap();
+    let out = omniopsd(&["data", "check", manifest.to_str().unwrap()], env);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.success(), text)
+}
+
+fn ffmpeg_make(args: &[&str]) {
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg {args:?}");
+}
+
+/// The problem `data check` reports for line `n`.
+fn problem_on(text: &str, n: usize) -> String {
+    let tag = format!("manifest.jsonl:{n}: ");
+    text.lines()
+        .filter(|l| l.contains(&tag))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn video_files_with_their_own_track_or_a_separate_audio_file_pass_data_check() {
+    if !ffmpeg::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["clip_h264.mp4", "clip_vp9.webm", "tone.mp3"] {
+        std::fs::copy(media_dir().join(name), dir.path().join(name)).unwrap();
+    }
+    let lines = [
+        line("a", "clip_h264.mp4", None),
+        line("b", "clip_vp9.webm", Some("tone.mp3")),
+    ];
+    let (ok, text) = check(dir.path(), &lines, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 samples, all valid"), "{text}");
+}
+
+#[test]
+fn bad_video_files_are_reported_with_their_line_and_file_and_no_panic() {
+    if !ffmpeg::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let clip = std::fs::read(media_dir().join("clip_h264.mp4")).unwrap();
+    // 1: truncated (an MP4 keeps its index at the end: cut, it is unreadable).
+    std::fs::write(d.join("truncated.mp4"), &clip[..clip.len() * 2 / 3]).unwrap();
+    // 2: no audio track, and no `audio` field.
+    ffmpeg_make(&[
+        "-i",
+        media_dir().join("clip_h264.mp4").to_str().unwrap(),
+        "-an",
+        "-c",
+        "copy",
+        d.join("silent.mp4").to_str().unwrap(),
+    ]);
+    // 3: zero-length file; 4: a clip of one frame (two are needed for a temporal patch).
+    std::fs::write(d.join("empty.mp4"), b"").unwrap();
+    ffmpeg_make(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=64x48:rate=25",
+        "-frames:v",
+        "1",
+        "-c:v",
+        "mjpeg",
+        d.join("one_frame.avi").to_str().unwrap(),
+    ]);
+    // 5: garbage under a video name (no codec FFmpeg knows).
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(d.join("garbage.mkv"), garbage).unwrap();
+    // 6: frames larger than MAX_FRAME_PIXELS: refused from the header, before decoding.
+    ffmpeg_make(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=5000x3600:r=5:d=0.4",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        d.join("huge.mp4").to_str().unwrap(),
+    ]);
+    // 7: a missing file.
+    let lines = [
+        line("truncated", "truncated.mp4", None),
+        line("silent", "silent.mp4", None),
+        line("empty", "empty.mp4", None),
+        line("one", "one_frame.avi", Some("silent.mp4")),
+        line("garbage", "garbage.mkv", None),
+        line("huge", "huge.mp4", None),
+        line("missing", "gone.mp4", None),
+    ];
+    let (ok, text) = check(d, &lines, &[]);
+    assert!(!ok, "{text}");
+    let expect = [
+        (1, "truncated.mp4", "not a readable media file"),
+        (2, "silent.mp4", "no audio track"),
+        (3, "empty.mp4", "empty file"),
+        (4, "one_frame.avi", "at least 2 frames"),
+        (5, "garbage.mkv", "not a readable media file"),
+        (6, "huge.mp4", "5000x3600"),
+        (7, "gone.mp4", "no such file"),
+    ];
+    // The unreadable videos of lines 1, 3, 5 and 7 are reported once, not again as audio.
+    for n in [1, 3, 5, 7] {
+        assert_eq!(problem_on(&text, n).lines().count(), 1, "line {n}:\n{text}");
+    }
+    for (n, file, what) in expect {
+        let p = problem_on(&text, n);
+        assert!(
+            p.contains(file) && p.contains(what),
+            "line {n}: {p}\n{text}"
+        );
+    }
+    // One frame silent.mp4 as the audio of line 4 also has no sound: said on line 4 too.
+    assert!(problem_on(&text, 4).contains("no audio track"), "{text}");
+    assert!(text.contains("7 of 7 lines"), "{text}");
+}
+
+#[test]
+fn without_ffmpeg_a_video_file_says_how_to_install_it_and_wav_with_frames_needs_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(media_dir().join("clip_h264.mp4"), d.join("clip.mp4")).unwrap();
+    let missing = d.join("no-such-program");
+    let env = [
+        ("OMNIOPSD_FFMPEG", missing.to_str().unwrap()),
+        ("OMNIOPSD_FFPROBE", missing.to_str().unwrap()),
+    ];
+    let (ok, text) = check(d, &[line("a", "clip.mp4", None)], &env);
+    assert!(!ok, "{text}");
+    let p = problem_on(&text, 1);
+    assert!(
+        p.contains("clip.mp4")
+            && p.contains("needs FFmpeg")
+            && p.contains("apt-get install ffmpeg"),
+        "{p}\n{text}"
+    );
+    // The synthetic corpus (16 kHz WAV, PNG frames) is read without FFmpeg.
+    let corpus = d.join("synth");
+    let out = omniopsd(
+        &[
+            "data",
+            "synth",
+            "--quiet",
+            "--out",
+            corpus.to_str().unwrap(),
+            "--n",
+            "10",
+        ],
+        &env,
+    );
+    assert!(out.status.success());
+    let out = omniopsd(
+        &[
+            "data",
+            "check",
+            corpus.join("manifest.jsonl").to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -180,13 +180,17 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
     } else {
         media::read_frames(&video, limits.max_frames).map(drop)
     };
+    let video_failed = read.is_err();
     if let Err(err) = read {
         problems.push(format!("{err:#}"));
     }
-    let audio = crate::inputs::record_audio_path(record, base)
-        .and_then(|path| media::read_audio(&path, limits.max_audio_seconds));
-    if let Err(err) = audio {
-        problems.push(format!("{err:#}"));
+    // A video's own track is not read again when the video itself is unreadable.
+    if !(record.audio.is_none() && video_failed) {
+        let audio = crate::inputs::record_audio_path(record, base)
+            .and_then(|path| media::read_audio(&path, limits.max_audio_seconds));
+        if let Err(err) = audio {
+            problems.push(format!("{err:#}"));
+        }
     }
     problems
 }

@@ -350,13 +350,18 @@ fn rate(v: &serde_json::Value) -> Option<f64> {
     (r.is_finite() && r > 0.0).then_some(r)
 }
 
-/// Probes `path` with `ffprobe` (streams, codecs, frame counts by counting packets).
-pub fn probe(path: &Path) -> Result<Probe> {
-    if !path.is_file() {
-        bail!("{}: no such file", path.display());
+/// Probes `path` with `ffprobe` (streams, codecs, frame counts by counting packets); `what`
+/// (`video`, `audio`) starts every error, before the path.
+pub fn probe(path: &Path, what: &str) -> Result<Probe> {
+    match std::fs::metadata(path) {
+        Err(_) => bail!("{what} {}: no such file", path.display()),
+        Ok(m) if !m.is_file() => bail!("{what} {}: not a file", path.display()),
+        Ok(m) if m.len() == 0 => bail!("{what} {}: empty file (0 bytes)", path.display()),
+        Ok(_) => {}
     }
     let out = run_ffprobe(
         path,
+        what,
         &[
             "-show_entries",
             "stream=codec_type,codec_name,width,height,avg_frame_rate,r_frame_rate,time_base,\
@@ -366,7 +371,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         ],
     )?;
     let json: serde_json::Value = serde_json::from_slice(&out)
-        .with_context(|| format!("{}: unreadable ffprobe output", path.display()))?;
+        .with_context(|| format!("{what} {}: unreadable ffprobe output", path.display()))?;
     let mut probe = Probe {
         video: None,
         audio: None,
@@ -387,7 +392,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
                     .and_then(rate)
                     .or_else(|| s.get("r_frame_rate").and_then(rate));
                 let time_base = s.get("time_base").and_then(rate);
-                let scan = scan_packets(path)?;
+                let scan = scan_packets(path, what)?;
                 let fps = match (scan.span, time_base) {
                     (Some((begin, end)), Some(tb)) if end > begin => {
                         scan.packets as f64 / ((end - begin) as f64 * tb)
@@ -417,16 +422,16 @@ pub fn probe(path: &Path) -> Result<Probe> {
 }
 
 /// Runs `ffprobe -v error ARGS PATH` and returns its output.
-fn run_ffprobe(path: &Path, args: &[&str]) -> Result<Vec<u8>> {
+fn run_ffprobe(path: &Path, what: &str, args: &[&str]) -> Result<Vec<u8>> {
     let mut cmd = Command::new(program("ffprobe", FFPROBE_ENV));
     cmd.args(["-v", "error"]).args(args).arg(path);
     let child = spawn(cmd, "ffprobe", FFPROBE_ENV, path)?;
     let out = child
         .wait_with_output()
-        .with_context(|| format!("{}: running ffprobe", path.display()))?;
+        .with_context(|| format!("{what} {}: running ffprobe", path.display()))?;
     if !out.status.success() {
         bail!(
-            "{}: not a readable media file (ffprobe: {})",
+            "{what} {}: not a readable media file (ffprobe: {})",
             path.display(),
             tail(&out.stderr)
         );
@@ -441,9 +446,10 @@ struct PacketScan {
     span: Option<(i64, i64)>,
 }
 
-fn scan_packets(path: &Path) -> Result<PacketScan> {
+fn scan_packets(path: &Path, what: &str) -> Result<PacketScan> {
     let out = run_ffprobe(
         path,
+        what,
         &[
             "-select_streams",
             "v:0",
@@ -486,7 +492,7 @@ pub struct Sampled {
 /// Probes `path`, refuses what cannot be sampled (no video stream, frames above
 /// [`MAX_FRAME_PIXELS`], fewer than two frames), and plans its sampling.
 pub fn plan_video(path: &Path, opts: &VideoOptions) -> Result<(Probe, Plan)> {
-    let probe = probe(path)?;
+    let probe = probe(path, "video")?;
     let stream = probe
         .video
         .as_ref()
@@ -664,7 +670,7 @@ fn has_soxr() -> bool {
 /// f32: channels averaged, resampled. At most `max_seconds` are accepted: a longer stream is
 /// refused, and decoding stops reading past the limit.
 pub fn read_audio(path: &Path, max_seconds: f64) -> Result<Audio> {
-    let probe = probe(path)?;
+    let probe = probe(path, "audio")?;
     let Some(stream) = probe.audio else {
         bail!(
             "audio {}: the file has no audio track{}",
