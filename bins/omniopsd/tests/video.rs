@@ -415,3 +415,33 @@ fn without_ffmpeg_a_video_file_says_how_to_install_it_and_wav_with_frames_needs_
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn a_record_with_a_video_file_takes_its_track_and_the_sampled_frames_time_base() {
+    if !ffmpeg::required() {
+        return;
+    }
+    use omniopsd_cli::data::manifest::{Limits, Record};
+    use omniopsd_cli::inputs::{record_media, video_processor};
+    let reference = reference();
+    let name = "clip_mjpeg.avi";
+    let record: Record = serde_json::from_str(&line("a", name, None)).unwrap();
+    let limits = Limits {
+        video: small_budget(&reference),
+        ..Limits::default()
+    };
+    let media = record_media(&record, &media_dir(), &limits, &video_processor()).unwrap();
+    let want = &reference["videos"][name];
+    // second_per_grid_ts = temporal_patch_size / sample_fps, not frames / audio seconds.
+    let sample_fps = want["small"]["sample_fps"].as_f64().unwrap();
+    assert!((media.second_per_grid - 2.0 / sample_fps).abs() < 1e-9);
+    let size = &want["small"]["size"];
+    let (h, w) = (size[0].as_u64().unwrap(), size[1].as_u64().unwrap());
+    assert_eq!(
+        media.patches.grid_thw,
+        [2, h as usize / 14, w as usize / 14],
+        "4 frames at the sampled size, not widened by the processor's minimum"
+    );
+    let valid = want["audio"]["valid_frames"].as_u64().unwrap() as usize;
+    assert_eq!(media.mel.valid_frames, valid, "the video's own track");
+}
