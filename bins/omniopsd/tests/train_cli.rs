@@ -297,6 +297,27 @@ fn unknown_config_key_is_an_error_naming_it() {
 }
 
 #[test]
+fn video_sampling_knobs_are_checked_naming_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, table, key) in [
+        ("fps", "[data.video]\nfps = 0.0\n", "data.video.fps"),
+        (
+            "frames",
+            "[data.video]\nmin_frames = 9\nmax_frames = 8\n",
+            "data.video.min_frames",
+        ),
+        ("typo", "[data.video]\nfpz = 2.0\n", "fpz"),
+    ] {
+        let cfg = config(dir.path(), name, &dir.path().join("cache"), table);
+        let out = train(&["--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{name}: {stderr}");
+        assert!(!dir.path().join("runs").join(name).exists());
+    }
+}
+
+#[test]
 fn device_flag_overrides_the_config_and_bad_devices_fail_before_any_run_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "dev", &dir.path().join("cache"), "");
