@@ -15,8 +15,8 @@
 //!   frame (measured: 6e-5–0.008 for audio files, 0.010–0.020 for video tracks, which
 //!   librosa reads through audioread as 16-bit PCM).
 //!
-//! These tests need the `ffmpeg` and `ffprobe` programs and FAIL without them; set
-//! `OMNIOPSD_SKIP_FFMPEG_TESTS=1` to skip them on a machine without FFmpeg.
+//! These tests need the `ffmpeg` and `ffprobe` programs: without them they are skipped with a
+//! notice, and fail where `OMNIOPSD_REQUIRE_FFMPEG=1` or `CI` is set (as in `.ci/run`).
 
 mod ffmpeg;
 

@@ -784,20 +784,22 @@ pub fn is_video_file(path: &Path) -> bool {
             .is_some_and(|e| VIDEO_EXTENSIONS.iter().any(|v| e.eq_ignore_ascii_case(v)))
 }
 
-/// For tests that need FFmpeg: true when it is here; false (said on stderr) when it is not and
-/// `OMNIOPSD_SKIP_FFMPEG_TESTS=1` allows skipping; a failure otherwise, so CI cannot skip.
+/// For tests that need FFmpeg: true when it is here; without it, false (the test is skipped,
+/// said on stderr) on a developer's machine, a failure where `OMNIOPSD_REQUIRE_FFMPEG=1` or
+/// `CI` is set (`.ci/run` sets the first), so CI cannot skip them.
 #[cfg(test)]
 pub(crate) fn required_in_tests() -> bool {
     if available() {
         return true;
     }
-    let skip = std::env::var("OMNIOPSD_SKIP_FFMPEG_TESTS").is_ok_and(|v| v == "1");
+    let set =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
     assert!(
-        skip,
-        "this test needs the ffmpeg and ffprobe programs (apt-get install ffmpeg); set \
-         OMNIOPSD_SKIP_FFMPEG_TESTS=1 to skip it on a machine without them"
+        !(set("OMNIOPSD_REQUIRE_FFMPEG") || set("CI")),
+        "this test needs the ffmpeg and ffprobe programs (apt-get install ffmpeg), which \
+         OMNIOPSD_REQUIRE_FFMPEG or CI requires"
     );
-    eprintln!("skipped: no ffmpeg/ffprobe and OMNIOPSD_SKIP_FFMPEG_TESTS=1");
+    eprintln!("skipped: no ffmpeg/ffprobe (install FFmpeg to run this test)");
     false
 }
 
