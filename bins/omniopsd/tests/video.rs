@@ -330,6 +330,11 @@ fn bad_video_files_are_reported_with_their_line_and_file_and_no_panic() {
         "ultrafast",
         d.join("huge.mp4").to_str().unwrap(),
     ]);
+    // 8: a readable header over corrupt frame data (an MJPEG AVI zeroed from a third on).
+    let mut corrupt = std::fs::read(media_dir().join("clip_mjpeg.avi")).unwrap();
+    let n = corrupt.len();
+    corrupt[n / 3..n - 4000].fill(0);
+    std::fs::write(d.join("corrupt.avi"), corrupt).unwrap();
     // 7: a missing file.
     let lines = [
         line("truncated", "truncated.mp4", None),
@@ -339,6 +344,7 @@ fn bad_video_files_are_reported_with_their_line_and_file_and_no_panic() {
         line("garbage", "garbage.mkv", None),
         line("huge", "huge.mp4", None),
         line("missing", "gone.mp4", None),
+        line("corrupt", "corrupt.avi", Some("silent.mp4")),
     ];
     let (ok, text) = check(d, &lines, &[]);
     assert!(!ok, "{text}");
@@ -350,6 +356,8 @@ fn bad_video_files_are_reported_with_their_line_and_file_and_no_panic() {
         (5, "garbage.mkv", "not a readable media file"),
         (6, "huge.mp4", "5000x3600"),
         (7, "gone.mp4", "no such file"),
+        // Found while decoding the sampled frames: fewer come out than were asked for.
+        (8, "corrupt.avi", "truncated or corrupt"),
     ];
     // The unreadable videos of lines 1, 3, 5 and 7 are reported once, not again as audio.
     for n in [1, 3, 5, 7] {
@@ -364,7 +372,7 @@ fn bad_video_files_are_reported_with_their_line_and_file_and_no_panic() {
     }
     // One frame silent.mp4 as the audio of line 4 also has no sound: said on line 4 too.
     assert!(problem_on(&text, 4).contains("no audio track"), "{text}");
-    assert!(text.contains("7 of 7 lines"), "{text}");
+    assert!(text.contains("8 of 8 lines"), "{text}");
 }
 
 #[test]

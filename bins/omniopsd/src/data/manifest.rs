@@ -172,11 +172,11 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
             record.id
         ));
     }
-    // The media are read as training reads them (a video file's sampled frames decoded),
-    // so a truncated file is found here rather than mid-run.
+    // The media are decoded as training decodes them (a video file's sampled frames, not
+    // kept), so a truncated file is found here rather than mid-run.
     let video = resolve(base, &record.video);
     let read = if crate::inputs::is_video_file(&video) {
-        super::video::read_video(&video, &limits.video).map(drop)
+        super::video::check_video(&video, &limits.video).map(drop)
     } else {
         media::read_frames(&video, limits.max_frames).map(drop)
     };

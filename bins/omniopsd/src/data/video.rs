@@ -538,11 +538,24 @@ pub fn read_video(path: &Path, opts: &VideoOptions) -> Result<Sampled> {
     let Some(stream) = probe.video else {
         bail!("video {}: the file has no video stream", path.display());
     };
-    let frames = decode_frames(path, &stream, &plan)?;
+    let frames = decode_frames(path, &stream, &plan, true)?;
     Ok(Sampled { frames, plan })
 }
 
-fn decode_frames(path: &Path, stream: &VideoStream, plan: &Plan) -> Result<Vec<Frame>> {
+/// Checks that the planned frames of `path` decode, as [`read_video`] would decode them,
+/// without keeping them (what `data check` needs: its memory stays at one frame).
+pub fn check_video(path: &Path, opts: &VideoOptions) -> Result<Plan> {
+    let (probe, plan) = plan_video(path, opts)?;
+    let Some(stream) = probe.video else {
+        bail!("video {}: the file has no video stream", path.display());
+    };
+    decode_frames(path, &stream, &plan, false)?;
+    Ok(plan)
+}
+
+/// Decodes the planned frames; with `keep`, resizes each to the plan's size and returns them,
+/// without, only counts them.
+fn decode_frames(path: &Path, stream: &VideoStream, plan: &Plan, keep: bool) -> Result<Vec<Frame>> {
     let mut unique = plan.indices.clone();
     unique.dedup();
     let select: Vec<String> = unique.iter().map(|i| format!("eq(n\\,{i})")).collect();
@@ -565,16 +578,20 @@ fn decode_frames(path: &Path, stream: &VideoStream, plan: &Plan) -> Result<Vec<F
     let (w, h) = (stream.width, stream.height);
     let (th, tw) = plan.size;
     let mut raw = vec![0u8; w * h * 3];
-    let mut decoded = Vec::with_capacity(unique.len());
+    let mut decoded = Vec::with_capacity(if keep { unique.len() } else { 0 });
+    let mut count = 0;
     let mut read_error = None;
-    while decoded.len() < unique.len() {
+    while count < unique.len() {
         match read_full(&mut stdout, &mut raw) {
-            Ok(true) => {}
+            Ok(true) => count += 1,
             Ok(false) => break,
             Err(err) => {
                 read_error = Some(err);
                 break;
             }
+        }
+        if !keep {
+            continue;
         }
         let frame = omniopsd_vision::Frame {
             width: w,
@@ -603,12 +620,12 @@ fn decode_frames(path: &Path, stream: &VideoStream, plan: &Plan) -> Result<Vec<F
         return Err(err)
             .with_context(|| format!("video {}: reading ffmpeg's frames", path.display()));
     }
-    if decoded.len() < unique.len() {
+    if count < unique.len() {
         bail!(
             "video {}: truncated or corrupt: {} of the {} sampled frames decoded (the stream \
              announces {} frames){}",
             path.display(),
-            decoded.len(),
+            count,
             unique.len(),
             stream.frames,
             if errors.is_empty() {
@@ -625,8 +642,11 @@ fn decode_frames(path: &Path, stream: &VideoStream, plan: &Plan) -> Result<Vec<F
             tail(&errors)
         );
     }
-    // Repeated indices (more samples than frames cannot happen, but rounding can repeat one
-    // only when n > total, which sample_count refuses) map back onto the decoded ones.
+    if !keep {
+        return Ok(Vec::new());
+    }
+    // Indices are distinct (n ≤ total spaces them at least one frame apart); the mapping only
+    // keeps a repeated one, should there be any, aligned with its decoded frame.
     let mut frames = Vec::with_capacity(plan.indices.len());
     let mut at = 0;
     for &i in &plan.indices {
