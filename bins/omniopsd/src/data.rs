@@ -3,6 +3,7 @@
 pub mod manifest;
 pub mod media;
 pub mod synth;
+pub mod video;
 
 use std::path::PathBuf;
 
@@ -58,9 +59,12 @@ pub struct CheckArgs {
     /// Longest audio accepted, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub max_audio_seconds: f64,
-    /// Most frames accepted per video.
+    /// Most frames accepted per directory of frames.
     #[arg(long, default_value_t = 64)]
     pub max_frames: usize,
+    /// How video files are sampled (their sampled frames are decoded to check them).
+    #[command(flatten)]
+    pub video: crate::inputs::VideoArgs,
     /// Accept samples without a rationale (only label-SFT can use them).
     #[arg(long)]
     pub allow_missing_rationale: bool,
@@ -100,6 +104,7 @@ pub fn run(command: Command) -> Result<()> {
             let limits = manifest::Limits {
                 max_audio_seconds: args.max_audio_seconds,
                 max_frames: args.max_frames,
+                video: args.video.options()?,
                 require_rationale: !args.allow_missing_rationale,
             };
             let checked = manifest::check_manifest(&args.manifest, &limits)?;

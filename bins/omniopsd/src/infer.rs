@@ -49,15 +49,26 @@ pub struct ModelArgs {
     /// Qwen2ForCausalLM.
     #[arg(long)]
     pub model: PathBuf,
-    /// A 16 kHz mono WAV file of at most 30 s (omni-modal checkpoints only).
-    #[arg(long, value_name = "FILE.wav")]
+    /// An audio file of at most 30 s: a 16 kHz mono WAV, or (through FFmpeg) WAV at any rate
+    /// and channel count, MP3, FLAC, M4A/AAC, Ogg (omni-modal checkpoints only).
+    #[arg(long, value_name = "FILE")]
     pub audio: Option<PathBuf>,
-    /// A directory of PNG video frames, taken in file-name order (omni-modal checkpoints only).
-    #[arg(long, value_name = "DIR_OF_FRAMES")]
+    /// A video file (.mp4, .avi, .mkv, .webm, .mov, …; through FFmpeg, frames sampled as
+    /// qwen-omni-utils samples them) or a directory of PNG frames taken in file-name order
+    /// (omni-modal checkpoints only).
+    #[arg(long, value_name = "FILE|DIR_OF_FRAMES")]
     pub video: Option<PathBuf>,
-    /// Frame rate of the --video frames; places them in TMRoPE time.
+    /// Frame rate of a --video directory of frames; places them in TMRoPE time (a video file's
+    /// time base is its sampled frames' rate, see --video-fps).
     #[arg(long, default_value_t = 2.0)]
     pub fps: f64,
+    /// Interleave the --video file's own sound track with its frames (Qwen2.5-Omni's
+    /// use_audio_in_video), instead of no audio or a separate --audio.
+    #[arg(long, requires = "video", conflicts_with = "audio")]
+    pub audio_in_video: bool,
+    /// How a --video file's frames are sampled.
+    #[command(flatten)]
+    pub video_sampling: inputs::VideoArgs,
     /// Device: cpu, ndarray, flex, cuda or cuda:N (as compiled into this build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -273,8 +284,8 @@ impl<B: Backend> Loaded<B> {
                 cfg.audio_end_token_id,
             ]);
         }
-        if let Some(dir) = &args.video {
-            inputs.push(read_video(dir, args.fps)?);
+        if let Some(path) = &args.video {
+            inputs.push(read_video(path, args)?);
             prefix.extend([
                 cfg.vision_start_token_id,
                 cfg.video_token_index,
@@ -330,16 +341,36 @@ fn read_audio(path: &Path) -> Result<MediaInput> {
     Ok(MediaInput::Audio(mel))
 }
 
-fn read_video(dir: &Path, fps: f64) -> Result<MediaInput> {
-    if !(fps.is_finite() && fps > 0.0) {
-        bail!("--fps {fps}: must be a positive number");
-    }
+fn read_video(path: &Path, args: &ModelArgs) -> Result<MediaInput> {
     let processor = inputs::video_processor();
-    let (patches, _) = inputs::video_patches(dir, MAX_FRAMES, &processor)?;
+    let is_file = inputs::is_video_file(path);
+    if args.audio_in_video && !is_file {
+        bail!(
+            "--audio-in-video: --video {} is a directory of frames, which has no sound track",
+            path.display()
+        );
+    }
+    let (patches, fps) = if is_file {
+        let opts = args.video_sampling.options()?;
+        let video = inputs::video_file_patches(path, &opts, &processor)?;
+        let fps = video.sample_fps.unwrap_or(opts.fps);
+        (video.patches, fps)
+    } else {
+        let fps = args.fps;
+        if !(fps.is_finite() && fps > 0.0) {
+            bail!("--fps {fps}: must be a positive number");
+        }
+        (inputs::video_patches(path, MAX_FRAMES, &processor)?.0, fps)
+    };
+    let audio = if args.audio_in_video {
+        Some(inputs::audio_features(path, MAX_AUDIO_SECONDS)?.0)
+    } else {
+        None
+    };
     Ok(MediaInput::Video {
         patches,
         second_per_grid: processor.temporal_patch_size as f64 / fps,
-        audio: None,
+        audio,
     })
 }
 

@@ -1,30 +1,36 @@
-//! The thinker's media inputs from files: a WAV as log-mel features, a directory of frames as
-//! pixel patches, a corpus record as one video with its audio track interleaved.
+//! The thinker's media inputs from files: audio as log-mel features, a video (a file or a
+//! directory of frames) as pixel patches, a corpus record as one video with its audio track
+//! interleaved.
 //!
-//! Invariant: `omniopsd train` and `omniopsd score`/`generate` read and preprocess media only
-//! through these functions, so a checkpoint sees the same features at inference as in
+//! Invariant: `omniopsd train`, `score`/`generate`, `data check` and `rationale` read and
+//! preprocess media only through these functions and [`crate::data::media`] /
+//! [`crate::data::video`], so a checkpoint sees the same features at inference as in
 //! training. Every error names the file (and, for a record, the sample).
 //!
 //! A record's video and audio become one video-with-audio input (Qwen2.5-Omni's
 //! `use_audio_in_video`): the thinker interleaves frame tokens and audio tokens in 2-second
-//! chunks of TMRoPE time. Manifests carry no frame rate; the frames are taken as sampled
-//! uniformly over the audio clip (the synthetic corpus draws them from the onset to the apex of
-//! the utterance), so `fps = frames / audio seconds`.
+//! chunks of TMRoPE time. A video file is sampled as `qwen-omni-utils` samples it, and its time
+//! base is the sampled frames' rate (`second_per_grid_ts = 2 / sample_fps`); without a separate
+//! `audio` its own sound track is the audio. A directory of frames carries no frame rate: its
+//! frames are taken as sampled uniformly over the audio clip (the synthetic corpus draws them
+//! from the onset to the apex of the utterance), so `fps = frames / audio seconds`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use clap::Args;
 use omniopsd_audio::{FeatureExtractor, LogMel};
 use omniopsd_thinker::MediaInput;
 use omniopsd_vision::{preprocess_video, PixelPatches, ProcessorConfig};
 
 use crate::data::manifest::{resolve, Limits, Record};
 use crate::data::media;
+use crate::data::video::{self, VideoOptions};
 
-/// A 16 kHz mono WAV of at most `max_seconds` as Qwen2.5-Omni's log-mel features, and its
-/// length in seconds.
+/// An audio file (or a video file's sound track) of at most `max_seconds` as Qwen2.5-Omni's
+/// log-mel features, and its length in seconds.
 pub fn audio_features(path: &Path, max_seconds: f64) -> Result<(LogMel, f64)> {
-    let audio = media::read_wav(path, media::SAMPLE_RATE, max_seconds)?;
+    let audio = media::read_audio(path, max_seconds)?;
     let mel = FeatureExtractor::qwen2_5_omni()
         .extract(&audio.samples, audio.sample_rate)
         .with_context(|| format!("audio {}", path.display()))?;
@@ -45,6 +51,119 @@ pub fn video_patches(
     Ok((patches, frames.len()))
 }
 
+/// Whether a manifest's or a flag's `video` names a video file (any existing regular file, or a
+/// path with a video extension) rather than a directory of frames.
+pub fn is_video_file(path: &Path) -> bool {
+    path.is_file() || (!path.is_dir() && video::is_video_file(path))
+}
+
+/// A video's frames as pixel patches.
+#[derive(Clone, Debug)]
+pub struct VideoPatches {
+    /// The patches (frames padded to an even count by repeating the last).
+    pub patches: PixelPatches,
+    /// Frames read.
+    pub frames: usize,
+    /// For a video file, the rate of the sampled frames; a directory of frames has none.
+    pub sample_fps: Option<f64>,
+}
+
+/// A video file sampled and resized as `qwen-omni-utils`' `fetch_video` does (with `opts`),
+/// then patched by `processor` (whose pixel bounds are widened to the sampled size, so the
+/// frames are not resized twice, as the Qwen2.5-Omni processor leaves them).
+pub fn video_file_patches(
+    path: &Path,
+    opts: &VideoOptions,
+    processor: &ProcessorConfig,
+) -> Result<VideoPatches> {
+    let sampled = video::read_video(path, opts)?;
+    let (h, w) = sampled.plan.size;
+    let processor = ProcessorConfig {
+        min_pixels: processor.min_pixels.min(h * w),
+        max_pixels: processor.max_pixels.max(h * w),
+        ..processor.clone()
+    };
+    let views = media::vision_frames(&sampled.frames);
+    let patches = preprocess_video(&views, &processor)
+        .with_context(|| format!("video {}", path.display()))?;
+    Ok(VideoPatches {
+        patches,
+        frames: sampled.frames.len(),
+        sample_fps: Some(sampled.plan.sample_fps),
+    })
+}
+
+/// A video file or a directory of PNG frames (at most `limits.max_frames` of them) as patches.
+pub fn read_video(
+    path: &Path,
+    limits: &Limits,
+    processor: &ProcessorConfig,
+) -> Result<VideoPatches> {
+    if is_video_file(path) {
+        video_file_patches(path, &limits.video, processor)
+    } else {
+        let (patches, frames) = video_patches(path, limits.max_frames, processor)?;
+        Ok(VideoPatches {
+            patches,
+            frames,
+            sample_fps: None,
+        })
+    }
+}
+
+/// Where a record's audio comes from: its `audio` file, or else its video file's own track.
+pub fn record_audio_path(record: &Record, base: &Path) -> Result<PathBuf> {
+    let video = resolve(base, &record.video);
+    match &record.audio {
+        Some(audio) => Ok(resolve(base, audio)),
+        None if is_video_file(&video) => Ok(video),
+        None => bail!(
+            "field `audio` is absent and video {} is a directory of frames, which has no sound \
+             track (give an `audio` file, or a video file with sound)",
+            video.display()
+        ),
+    }
+}
+
+/// The frame-sampling knobs of `qwen-omni-utils`' `fetch_video`, as command-line flags.
+#[derive(Clone, Debug, Args)]
+pub struct VideoArgs {
+    /// Video files: frames sampled per second (qwen-omni-utils' `fps`).
+    #[arg(long, default_value_t = VideoOptions::default().fps)]
+    pub video_fps: f64,
+    /// Video files: fewest frames sampled (`min_frames`).
+    #[arg(long, default_value_t = VideoOptions::default().min_frames)]
+    pub video_min_frames: usize,
+    /// Video files: most frames sampled (`max_frames`).
+    #[arg(long, default_value_t = VideoOptions::default().max_frames)]
+    pub video_max_frames: usize,
+    /// Video files: fewest pixels per resized frame (`min_pixels`).
+    #[arg(long, default_value_t = VideoOptions::default().min_pixels)]
+    pub video_min_pixels: usize,
+    /// Video files: most pixels per resized frame (`max_pixels`; at most 768·28²).
+    #[arg(long, default_value_t = VideoOptions::default().max_pixels)]
+    pub video_max_pixels: usize,
+    /// Video files: pixel budget of all sampled frames together (`total_pixels`).
+    #[arg(long, default_value_t = VideoOptions::default().total_pixels)]
+    pub video_total_pixels: usize,
+}
+
+impl VideoArgs {
+    /// The options, range-checked.
+    pub fn options(&self) -> Result<VideoOptions> {
+        let opts = VideoOptions {
+            fps: self.video_fps,
+            min_frames: self.video_min_frames,
+            max_frames: self.video_max_frames,
+            min_pixels: self.video_min_pixels,
+            max_pixels: self.video_max_pixels,
+            total_pixels: self.video_total_pixels,
+        };
+        opts.check("--video-")?;
+        Ok(opts)
+    }
+}
+
 /// A record's media prepared for the thinker: the frames' pixel patches, the audio track's
 /// log-mel features, and the time base that interleaves them.
 #[derive(Clone, Debug)]
@@ -63,7 +182,7 @@ pub fn video_processor() -> ProcessorConfig {
     ProcessorConfig::qwen2_5_omni_video()
 }
 
-/// Reads and preprocesses a record's frames and WAV with `processor`; every error names the
+/// Reads and preprocesses a record's video and audio with `processor`; every error names the
 /// record and the file.
 pub fn record_media(
     record: &Record,
@@ -72,15 +191,15 @@ pub fn record_media(
     processor: &ProcessorConfig,
 ) -> Result<RecordMedia> {
     let id = &record.id;
-    let (patches, frames) =
-        video_patches(&resolve(base, &record.video), limits.max_frames, processor)
-            .with_context(|| format!("sample `{id}`"))?;
-    let (mel, seconds) = audio_features(&resolve(base, &record.audio), limits.max_audio_seconds)
+    let video = read_video(&resolve(base, &record.video), limits, processor)
         .with_context(|| format!("sample `{id}`"))?;
-    let fps = frames as f64 / seconds;
+    let audio = record_audio_path(record, base).with_context(|| format!("sample `{id}`"))?;
+    let (mel, seconds) = audio_features(&audio, limits.max_audio_seconds)
+        .with_context(|| format!("sample `{id}`"))?;
+    let fps = video.sample_fps.unwrap_or(video.frames as f64 / seconds);
     Ok(RecordMedia {
         second_per_grid: processor.temporal_patch_size as f64 / fps,
-        patches,
+        patches: video.patches,
         mel,
     })
 }
@@ -110,8 +229,12 @@ mod tests {
         // 4 frames of 56x56, scaled up to the video processor's minimum of 128·28² pixels.
         assert_eq!(m.patches.grid_thw, [2, 24, 24]);
         assert_eq!(m.patches.patch_dim, 3 * 2 * 14 * 14);
-        let wav =
-            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
+        let wav = media::read_wav(
+            &record_audio_path(r, c.dir.path()).unwrap(),
+            media::SAMPLE_RATE,
+            30.0,
+        )
+        .unwrap();
         assert_eq!(m.mel.valid_frames, wav.samples.len().div_ceil(160));
         assert!((m.second_per_grid - 2.0 * wav.seconds() / 4.0).abs() < 1e-12);
     }
@@ -123,8 +246,12 @@ mod tests {
         let frames_dir = resolve(c.dir.path(), &r.video);
         fs::remove_file(frames_dir.join("003.png")).unwrap();
         let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
-        let wav =
-            media::read_wav(&resolve(c.dir.path(), &r.audio), media::SAMPLE_RATE, 30.0).unwrap();
+        let wav = media::read_wav(
+            &record_audio_path(r, c.dir.path()).unwrap(),
+            media::SAMPLE_RATE,
+            30.0,
+        )
+        .unwrap();
         assert!(
             (m.second_per_grid - 2.0 * wav.seconds() / 3.0).abs() < 1e-12,
             "three frames read"
@@ -154,7 +281,8 @@ mod tests {
 
     #[test]
     fn missing_wav_is_an_error_naming_record_and_file() {
-        let msg = media_error(|base, r| fs::remove_file(resolve(base, &r.audio)).unwrap());
+        let msg =
+            media_error(|base, r| fs::remove_file(record_audio_path(r, base).unwrap()).unwrap());
         assert!(msg.contains(".wav"), "{msg}");
     }
 
@@ -171,20 +299,46 @@ mod tests {
     }
 
     #[test]
-    fn wrong_sample_rate_is_an_error_naming_record_file_and_rates() {
-        let msg = media_error(|base, r| {
-            let spec = hound::WavSpec {
-                channels: 1,
-                sample_rate: 8_000,
-                bits_per_sample: 16,
-                sample_format: hound::SampleFormat::Int,
-            };
-            let mut w = hound::WavWriter::create(resolve(base, &r.audio), spec).unwrap();
-            for i in 0..8_000 {
-                w.write_sample(((i % 50) * 100) as i16).unwrap();
-            }
-            w.finalize().unwrap();
-        });
-        assert!(msg.contains(".wav") && msg.contains("8000 Hz"), "{msg}");
+    fn an_8_khz_wav_is_resampled_to_16_khz() {
+        if !crate::data::video::required_in_tests() {
+            return;
+        }
+        let c = corpus();
+        let r = &c.records[2];
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 8_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let path = record_audio_path(r, c.dir.path()).unwrap();
+        let mut w = hound::WavWriter::create(&path, spec).unwrap();
+        for i in 0..8_000 {
+            w.write_sample(((i % 50) * 100) as i16).unwrap();
+        }
+        w.finalize().unwrap();
+        let m = record_media(r, c.dir.path(), &Limits::default(), &video_processor()).unwrap();
+        // One second: 16 000 samples, 100 log-mel frames of 160 samples.
+        assert_eq!(m.mel.valid_frames, 100);
+        assert!(
+            (m.second_per_grid - 2.0 / 4.0).abs() < 1e-9,
+            "4 frames over 1 s"
+        );
+    }
+
+    #[test]
+    fn a_frame_directory_without_audio_is_an_error_naming_record_and_directory() {
+        let c = corpus();
+        let r = Record {
+            audio: None,
+            ..c.records[0].clone()
+        };
+        let err =
+            record_media(&r, c.dir.path(), &Limits::default(), &video_processor()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&r.id) && msg.contains(&r.video) && msg.contains("no sound track"),
+            "{msg}"
+        );
     }
 }

@@ -6,8 +6,10 @@
 //! - which samples: `split` `train` (and `heldout` with `--include-heldout`) without a
 //!   non-empty `rationale`; every other line is copied unchanged;
 //! - the request: one user message, `[text, image_url..., input_audio]`; frames are the PNG
-//!   files' bytes as `data:image/png;base64,...`, sampled evenly up to `--max-frames`, the
-//!   audio the WAV file's bytes as `{"data": base64, "format": "wav"}`;
+//!   files' bytes as `data:image/png;base64,...`, sampled evenly up to `--max-frames` (from a
+//!   video file: from the frames sampled as for training, PNG-encoded at their resized size),
+//!   the audio the WAV file's bytes as `{"data": base64, "format": "wav"}` (any other audio,
+//!   or a video's own track when the sample has no `audio`, decoded to 16 kHz mono WAV);
 //! - the cache: `--cache`, default `OUT.cache.jsonl`, keyed by the SHA-256 of the request body
 //!   (model, rendered prompt with the gold labels, media bytes, sampling), holding validated
 //!   rationales only; a rerun sends nothing for them and a killed run resumes;
@@ -34,8 +36,9 @@ use omniopsd_endpoint::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::data::manifest::{self, Record, Split};
+use crate::data::manifest::{self, Limits, Record, Split};
 use crate::data::media;
+use crate::inputs;
 use prompt::{Attached, Template, DEFAULT_PROMPT};
 
 /// Arguments of `omniopsd rationale`.
@@ -86,6 +89,9 @@ pub struct Args {
     /// Most frames sent per sample, sampled evenly from first to last.
     #[arg(long, default_value_t = 8)]
     pub max_frames: usize,
+    /// How frames of video files are sampled before `--max-frames` of them are sent.
+    #[command(flatten)]
+    pub video: crate::inputs::VideoArgs,
     /// Longest rationale accepted, in characters.
     #[arg(long, default_value_t = 2000)]
     pub max_chars: usize,
@@ -453,39 +459,54 @@ fn stops_the_run(err: &EndpointError) -> bool {
 /// and the audio.
 fn request_body(record: &Record, base: &Path, template: &Template, args: &Args) -> Result<String> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let frames = if args.no_frames {
+    let video = manifest::resolve(base, &record.video);
+    let frames: Vec<Vec<u8>> = if args.no_frames {
         Vec::new()
+    } else if inputs::is_video_file(&video) {
+        // The frames the student sees (sampled and sized as for training), a few of them.
+        let sampled = crate::data::video::read_video(&video, &args.video.options()?)?;
+        sample_evenly(&sampled.frames, args.max_frames)
+            .iter()
+            .map(media::png_bytes)
+            .collect::<Result<_>>()
+            .with_context(|| format!("video {}", video.display()))?
     } else {
-        let dir = manifest::resolve(base, &record.video);
-        let paths = media::frame_paths(&dir)?;
+        let paths = media::frame_paths(&video)?;
         if paths.is_empty() {
-            bail!("video {}: no PNG frames", dir.display());
+            bail!("video {}: no PNG frames", video.display());
         }
-        sample_evenly(&paths, args.max_frames)
+        let mut frames = Vec::new();
+        for path in sample_evenly(&paths, args.max_frames) {
+            let bytes = read_file(&path, "frame")?;
+            if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+                bail!("frame {}: not a PNG file", path.display());
+            }
+            frames.push(bytes);
+        }
+        frames
     };
     let audio = if args.no_audio {
         None
     } else {
-        let path = manifest::resolve(base, &record.audio);
+        let path = inputs::record_audio_path(record, base)?;
         let bytes = read_file(&path, "audio")?;
-        if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
-            bail!("audio {}: not a WAV file", path.display());
+        if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WAVE" {
+            Some(bytes)
+        } else {
+            // Any other audio (or a video's own track), decoded to 16 kHz mono WAV.
+            let audio = media::read_audio(&path, Limits::default().max_audio_seconds)?;
+            Some(media::wav_bytes(&audio).with_context(|| format!("audio {}", path.display()))?)
         }
-        Some(bytes)
     };
     let attached = Attached {
         frames: frames.len(),
         audio: audio.is_some(),
     };
     let mut content = vec![json!({"type": "text", "text": template.render(record, attached)})];
-    for path in &frames {
-        let bytes = read_file(path, "frame")?;
-        if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-            bail!("frame {}: not a PNG file", path.display());
-        }
+    for bytes in &frames {
         content.push(json!({
             "type": "image_url",
-            "image_url": {"url": format!("data:image/png;base64,{}", b64.encode(&bytes))}
+            "image_url": {"url": format!("data:image/png;base64,{}", b64.encode(bytes))}
         }));
     }
     if let Some(bytes) = audio {

@@ -1,5 +1,7 @@
 //! `omniopsd data synth` and `omniopsd data check`, driven through the binary.
 
+mod ffmpeg;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -202,12 +204,28 @@ fn check_reports_bad_json_with_its_line_number() {
 fn check_reports_missing_field_by_name() {
     let (_dir, m) = corpus();
     let mut vs = lines(&m);
+    vs[1].as_object_mut().unwrap().remove("subtitle");
+    write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    assert!(
+        text.contains(":2: bad sample: missing field `subtitle`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_missing_audio_beside_a_frame_directory() {
+    let (_dir, m) = corpus();
+    let mut vs = lines(&m);
     vs[1].as_object_mut().unwrap().remove("audio");
     write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
     let (ok, text) = check(&m, &[]);
     assert!(!ok);
     assert!(
-        text.contains(":2: bad sample: missing field `audio`"),
+        text.contains(":2: field `audio` is absent")
+            && text.contains(vs[1]["video"].as_str().unwrap())
+            && text.contains("no sound track"),
         "{text}"
     );
 }
@@ -238,7 +256,7 @@ fn check_reports_missing_and_corrupt_audio() {
     let (ok, text) = check(&m, &[]);
     assert!(!ok);
     assert!(
-        text.contains(":1: audio") && text.contains("not a readable WAV file"),
+        text.contains(":1: audio") && text.contains("synth-00000.wav: no such file"),
         "{text}"
     );
     assert!(text.contains(":4: audio"), "{text}");
@@ -249,27 +267,38 @@ fn check_reports_missing_and_corrupt_audio() {
 }
 
 #[test]
-fn check_reports_wrong_sample_rate() {
+fn a_wav_at_another_rate_is_resampled_by_ffmpeg_and_without_it_the_error_says_how_to_install() {
     let (dir, m) = corpus();
     let vs = lines(&m);
     let wav = dir.path().join(vs[2]["audio"].as_str().unwrap());
     let spec = hound::WavSpec {
-        channels: 1,
+        channels: 2,
         sample_rate: 44_100,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
     let mut w = hound::WavWriter::create(&wav, spec).unwrap();
-    for _ in 0..4410 {
-        w.write_sample(0i16).unwrap();
+    for i in 0..8820 {
+        w.write_sample(((i % 100) * 50) as i16).unwrap();
     }
     w.finalize().unwrap();
-    let (ok, text) = check(&m, &[]);
-    assert!(!ok);
+    let no_ffmpeg = Command::new(env!("CARGO_BIN_EXE_omniopsd"))
+        .args(["data", "check", m.to_str().unwrap()])
+        .env("OMNIOPSD_FFPROBE", dir.path().join("no-ffprobe"))
+        .env("OMNIOPSD_FFMPEG", dir.path().join("no-ffmpeg"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&no_ffmpeg.stdout);
+    assert!(!no_ffmpeg.status.success());
     assert!(
-        text.contains(":3: audio") && text.contains("sample rate 44100 Hz, expected 16000 Hz"),
+        text.contains(":3: ") && text.contains("needs FFmpeg") && text.contains(".wav"),
         "{text}"
     );
+    if !ffmpeg::required() {
+        return;
+    }
+    let (ok, text) = check(&m, &[]);
+    assert!(ok, "{text}");
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! `tests/reference/gen_qwen2.py`): greedy `generate` of 64 tokens identical, response
 //! log-probs within 1e-4 absolute. Omni path: `tests/reference/omni_tiny` with a word-level
 //! tokenizer written here, a synthetic 16 kHz WAV and two PNG frames. Bad inputs exit non-zero
-//! with the offending file named.
+//! with the offending file named. Video files and resampled audio need FFmpeg (tests/ffmpeg).
+
+mod ffmpeg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -554,20 +556,93 @@ fn unreadable_wav_is_named() {
 }
 
 #[test]
-fn wav_at_another_sample_rate_is_refused() {
+fn wav_at_another_sample_rate_is_resampled_to_the_same_features_length() {
+    if !ffmpeg::required() {
+        return;
+    }
     let f = omni_fixture();
     let wav = f.model.path().join("cd.wav");
-    write_wav(&wav, 44_100, 0.2);
+    write_wav(&wav, 44_100, 1.0);
+    let tokens = |audio: &Path| {
+        json_of(&[
+            "generate",
+            "--model",
+            f.model.path().to_str().unwrap(),
+            "--prompt",
+            "w1",
+            "--audio",
+            audio.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ])["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    // One second at 44.1 kHz and at 16 kHz: the same number of audio tokens.
+    assert_eq!(tokens(&wav), tokens(&f.wav));
+}
+
+fn media_fixture(name: &str) -> PathBuf {
+    reference_dir().join("media").join(name)
+}
+
+#[test]
+fn a_video_file_with_its_own_sound_track_generates() {
+    if !ffmpeg::required() {
+        return;
+    }
+    let f = omni_fixture();
+    let model = f.model.path().to_str().unwrap();
+    let clip = media_fixture("clip_h264.mp4");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "w1 w2",
+            "--video",
+            clip.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+            "--json",
+            "--video-min-pixels",
+            "3136",
+            "--video-max-pixels",
+            "9408",
+        ];
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+    let silent = run(&[]);
+    let with_track = run(&["--audio-in-video"]);
+    assert_eq!(silent["ids"].as_array().unwrap().len(), 2);
+    // 4 frames of 56x56: 2 temporal patches of 2x2 merged tokens = 8 video tokens.
+    assert_eq!(silent["prompt_tokens"].as_u64().unwrap(), 2 + 2 + 8);
+    assert!(
+        with_track["prompt_tokens"].as_u64().unwrap() > silent["prompt_tokens"].as_u64().unwrap(),
+        "the track's audio tokens are interleaved"
+    );
+}
+
+#[test]
+fn audio_in_video_with_a_frame_directory_is_refused() {
+    let f = omni_fixture();
     let err = failure_of(&[
         "generate",
         "--model",
         f.model.path().to_str().unwrap(),
         "--prompt",
         "w1",
-        "--audio",
-        wav.to_str().unwrap(),
+        "--video",
+        f.frames.to_str().unwrap(),
+        "--audio-in-video",
     ]);
-    assert!(err.contains("cd.wav") && err.contains("16000"), "{err}");
+    assert!(
+        err.contains("--audio-in-video") && err.contains("no sound track"),
+        "{err}"
+    );
 }
 
 #[test]

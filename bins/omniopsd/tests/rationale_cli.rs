@@ -2,6 +2,7 @@
 //! server on 127.0.0.1, on a synthetic corpus whose rationales were stripped.
 
 mod common;
+mod ffmpeg;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -726,4 +727,72 @@ fn a_wrong_endpoint_path_stops_the_run_after_one_request() {
     assert!(failed[1..]
         .iter()
         .all(|f| f["reason"].as_str().unwrap().contains("not attempted")));
+}
+
+#[test]
+fn a_video_file_sends_its_sampled_frames_and_its_own_track_as_16_khz_wav() {
+    if !ffmpeg::required() {
+        return;
+    }
+    let c = corpus(6);
+    let clip = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference/media/clip_h264.mp4"
+    ));
+    std::fs::copy(&clip, c.path("clip.mp4")).unwrap();
+    let text_of = std::fs::read_to_string(&c.manifest).unwrap();
+    let lines: Vec<String> = text_of
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v["video"] = "clip.mp4".into();
+            v.as_object_mut().unwrap().remove("audio");
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&c.manifest, lines.join("\n") + "\n").unwrap();
+    let server = ChatServer::start(good_answer);
+    let o = rationale(
+        &c,
+        &server,
+        &[
+            "--max-frames",
+            "3",
+            "--video-min-pixels",
+            "3136",
+            "--video-max-pixels",
+            "9408",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let requests = server.requests();
+    assert_eq!(requests.len(), c.train.len());
+    for r in &requests {
+        let parts = r.body["messages"][0]["content"].as_array().unwrap();
+        let images: Vec<Vec<u8>> = parts
+            .iter()
+            .filter(|p| p["type"] == "image_url")
+            .map(|p| {
+                let url = p["image_url"]["url"].as_str().unwrap();
+                b64.decode(url.strip_prefix("data:image/png;base64,").unwrap())
+                    .unwrap()
+            })
+            .collect();
+        // 4 sampled frames of the 2 s clip, 3 of them sent, at the sampled 56x56.
+        assert_eq!(images.len(), 3);
+        for png in &images {
+            assert!(png.starts_with(b"\x89PNG"));
+            assert_eq!(&png[16..24], &[0, 0, 0, 56, 0, 0, 0, 56]);
+        }
+        let audio = parts.last().unwrap();
+        assert_eq!(audio["input_audio"]["format"], "wav");
+        let wav = b64
+            .decode(audio["input_audio"]["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&wav[..4], b"RIFF");
+        assert_eq!(u32::from_le_bytes(wav[24..28].try_into().unwrap()), 16_000);
+        // About 2 s of 16-bit mono.
+        assert!((60_000..70_000).contains(&wav.len()), "{}", wav.len());
+    }
 }

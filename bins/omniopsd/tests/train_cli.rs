@@ -1,6 +1,9 @@
 //! `omniopsd train` end to end through the built binary: a short run killed with SIGKILL and
 //! resumed reaches bit-identical students; Ctrl-C saves and exits; runs are never
-//! overwritten; bad corpora are clear errors or reported skips.
+//! overwritten; bad corpora are clear errors or reported skips; a manifest of video files
+//! trains (FFmpeg needed, tests/ffmpeg).
+
+mod ffmpeg;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -294,6 +297,27 @@ fn unknown_config_key_is_an_error_naming_it() {
 }
 
 #[test]
+fn video_sampling_knobs_are_checked_naming_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, table, key) in [
+        ("fps", "[data.video]\nfps = 0.0\n", "data.video.fps"),
+        (
+            "frames",
+            "[data.video]\nmin_frames = 9\nmax_frames = 8\n",
+            "data.video.min_frames",
+        ),
+        ("typo", "[data.video]\nfpz = 2.0\n", "fpz"),
+    ] {
+        let cfg = config(dir.path(), name, &dir.path().join("cache"), table);
+        let out = train(&["--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{name}: {stderr}");
+        assert!(!dir.path().join("runs").join(name).exists());
+    }
+}
+
+#[test]
 fn device_flag_overrides_the_config_and_bad_devices_fail_before_any_run_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "dev", &dir.path().join("cache"), "");
@@ -375,6 +399,59 @@ fn missing_media_stops_the_run_naming_the_line_unless_skipping() {
         report.contains("skipped") && report.contains("manifest.jsonl:2"),
         "{report}"
     );
+}
+
+#[test]
+fn trains_on_video_files_with_their_own_sound_tracks() {
+    if !ffmpeg::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let status = Command::new(BIN)
+        .args([
+            "data",
+            "synth",
+            "--out",
+            corpus.to_str().unwrap(),
+            "--n",
+            "20",
+            "--quiet",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let media = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/reference/media"
+    ));
+    let clips = ["clip_h264.mp4", "clip_vp9.webm", "clip_mjpeg.avi"];
+    for clip in clips {
+        fs::copy(media.join(clip), corpus.join(clip)).unwrap();
+    }
+    let manifest = corpus.join("manifest.jsonl");
+    let lines: Vec<String> = fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["video"] = clips[i % clips.len()].into();
+            v.as_object_mut().unwrap().remove("audio");
+            v.to_string()
+        })
+        .collect();
+    fs::write(&manifest, lines.join("\n") + "\n").unwrap();
+    // Frames at the embedded model's 56x56 (one merged token per 28x28 block).
+    let extra = "[data.video]\nmin_pixels = 3136\nmax_pixels = 3136\n";
+    let path = config(dir.path(), "video", &dir.path().join("cache"), extra);
+    let text = fs::read_to_string(&path).unwrap().replace(
+        "[data]\n",
+        &format!("[data]\nmanifest = \"{}\"\n", manifest.display()),
+    );
+    fs::write(&path, text).unwrap();
+    ok(&train(&["--config", path.to_str().unwrap()]));
+    assert!(dir.path().join("runs/video/report.md").is_file());
 }
 
 fn reference(dir: &str) -> PathBuf {

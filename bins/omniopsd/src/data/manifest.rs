@@ -20,6 +20,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::media;
+use super::video::VideoOptions;
 
 /// The basic-emotion labels of MER2023 / MER2024, the HIT-scored sets of MER-UniBench.
 pub const BASIC_EMOTIONS: [&str; 6] = ["happy", "sad", "angry", "surprise", "worried", "neutral"];
@@ -41,9 +42,12 @@ pub struct Record {
     pub id: String,
     /// Train or held-out.
     pub split: Split,
-    /// 16 kHz mono WAV, relative to the manifest's directory (or absolute).
-    pub audio: String,
-    /// Directory of PNG frames in name order, relative to the manifest's directory.
+    /// Audio file (WAV at any rate, MP3, FLAC, M4A/AAC, Ogg, …), relative to the manifest's
+    /// directory (or absolute). Absent: the video file's own sound track.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<String>,
+    /// A video file (`.mp4`, `.avi`, `.mkv`, `.webm`, `.mov`, …) or a directory of PNG frames
+    /// in name order, relative to the manifest's directory (or absolute).
     pub video: String,
     /// What the speaker says.
     pub subtitle: String,
@@ -73,8 +77,10 @@ pub struct Record {
 pub struct Limits {
     /// Longest audio accepted, in seconds.
     pub max_audio_seconds: f64,
-    /// Most frames accepted per video.
+    /// Most frames accepted per directory of frames.
     pub max_frames: usize,
+    /// How frames of a video file are sampled and sized.
+    pub video: VideoOptions,
     /// Whether a sample must carry a rationale (OPSD's privileged context needs one).
     pub require_rationale: bool,
 }
@@ -84,6 +90,7 @@ impl Default for Limits {
         Self {
             max_audio_seconds: 30.0,
             max_frames: 64,
+            video: VideoOptions::default(),
             require_rationale: true,
         }
     }
@@ -165,15 +172,25 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
             record.id
         ));
     }
-    if let Err(err) = media::read_wav(
-        &resolve(base, &record.audio),
-        media::SAMPLE_RATE,
-        limits.max_audio_seconds,
-    ) {
+    // The media are decoded as training decodes them (a video file's sampled frames, not
+    // kept), so a truncated file is found here rather than mid-run.
+    let video = resolve(base, &record.video);
+    let read = if crate::inputs::is_video_file(&video) {
+        super::video::check_video(&video, &limits.video).map(drop)
+    } else {
+        media::read_frames(&video, limits.max_frames).map(drop)
+    };
+    let video_failed = read.is_err();
+    if let Err(err) = read {
         problems.push(format!("{err:#}"));
     }
-    if let Err(err) = media::read_frames(&resolve(base, &record.video), limits.max_frames) {
-        problems.push(format!("{err:#}"));
+    // A video's own track is not read again when the video itself is unreadable.
+    if !(record.audio.is_none() && video_failed) {
+        let audio = crate::inputs::record_audio_path(record, base)
+            .and_then(|path| media::read_audio(&path, limits.max_audio_seconds));
+        if let Err(err) = audio {
+            problems.push(format!("{err:#}"));
+        }
     }
     problems
 }

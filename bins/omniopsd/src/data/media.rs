@@ -1,7 +1,10 @@
-//! Media files of a manifest: 16 kHz mono WAV speech and directories of PNG video frames.
+//! Media files of a manifest: audio files, directories of PNG video frames, and (through
+//! [`super::video`], which drives FFmpeg) video files.
 //!
-//! Reading validates what the models assume (sample rate, channel count, frame sizes), so a
-//! bad file is reported with its path and what was expected instead of reaching a tensor.
+//! A 16 kHz mono WAV and PNG frames are read here, in process, so the embedded default needs
+//! no FFmpeg; any other audio goes through FFmpeg to 16 kHz mono. Reading validates what the
+//! models assume (sample rate, channel count, frame sizes), so a bad file is reported with its
+//! path and what was expected instead of reaching a tensor.
 
 use std::fs;
 use std::io::Cursor;
@@ -133,19 +136,65 @@ pub fn read_wav(path: &Path, expected_rate: u32, max_seconds: f64) -> Result<Aud
     })
 }
 
-/// Writes an 8-bit RGB PNG, whole or not at all.
-pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
-    let mut bytes = Vec::new();
-    let mut encoder = png::Encoder::new(&mut bytes, frame.width, frame.height);
+/// Whether `path` is a WAV file that [`read_wav`] takes as it is: a readable header at
+/// [`SAMPLE_RATE`], one channel.
+fn is_plain_wav(path: &Path) -> bool {
+    let is_wav = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+    is_wav
+        && hound::WavReader::open(path)
+            .is_ok_and(|r| r.spec().sample_rate == SAMPLE_RATE && r.spec().channels == 1)
+}
+
+/// Any audio file (WAV at any rate and channel count, MP3, FLAC, M4A/AAC, Ogg, …) or a video
+/// file's own sound track, as [`SAMPLE_RATE`] mono of at most `max_seconds`. A 16 kHz mono
+/// WAV is read in process; everything else is decoded, down-mixed and resampled by FFmpeg.
+pub fn read_audio(path: &Path, max_seconds: f64) -> Result<Audio> {
+    if is_plain_wav(path) {
+        read_wav(path, SAMPLE_RATE, max_seconds)
+    } else {
+        super::video::read_audio(path, max_seconds)
+    }
+}
+
+/// 16-bit PCM mono WAV bytes of `audio` (samples clipped to `[-1, 1]`).
+pub fn wav_bytes(audio: &Audio) -> Result<Vec<u8>> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: audio.sample_rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut writer = hound::WavWriter::new(&mut out, spec).context("encoding WAV")?;
+    for s in &audio.samples {
+        writer
+            .write_sample((s.clamp(-1.0, 1.0) * 32767.0).round() as i16)
+            .context("encoding WAV")?;
+    }
+    writer.finalize().context("encoding WAV")?;
+    Ok(out.into_inner())
+}
+
+/// PNG bytes of an RGB frame.
+pub fn png_bytes(frame: &Frame) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, frame.width, frame.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    encoder
-        .write_header()
-        .and_then(|mut w| {
-            w.write_image_data(&frame.rgb)?;
-            w.finish()
-        })
-        .with_context(|| format!("encoding PNG file {}", path.display()))?;
+    let mut writer = encoder.write_header().context("encoding PNG")?;
+    writer
+        .write_image_data(&frame.rgb)
+        .context("encoding PNG")?;
+    writer.finish().context("encoding PNG")?;
+    Ok(out)
+}
+
+/// Writes an 8-bit RGB PNG, whole or not at all.
+pub fn write_png(path: &Path, frame: &Frame) -> Result<()> {
+    let bytes = png_bytes(frame).with_context(|| format!("PNG file {}", path.display()))?;
     Ok(write_atomic(path, &bytes)?)
 }
 

@@ -642,7 +642,7 @@ fn generate(cfg: &SynthConfig, index: usize) -> Sample {
     );
 
     let record = Record {
-        audio: format!("audio/{id}.wav"),
+        audio: Some(format!("audio/{id}.wav")),
         video: format!("frames/{id}"),
         id,
         split,
@@ -686,7 +686,9 @@ pub fn synthesize(
     let mut records = Vec::with_capacity(cfg.n);
     for index in 0..cfg.n {
         let sample = generate(cfg, index);
-        media::write_wav(&out.join(&sample.record.audio), &sample.audio)?;
+        if let Some(audio) = &sample.record.audio {
+            media::write_wav(&out.join(audio), &sample.audio)?;
+        }
         let dir = out.join(&sample.record.video);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (i, frame) in sample.frames.iter().enumerate() {

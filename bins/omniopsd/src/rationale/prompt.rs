@@ -145,7 +145,7 @@ mod tests {
         Record {
             id: "s1".into(),
             split: Split::Train,
-            audio: "a.wav".into(),
+            audio: Some("a.wav".into()),
             video: "f".into(),
             subtitle: "I'm fine, thanks.".into(),
             rationale: None,

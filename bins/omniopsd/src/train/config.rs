@@ -115,6 +115,7 @@ pub struct DataConfig {
     pub synth_seed: u64,
     pub max_audio_seconds: f64,
     pub max_frames: usize,
+    pub video: crate::data::video::VideoOptions,
     pub on_bad_sample: BadSamplePolicy,
 }
 
@@ -127,6 +128,7 @@ impl Default for DataConfig {
             synth_seed: 0,
             max_audio_seconds: 30.0,
             max_frames: 64,
+            video: Default::default(),
             on_bad_sample: BadSamplePolicy::Error,
         }
     }
@@ -419,7 +421,37 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "data.max_frames",
         "",
-        "most frames accepted per video",
+        "most frames accepted per directory of frames",
+    ),
+    knob(
+        "data.video.fps",
+        "",
+        "frames sampled per second of a video file (qwen-omni-utils' FPS = 2)",
+    ),
+    knob(
+        "data.video.min_frames",
+        "",
+        "fewest frames sampled from a video file (4)",
+    ),
+    knob(
+        "data.video.max_frames",
+        "",
+        "most frames sampled from a video file (768)",
+    ),
+    knob(
+        "data.video.min_pixels",
+        "",
+        "fewest pixels per resized video frame (128·28²)",
+    ),
+    knob(
+        "data.video.max_pixels",
+        "",
+        "most pixels per resized video frame (768·28²)",
+    ),
+    knob(
+        "data.video.total_pixels",
+        "",
+        "pixel budget of all frames of a video together (128000·28²·0.9)",
     ),
     knob(
         "data.on_bad_sample",
@@ -859,6 +891,7 @@ impl TrainConfig {
             "> 0",
         )?;
         need(self.data.max_frames >= 1, "data.max_frames", ">= 1")?;
+        self.data.video.check("data.video.")?;
         super::tiny::check(&self.model)?;
         need(self.warmup.batch_size >= 1, "warmup.batch_size", ">= 1")?;
         if self.warmup.steps > 0 {

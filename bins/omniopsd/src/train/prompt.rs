@@ -235,7 +235,7 @@ pub(crate) mod tests {
         Record {
             id: format!("{emotion}{sentiment}"),
             split: Split::Heldout,
-            audio: String::new(),
+            audio: None,
             video: String::new(),
             subtitle: "x".into(),
             rationale: Some("r".into()),

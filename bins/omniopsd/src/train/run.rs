@@ -79,6 +79,7 @@ pub fn train<B: AutodiffBackend>(
     let limits = Limits {
         max_audio_seconds: cfg.data.max_audio_seconds,
         max_frames: cfg.data.max_frames,
+        video: cfg.data.video.clone(),
         require_rationale: cfg.methods.iter().any(|m| *m == Method::Opsd),
     };
     let mut corpus = samples::load_corpus(cfg, &limits, out)?;

@@ -1,0 +1,21 @@
+//! Tests that need the `ffmpeg` / `ffprobe` programs. Without them a test is skipped with a
+//! notice on a developer's machine (the README's `cargo test --workspace` works without
+//! FFmpeg), and FAILS where `OMNIOPSD_REQUIRE_FFMPEG=1` or `CI` is set: `.ci/run` sets the
+//! first and installs FFmpeg, so CI can never skip them.
+
+/// True when FFmpeg is here; false (the test returns early, said on stderr) when it is not
+/// and it is not required; a failure when it is required.
+pub fn required() -> bool {
+    if omniopsd_cli::data::video::available() {
+        return true;
+    }
+    let set =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(
+        !(set("OMNIOPSD_REQUIRE_FFMPEG") || set("CI")),
+        "this test needs the ffmpeg and ffprobe programs (apt-get install ffmpeg), which \
+         OMNIOPSD_REQUIRE_FFMPEG or CI requires"
+    );
+    eprintln!("skipped: no ffmpeg/ffprobe (install FFmpeg to run this test)");
+    false
+}
