@@ -5,6 +5,7 @@
 pub mod atomic;
 pub mod data;
 pub mod eval_mer;
+pub mod export;
 pub mod infer;
 pub mod inputs;
 pub mod rationale;
