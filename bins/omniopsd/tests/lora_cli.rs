@@ -230,3 +230,70 @@ fn missing_adapter_directory_is_named() {
     ]);
     assert!(err.contains("/nonexistent/lora"), "{err}");
 }
+
+/// A copy of `lora_qv` with `key` of its adapter_config.json set to `value`.
+fn adapter_with(dir: &std::path::Path, key: &str, value: Value) -> PathBuf {
+    let src = reference_dir().join("lora_qv");
+    let out = dir.join(format!("adapter-{key}"));
+    std::fs::create_dir(&out).unwrap();
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+    config[key] = value;
+    std::fs::write(out.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        out.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn rank_zero_alpha_not_positive_and_unknown_targets_exit_non_zero_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (key, value, needle) in [
+        ("r", serde_json::json!(0), "at least 1"),
+        ("lora_alpha", serde_json::json!(0), "positive"),
+        ("lora_alpha", serde_json::json!(-16), "positive"),
+        (
+            "target_modules",
+            serde_json::json!(["q_proj", "c_attn"]),
+            "c_attn",
+        ),
+    ] {
+        let adapter = adapter_with(tmp.path(), key, value.clone());
+        let out = tmp.path().join("merged");
+        let failed = omniopsd(&[
+            "export",
+            "--model",
+            &path("qwen2_tiny"),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!failed.status.success(), "{key} = {value}");
+        let msg = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            msg.contains("adapter_config.json") && msg.contains(key) && msg.contains(needle),
+            "{key} = {value}: {msg}"
+        );
+        assert!(!out.exists(), "{key} = {value}: nothing written");
+        let err = failure_of(&[
+            "generate",
+            "--model",
+            &path("qwen2_tiny"),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+        ]);
+        assert!(
+            err.contains(key) && err.contains(needle),
+            "{key} = {value}: {err}"
+        );
+        std::fs::remove_dir_all(&adapter).unwrap();
+    }
+    // Only the adapters this test made and removed were ever in the directory.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
