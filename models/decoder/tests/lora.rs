@@ -430,3 +430,40 @@ fn a_missing_adapter_directory_or_file_is_named() {
     let err = attach_err(dir.path(), "qwen2_tiny");
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }
+
+/// The decoder of a full Qwen2.5-Omni checkpoint sits under `thinker.`; PEFT's names carry
+/// that prefix (`base_model.model.thinker.model.layers…`), and an adapter saved for one
+/// prefix is refused at another, naming the tensor it looked for.
+#[test]
+fn adapter_names_follow_the_decoder_prefix_in_its_checkpoint() {
+    let m = adapted::<B>("lora_qv");
+    let out = tempfile::tempdir().unwrap();
+    m.save_adapter(out.path(), "thinker", None).unwrap();
+    let names: Vec<String> = header_and_tensors(&out.path().join("adapter_model.safetensors"))
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert_eq!(names.len(), 3 * 2 * 2);
+    assert!(names.contains(
+        &"base_model.model.thinker.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()
+    ));
+    let adapter = PeftAdapter::open(out.path()).unwrap();
+    let again = base::<B>("qwen2_tiny")
+        .with_adapter(&adapter, "thinker")
+        .unwrap();
+    assert_eq!(score_logprobs(&again, "qv"), score_logprobs(&m, "qv"));
+    let err = base::<B>("qwen2_tiny")
+        .with_adapter(&adapter, "")
+        .err()
+        .expect("another prefix")
+        .to_string();
+    assert!(
+        err.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+            && err.contains("not found"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
+        serde_json::Value::Null
+    );
+}
