@@ -14,7 +14,7 @@ const LORA: &str =
     "[lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
 
 /// A run small enough for the test profile: one seed, two methods, a checkpoint per update.
-fn config(dir: &Path, name: &str, cache: &Path, extra: &str) -> PathBuf {
+fn config(dir: &Path, name: &str, cache: &Path, opsd: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"name = "{name}"
 runs_dir = "{runs}"
@@ -36,6 +36,7 @@ samples_per_prompt = 2
 max_new_tokens = 8
 lr_warmup_steps = 1
 learning_rate = 1e-3
+{opsd}
 [eval]
 every = 100
 max_samples = 3
@@ -122,9 +123,19 @@ fn outcome(run: &Path) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
 
 #[test]
 fn lora_run_killed_in_opsd_resumes_to_bit_identical_students_and_adapters() {
+    killed_run_resumes_bit_identically("");
+}
+
+/// The EMA teacher (a second adapter set) is checkpointed and put back on the base.
+#[test]
+fn lora_run_with_an_ema_teacher_resumes_bit_identically() {
+    killed_run_resumes_bit_identically("teacher = \"ema\"\nema_rate = 0.5");
+}
+
+fn killed_run_resumes_bit_identically(opsd: &str) {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let straight = config(dir.path(), "straight", &cache, LORA);
+    let straight = config(dir.path(), "straight", &cache, opsd, LORA);
     ok(&train(&["--config", straight.to_str().unwrap()]));
     let run = dir.path().join("runs/straight");
     let reference = outcome(&run);
@@ -155,7 +166,7 @@ fn lora_run_killed_in_opsd_resumes_to_bit_identical_students_and_adapters() {
     let b = names.iter().find(|n| n.ends_with("lora_B.weight")).unwrap();
     assert!(weights.read_f32(b).unwrap().0.iter().any(|&x| x != 0.0));
 
-    let killed = config(dir.path(), "killed", &cache, LORA);
+    let killed = config(dir.path(), "killed", &cache, opsd, LORA);
     let run = dir.path().join("runs/killed");
     let mut child = spawn(&["--config", killed.to_str().unwrap()]);
     wait_for(
@@ -187,7 +198,7 @@ fn bad_lora_values_stop_before_any_run_is_written() {
     .enumerate()
     {
         let name = format!("bad{i}");
-        let cfg = config(dir.path(), &name, &dir.path().join("cache"), table);
+        let cfg = config(dir.path(), &name, &dir.path().join("cache"), "", table);
         let out = train(&["--config", cfg.to_str().unwrap()]);
         assert!(!out.status.success(), "{table}");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -509,6 +509,46 @@ impl<B: Backend> Qwen2Model<B> {
         model
     }
 
+    /// This model's base weights with `other`'s adapters (and settings): how a LoRA EMA
+    /// teacher loaded from a checkpoint is put back on the student's base, so the base is held
+    /// once. `other` must be a decoder of the same shape (layers and widths); the error names
+    /// what differs.
+    pub fn with_adapters_of(&self, other: &Self) -> Result<Self, Error> {
+        let theirs = other.projections();
+        let ours = self.config().num_hidden_layers;
+        if theirs.len() != 7 * ours {
+            return Err(Error::Adapter {
+                file: PathBuf::from("model.layers"),
+                reason: format!(
+                    "{} layers here, {} in the model the adapters come from",
+                    ours,
+                    other.config().num_hidden_layers
+                ),
+            });
+        }
+        let mut index = 0;
+        let mut model = self.clone().map_projections(|name, _, lin| {
+            let Some((their_name, _, their_lin)) = theirs.get(index) else {
+                return Err(Error::Adapter {
+                    file: PathBuf::from(name),
+                    reason: "the model the adapters come from has fewer layers".into(),
+                });
+            };
+            index += 1;
+            let base = lin.without_adapter();
+            match their_lin.adapter() {
+                None if name == their_name => Ok(base),
+                Some(a) if name == their_name => base.with_adapter(a.clone()).map_err(Error::from),
+                _ => Err(Error::Adapter {
+                    file: PathBuf::from(name),
+                    reason: format!("the other model has `{their_name}` here"),
+                }),
+            }
+        })?;
+        model.lora = other.lora.clone();
+        Ok(model)
+    }
+
     /// The adapters merged into the weights (`W + s·B·A`, PEFT's `merge_and_unload`): a plain
     /// decoder that computes what the adapted one does.
     pub fn merge_adapters(self) -> Self {

@@ -115,6 +115,26 @@ fn lora_opsd_trains_only_the_adapters_in_every_teacher_mode() {
                 let ema = adapter_weights(t);
                 assert_ne!(ema, adapters0);
                 assert_ne!(ema, adapter_weights(&trained));
+                // A checkpointed EMA teacher goes back on the student's base.
+                let grafted = trained.with_adapters_of(t).unwrap();
+                assert_eq!(adapter_weights(&grafted), ema);
+                assert_eq!(base_weights(&grafted), base0);
+                let tied = Checkpoint::open(&reference().join("qwen2_tiny_tied_bf16")).unwrap();
+                let other = Qwen2Model::<B>::from_checkpoint(&tied, &Default::default())
+                    .unwrap()
+                    .with_new_adapters(
+                        &LoraConfig {
+                            r: 4,
+                            lora_alpha: 8.0,
+                            lora_dropout: 0.0,
+                            target_modules: vec!["k_proj".into()],
+                            use_rslora: false,
+                        },
+                        0,
+                    )
+                    .unwrap();
+                let err = trained.with_adapters_of(&other).unwrap_err().to_string();
+                assert!(err.contains("3 layers here, 2"), "{err}");
             }
             (mode, snapshot) => panic!("{mode:?}: snapshot present: {}", snapshot.is_some()),
         }

@@ -111,11 +111,16 @@ impl<'a, B: AutodiffBackend> Opsd<'a, B> {
         let trainer = match resumed {
             Some(r) => {
                 let teacher = match r.has("teacher") {
-                    true => Some(
-                        model
+                    true => {
+                        let loaded = model
                             .valid()
-                            .load_record(r.record::<Inner<B>, _>("teacher", device)?),
-                    ),
+                            .load_record(r.record::<Inner<B>, _>("teacher", device)?);
+                        // A LoRA EMA teacher: its adapters on the student's base, held once.
+                        Some(match model.lora_config() {
+                            Some(_) => model.valid().with_adapters_of(&loaded)?,
+                            None => loaded,
+                        })
+                    }
                     false if lora_frozen => Some(model.valid().without_adapters()),
                     false => None,
                 };
