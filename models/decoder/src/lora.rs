@@ -440,6 +440,18 @@ impl<B: Backend> Qwen2Model<B> {
             if !config.targets(short) {
                 return Ok(lin);
             }
+            let width = lin.d_in().min(lin.d_out());
+            if config.r > width {
+                // `B·A` has rank at most min(d_in, d_out): a larger r only adds parameters.
+                return Err(Error::Config {
+                    file: PathBuf::from("LoRA settings"),
+                    key: "r".into(),
+                    reason: format!(
+                        "{} exceeds min(d_in, d_out) = {width} of `{name}`",
+                        config.r
+                    ),
+                });
+            }
             let adapter = init_adapter(name, lin.d_in(), lin.d_out(), config, seed, &device);
             lin.with_adapter(adapter).map_err(Error::from)
         })?;

@@ -163,3 +163,27 @@ fn new_adapters_train_from_a_zero_delta() {
     assert!(!m.skipped && m.grad_norm > 0.0, "{m:?}");
     assert_eq!(trainer.state().optimizer.len(), 2 * 3 * 7);
 }
+
+#[test]
+fn a_new_adapter_rank_above_a_projection_width_is_refused_naming_it() {
+    let ckpt = Checkpoint::open(&reference().join("qwen2_tiny")).unwrap();
+    let err = Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default())
+        .unwrap()
+        .with_new_adapters(
+            &LoraConfig {
+                r: 1 << 40,
+                lora_alpha: 8.0,
+                lora_dropout: 0.0,
+                target_modules: vec!["k_proj".into()],
+                use_rslora: false,
+            },
+            0,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("`r`") && err.contains("min(d_in, d_out) = 32") && err.contains("k_proj"),
+        "{err}"
+    );
+}

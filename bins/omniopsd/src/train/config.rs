@@ -72,7 +72,9 @@ pub struct LoraSection {
     pub r: usize,
     /// `α`: the scaling is `α / r` (`α / √r` with `use_rslora`).
     pub lora_alpha: f64,
-    /// Dropout on each adapter's input during training, in [0, 1).
+    /// Dropout on each adapter's input during training, in [0, 1). Above 0 it draws from the
+    /// backend's random stream, which checkpoints do not hold: a resumed run then departs
+    /// from an uninterrupted one.
     pub lora_dropout: f64,
     /// Projections that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
     /// up_proj, down_proj.
