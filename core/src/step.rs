@@ -428,6 +428,27 @@ where
         })
     }
 
+    /// A fresh trainer whose `Frozen` / `Ema` teacher starts from `snapshot` instead of the
+    /// student's current weights: for LoRA's `frozen` teacher, the base with the adapters off
+    /// (its weights shared with the student's, not copied). An `Ema` snapshot must have the
+    /// student's parameters (the blend fails otherwise); `Live` takes none.
+    pub fn with_teacher(
+        model: M,
+        config: OpsdConfig,
+        snapshot: Option<M::InnerModule>,
+    ) -> Result<Self, StepError> {
+        config.validate()?;
+        let teacher = Teacher::from_snapshot(config.teacher, snapshot)?;
+        Ok(Self {
+            updater: Updater::new(config.update()),
+            config,
+            model,
+            teacher,
+            optimizer_steps: 0,
+            episodes_seen: 0,
+        })
+    }
+
     /// Continues from a saved [`TrainerState`]; `model` holds the weights saved with it.
     pub fn resume(
         model: M,
@@ -670,7 +691,11 @@ where
             metrics.skipped = Some(SkipReason::NonFiniteGradient);
             return Ok(metrics);
         }
-        self.teacher.after_update(&self.model.valid())?;
+        if self.teacher.mode() != TeacherMode::Live {
+            let trainable = teacher::trainable_params::<B, M>(&self.model);
+            self.teacher
+                .after_update_trainable(&self.model.valid(), &trainable)?;
+        }
         Ok(metrics)
     }
 }

@@ -11,8 +11,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::container::TensorContainer;
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use crate::fused::TeacherInput;
 use crate::model::PolicyModel;
@@ -194,7 +195,8 @@ impl<M: Clone> Teacher<M> {
         self.snapshot.as_ref().unwrap_or(live)
     }
 
-    /// Follows one optimizer update of the student (only `Ema` changes).
+    /// Follows one optimizer update of the student (only `Ema` changes), blending every
+    /// parameter.
     pub fn after_update<B: Backend>(&mut self, student: &M) -> Result<(), TeacherError>
     where
         M: Module<B>,
@@ -206,31 +208,86 @@ impl<M: Clone> Teacher<M> {
         }
         Ok(())
     }
+
+    /// [`Teacher::after_update`] blending only the parameters in `trainable` (sorted, as
+    /// [`trainable_params`] returns them): the others never change, so the teacher keeps the
+    /// student's tensors for them, shared rather than recomputed. With adapters on a frozen
+    /// base (LoRA), the EMA teacher is then a second adapter set over the one base.
+    pub fn after_update_trainable<B: Backend>(
+        &mut self,
+        student: &M,
+        trainable: &[ParamId],
+    ) -> Result<(), TeacherError>
+    where
+        M: Module<B>,
+    {
+        if let TeacherMode::Ema { rate } = self.mode {
+            if let Some(teacher) = self.snapshot.take() {
+                self.snapshot = Some(blend(teacher, student, rate, Some(trainable))?);
+            }
+        }
+        Ok(())
+    }
 }
 
-struct CollectParams<B: Backend> {
+struct TrainableParams {
+    ids: Vec<ParamId>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TrainableParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if param.val().is_require_grad() {
+            self.ids.push(param.id);
+        }
+    }
+}
+
+/// The ids of the parameters of `model` that require gradients (what an optimizer updates),
+/// sorted. A full fine-tune lists every parameter; LoRA only the adapters.
+pub fn trainable_params<B: AutodiffBackend, M: Module<B>>(model: &M) -> Vec<ParamId> {
+    let mut visitor = TrainableParams { ids: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.ids.sort();
+    visitor.ids
+}
+
+struct CollectParams<'a, B: Backend> {
     tensors: TensorContainer<ParamId>,
     ids: Vec<ParamId>,
+    only: Option<&'a [ParamId]>,
     _backend: core::marker::PhantomData<B>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for CollectParams<B> {
+impl<B: Backend> ModuleVisitor<B> for CollectParams<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self
+            .only
+            .is_some_and(|ids| ids.binary_search(&param.id).is_err())
+        {
+            return;
+        }
         self.ids.push(param.id);
         self.tensors
             .register::<B>(param.id, param.val().into_primitive());
     }
 }
 
-struct BlendParams<B: Backend> {
+struct BlendParams<'a, B: Backend> {
     student: TensorContainer<ParamId>,
     rate: f32,
     missing: Option<ParamId>,
+    only: Option<&'a [ParamId]>,
     _backend: core::marker::PhantomData<B>,
 }
 
-impl<B: Backend> ModuleMapper<B> for BlendParams<B> {
+impl<B: Backend> ModuleMapper<B> for BlendParams<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self
+            .only
+            .is_some_and(|ids| ids.binary_search(&param.id).is_err())
+        {
+            return param;
+        }
         match self.student.remove::<B>(&param.id) {
             Some(student) => {
                 let student = Tensor::<B, D>::from_primitive(student);
@@ -255,9 +312,20 @@ pub fn ema_blend<B: Backend, M: Module<B>>(
     student: &M,
     rate: f32,
 ) -> Result<M, TeacherError> {
+    blend(teacher, student, rate, None)
+}
+
+/// [`ema_blend`] over the parameters in `only` (sorted ids; `None`: all of them).
+fn blend<B: Backend, M: Module<B>>(
+    teacher: M,
+    student: &M,
+    rate: f32,
+    only: Option<&[ParamId]>,
+) -> Result<M, TeacherError> {
     let mut collect = CollectParams::<B> {
         tensors: TensorContainer::new(),
         ids: Vec::new(),
+        only,
         _backend: core::marker::PhantomData,
     };
     student.visit(&mut collect);
@@ -265,6 +333,7 @@ pub fn ema_blend<B: Backend, M: Module<B>>(
         student: collect.tensors,
         rate,
         missing: None,
+        only,
         _backend: core::marker::PhantomData,
     };
     let blended = teacher.map(&mut blend);

@@ -248,3 +248,63 @@ fn ema_rate_outside_unit_interval_is_rejected() {
     }
     assert!(Teacher::new(TeacherMode::Ema { rate: 1.0 }, &m).is_ok());
 }
+
+/// LoRA-style training: parameters that do not require gradients are frozen. They get no
+/// optimizer state, never change, and the EMA teacher leaves them alone instead of blending a
+/// copy of them, while the trained ones are blended as before.
+#[test]
+fn frozen_params_get_no_optimizer_state_and_the_ema_teacher_blends_only_the_trained_ones() {
+    use omniopsd_core::teacher::trainable_params;
+    let mut model = Toy::<Train>::new(VOCAB, HIDDEN, 11, &Default::default());
+    model.embed = model.embed.set_require_grad(false);
+    model.head = model.head.set_require_grad(false);
+    let (embed0, head0) = (values(model.embed.val()), values(model.head.val()));
+    let trainable = trainable_params::<Train, _>(&model);
+    assert_eq!(trainable.len(), 6);
+    assert!(trainable.binary_search(&model.embed.id).is_err());
+    assert!(trainable.windows(2).all(|w| w[0] < w[1]), "sorted");
+
+    let mut trainer = OpsdTrainer::new(model, config(TeacherMode::Ema { rate: 0.5 })).unwrap();
+    let wq0 = values(trainer.model().wq.val());
+    for _ in 0..2 {
+        let m = trainer.step(&episodes()).unwrap();
+        assert!(!m.skipped, "{m:?}");
+    }
+    let student = trainer.model();
+    assert_eq!(values(student.embed.val()), embed0);
+    assert_eq!(values(student.head.val()), head0);
+    assert_ne!(values(student.wq.val()), wq0, "the trained weights move");
+    assert_eq!(
+        trainer.state().optimizer.len(),
+        6,
+        "state for trained params only"
+    );
+    let teacher = trainer.teacher().snapshot().unwrap();
+    assert_eq!(values(teacher.embed.val()), embed0);
+    let t = values(teacher.wq.val());
+    assert!(
+        t != wq0 && t != values(student.wq.val()),
+        "blended between θ₀ and θ"
+    );
+}
+
+/// `with_teacher`: the frozen teacher is what the caller gives (LoRA: the base, adapters off),
+/// not the student's θ₀; `live` takes none.
+#[test]
+fn with_teacher_uses_the_given_frozen_snapshot() {
+    let student = Toy::<Train>::new(VOCAB, HIDDEN, 11, &Default::default());
+    let other = student.valid().map(&mut Shift(0.2));
+    let trainer = OpsdTrainer::with_teacher(
+        student.clone(),
+        config(TeacherMode::Frozen),
+        Some(other.clone()),
+    )
+    .unwrap();
+    assert_eq!(
+        params(trainer.teacher().snapshot().unwrap()),
+        params(&other)
+    );
+    let err =
+        OpsdTrainer::with_teacher(student, config(TeacherMode::Live), Some(other)).unwrap_err();
+    assert!(err.to_string().contains("snapshot"), "{err}");
+}

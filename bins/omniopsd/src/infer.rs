@@ -10,7 +10,9 @@
 //!
 //! Prompts are raw text: no chat template is applied (render one into `--prompt`). A
 //! checkpoint whose `config.json` has `thinker_config` or `text_config` is a Qwen2.5-Omni
-//! thinker and takes `--audio` / `--video`; any other is a `Qwen2ForCausalLM`.
+//! thinker and takes `--audio` / `--video`; any other is a `Qwen2ForCausalLM`. `--adapter DIR`
+//! applies a LoRA adapter in PEFT's format to the text decoder (refused, naming the tensor and
+//! both shapes, when it was made for another base).
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +25,7 @@ use omniopsd_core::fused::lm_logits;
 use omniopsd_core::rollout::{rollout, RolloutConfig};
 use omniopsd_core::sampling::{log_softmax_at, SamplingConfig};
 use omniopsd_core::PolicyModel;
-use omniopsd_decoder::{check_tokenizer, Qwen2Model, TokenPrompt};
+use omniopsd_decoder::{check_tokenizer, PeftAdapter, Qwen2Model, TokenPrompt};
 use omniopsd_thinker::{EncodedMedia, MediaInput, Thinker};
 use serde_json::json;
 use tokenizers::Tokenizer;
@@ -49,6 +51,11 @@ pub struct ModelArgs {
     /// Qwen2ForCausalLM.
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter directory saved by PEFT (`adapter_config.json` +
+    /// `adapter_model.safetensors`) or by `omniopsd train`, made for --model; applied to the
+    /// text decoder's projections.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// An audio file of at most 30 s: a 16 kHz mono WAV, or (through FFmpeg) WAV at any rate
     /// and channel count, MP3, FLAC, M4A/AAC, Ogg (omni-modal checkpoints only).
     #[arg(long, value_name = "FILE")]
@@ -165,10 +172,11 @@ struct Loaded<B: Backend> {
     model: Model<B>,
     tokenizer: Tokenizer,
     dir: PathBuf,
+    adapter: Option<PathBuf>,
 }
 
 impl<B: Backend> Loaded<B> {
-    fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+    fn load(dir: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<Self> {
         if !dir.is_dir() {
             bail!(
                 "model directory {} does not exist or is not a directory",
@@ -184,6 +192,12 @@ impl<B: Backend> Loaded<B> {
         }
         let ckpt = Checkpoint::open(dir)
             .with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
+        let lora = adapter
+            .map(|path| {
+                PeftAdapter::open(path)
+                    .with_context(|| format!("opening the LoRA adapter in {}", path.display()))
+            })
+            .transpose()?;
         let model =
             if ckpt.layout().is_multimodal() {
                 Model::Omni(Thinker::from_checkpoint(&ckpt, device).with_context(|| {
@@ -194,6 +208,29 @@ impl<B: Backend> Loaded<B> {
                     format!("loading the Qwen2ForCausalLM in {}", dir.display())
                 })?)
             };
+        let model = match lora {
+            None => model,
+            Some(lora) => {
+                let attach = |decoder: Qwen2Model<B>| {
+                    decoder
+                        .with_adapter(&lora, ckpt.model_weights().prefix())
+                        .with_context(|| {
+                            format!(
+                                "applying the LoRA adapter in {} to the model in {}",
+                                lora.dir().display(),
+                                dir.display()
+                            )
+                        })
+                };
+                match model {
+                    Model::Text(m) => Model::Text(attach(m)?),
+                    Model::Omni(mut t) => {
+                        t.decoder = attach(t.decoder)?;
+                        Model::Omni(t)
+                    }
+                }
+            }
+        };
         let vocab = match &model {
             Model::Text(m) => m.config().vocab_size,
             Model::Omni(t) => t.decoder.config().vocab_size,
@@ -202,6 +239,7 @@ impl<B: Backend> Loaded<B> {
             tokenizer: check_tokenizer(&tokenizer_path, vocab)?,
             model,
             dir: dir.to_path_buf(),
+            adapter: adapter.map(Path::to_path_buf),
         })
     }
 
@@ -411,7 +449,7 @@ fn response_logprobs<B: Backend>(
 }
 
 fn score<B: Backend>(args: &ScoreArgs, device: &B::Device) -> Result<()> {
-    let loaded = Loaded::<B>::load(&args.model.model, device)?;
+    let loaded = Loaded::<B>::load(&args.model.model, args.model.adapter.as_deref(), device)?;
     let response = loaded.encode(&args.response, "--response")?;
     if response.is_empty() {
         bail!("--response {:?} has no tokens to score", args.response);
@@ -437,6 +475,7 @@ fn score<B: Backend>(args: &ScoreArgs, device: &B::Device) -> Result<()> {
     if args.model.json {
         let mut out = json!({
             "model": loaded.dir,
+            "adapter": loaded.adapter,
             "architecture": loaded.architecture(),
             "prompt_ids": student_ids,
             "response_ids": response,
@@ -461,8 +500,13 @@ fn score<B: Backend>(args: &ScoreArgs, device: &B::Device) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({}); student prompt: {} tokens{}",
+        "{}{} ({}); student prompt: {} tokens{}",
         loaded.dir.display(),
+        loaded
+            .adapter
+            .as_ref()
+            .map(|a| format!(" + LoRA {}", a.display()))
+            .unwrap_or_default(),
         loaded.architecture(),
         student_prompt.ids.len(),
         teacher
@@ -527,7 +571,7 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let loaded = Loaded::<B>::load(&args.model.model, device)?;
+    let loaded = Loaded::<B>::load(&args.model.model, args.model.adapter.as_deref(), device)?;
     let prompter = loaded.prompter(&args.model)?;
     let prompt_ids = loaded.encode(&args.prompt, "--prompt")?;
     let prompt = prompter.prompt(&prompt_ids, "--prompt")?;
@@ -561,6 +605,7 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     if args.model.json {
         let out = json!({
             "model": loaded.dir,
+            "adapter": loaded.adapter,
             "architecture": loaded.architecture(),
             "prompt_ids": prompt_ids,
             "prompt_tokens": prompt.ids.len(),

@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod eval_mer;
+pub mod export;
 pub mod infer;
 pub mod inputs;
 pub mod rationale;

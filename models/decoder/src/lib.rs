@@ -13,10 +13,14 @@
 use std::path::PathBuf;
 
 mod config;
+mod lora;
 mod model;
 mod policy;
 
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
+pub use lora::{
+    peft_prefix, LoraConfig, PeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS,
+};
 pub use model::{text_positions, KvCache, Qwen2Model};
 pub use policy::{check_tokenizer, DecoderCache, EmbeddingInserts, PromptPositions, TokenPrompt};
 
@@ -43,6 +47,9 @@ pub enum Error {
         tokenizer: usize,
         embedding: usize,
     },
+    /// A LoRA adapter that does not fit the base model or cannot be written.
+    #[error("{file}: {reason}")]
+    Adapter { file: PathBuf, reason: String },
     /// A prompt that does not fit the model.
     #[error("prompt: {reason}")]
     Prompt { reason: String },

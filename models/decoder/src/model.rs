@@ -24,7 +24,7 @@ use omniopsd_checkpoint::{Checkpoint, ConfigView, Dtype, Layout, Weights};
 use omniopsd_core::fused::lm_logits;
 use omniopsd_nn::{Linear, RmsNorm};
 
-use crate::{Error, Qwen2Config};
+use crate::{Error, LoraConfig, Qwen2Config};
 
 #[derive(Module, Debug)]
 struct Attention<B: Backend> {
@@ -231,6 +231,8 @@ pub struct Qwen2Model<B: Backend> {
     freq_rows: Vec<usize>,
     inv_freq: Vec<f32>,
     config: Qwen2Config,
+    /// The settings of the attached LoRA adapters (see `lora.rs`); `None` without adapters.
+    pub(crate) lora: Option<LoraConfig>,
 }
 
 impl<B: Backend> Qwen2Model<B> {
@@ -320,6 +322,7 @@ impl<B: Backend> Qwen2Model<B> {
             freq_rows,
             inv_freq,
             config,
+            lora: None,
         })
     }
 
@@ -435,8 +438,59 @@ impl<B: Backend> Qwen2Model<B> {
         }
     }
 
+    /// Every projection of every layer with its name below the decoder's prefix
+    /// (`model.layers.3.mlp.up_proj`) and its short name (`up_proj`), in layer order.
+    pub(crate) fn projections(&self) -> Vec<(String, &'static str, &Linear<B>)> {
+        let mut out = Vec::with_capacity(7 * self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (group, name, lin) in [
+                ("self_attn", "q_proj", &a.q_proj),
+                ("self_attn", "k_proj", &a.k_proj),
+                ("self_attn", "v_proj", &a.v_proj),
+                ("self_attn", "o_proj", &a.o_proj),
+                ("mlp", "gate_proj", &m.gate_proj),
+                ("mlp", "up_proj", &m.up_proj),
+                ("mlp", "down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{group}.{name}"), name, lin));
+            }
+        }
+        out
+    }
+
+    /// Replaces every projection by `f(name, short name, projection)`, names as in
+    /// [`Self::projections`]; stops at the first error.
+    pub(crate) fn map_projections<E>(
+        mut self,
+        mut f: impl FnMut(&str, &'static str, Linear<B>) -> Result<Linear<B>, E>,
+    ) -> Result<Self, E> {
+        let layers = std::mem::take(&mut self.layers);
+        for (i, mut l) in layers.into_iter().enumerate() {
+            let p = |group: &str, name: &str| format!("model.layers.{i}.{group}.{name}");
+            let a = l.self_attn;
+            let m = l.mlp;
+            l.self_attn = Attention {
+                q_proj: f(&p("self_attn", "q_proj"), "q_proj", a.q_proj)?,
+                k_proj: f(&p("self_attn", "k_proj"), "k_proj", a.k_proj)?,
+                v_proj: f(&p("self_attn", "v_proj"), "v_proj", a.v_proj)?,
+                o_proj: f(&p("self_attn", "o_proj"), "o_proj", a.o_proj)?,
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+            };
+            l.mlp = Mlp {
+                gate_proj: f(&p("mlp", "gate_proj"), "gate_proj", m.gate_proj)?,
+                up_proj: f(&p("mlp", "up_proj"), "up_proj", m.up_proj)?,
+                down_proj: f(&p("mlp", "down_proj"), "down_proj", m.down_proj)?,
+            };
+            self.layers.push(l);
+        }
+        Ok(self)
+    }
+
     /// Every weight under its HF name (`model.*`, and `lm_head.weight` unless tied), as
-    /// transformers' `Qwen2ForCausalLM` names them.
+    /// transformers' `Qwen2ForCausalLM` names them. Attached LoRA adapters are merged into
+    /// the projections' weights (`W + s·B·A`), so the export computes what this model does.
     pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -454,6 +508,7 @@ impl<B: Backend> Qwen2Model<B> {
                 ("mlp.up_proj", &l.mlp.up_proj),
                 ("mlp.down_proj", &l.mlp.down_proj),
             ] {
+                let lin = lin.clone().merged();
                 out.push((format!("{p}.{name}.weight"), lin.weight().into_data()));
                 if let Some(bias) = lin.bias() {
                     out.push((format!("{p}.{name}.bias"), bias.into_data()));

@@ -2,7 +2,8 @@
 //! view under the names PyTorch gives them (`weight`, `bias`):
 //!
 //! - [`Linear`]: `nn.Linear`, keeping `Wᵀ` contiguous, with the few-row product of
-//!   [`omniopsd_backends::rows`] for decode steps;
+//!   [`omniopsd_backends::rows`] for decode steps, optionally carrying a [`LoraAdapter`]
+//!   (PEFT's `lora_A` / `lora_B`, base weight frozen);
 //! - [`RmsNorm`]: `Qwen2RMSNorm`;
 //! - [`LayerNorm`]: `nn.LayerNorm`;
 //! - [`RandomInit`]: their HF-style random initialisation, for checkpoints written from a
@@ -16,5 +17,5 @@ mod linear;
 mod norm;
 
 pub use init::RandomInit;
-pub use linear::Linear;
+pub use linear::{Linear, LoraAdapter};
 pub use norm::{LayerNorm, RmsNorm};

@@ -26,6 +26,7 @@ use omniopsd_core::teacher::TeacherMode;
 use serde::{Deserialize, Serialize};
 
 use omniopsd_core::sft::{SftConfig, SftError};
+use omniopsd_decoder::LoraConfig;
 
 /// The whole configuration. Each field is a top-level key or a `[section]`; what a key does
 /// is its row in [`KNOBS`].
@@ -43,6 +44,61 @@ pub struct TrainConfig {
     pub opsd: OpsdSection,
     pub eval: EvalConfig,
     pub checkpoint: CheckpointConfig,
+    /// `[lora]`: the method phases train LoRA adapters on a frozen model instead of every
+    /// weight (absent: full fine-tuning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
+}
+
+/// `[lora]`: PEFT's `LoraConfig` keys. The adapters are new in every method phase (PEFT's
+/// initialisation, `B = 0`, seeded by the phase's seed) on the warm-up weights, which stay
+/// frozen; the `frozen` teacher is then those weights with the adapters off, `ema` a second
+/// adapter set, `live` the current adapters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// Rank `r`.
+    pub r: usize,
+    /// `α`: the scaling is `α / r` (`α / √r` with `use_rslora`).
+    pub lora_alpha: f64,
+    /// Dropout on each adapter's input during training, in [0, 1). Above 0 it draws from the
+    /// backend's random stream, which checkpoints do not hold: a resumed run then departs
+    /// from an uninterrupted one.
+    pub lora_dropout: f64,
+    /// Projections that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj.
+    pub target_modules: Vec<String>,
+    /// Rank-stabilised scaling `α / √r`.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSection {
+    /// r 16, α 32, no dropout, all seven projections.
+    fn default() -> Self {
+        Self {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: omniopsd_decoder::LORA_TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraSection {
+    /// The decoder's adapter settings.
+    pub fn config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -64,6 +120,7 @@ impl Default for TrainConfig {
             opsd: OpsdSection::default(),
             eval: EvalConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            lora: None,
         }
     }
 }
@@ -514,6 +571,19 @@ pub const KNOBS: &[Knob] = &[
         "peak LR of the warm-up (schedule shape and AdamW from [opsd])",
     ),
     knob(
+        "lora.r",
+        "",
+        "with a [lora] table: LoRA rank (the method phases train adapters, not every weight)",
+    ),
+    knob("lora.lora_alpha", "", "LoRA α: scaling α/r (α/√r with lora.use_rslora)"),
+    knob("lora.lora_dropout", "", "dropout on the adapters' input in training, in [0, 1)"),
+    knob(
+        "lora.target_modules",
+        "",
+        "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (any of)",
+    ),
+    knob("lora.use_rslora", "", "rank-stabilised scaling α/√r"),
+    knob(
         "opsd.steps",
         "schedule.total_steps",
         "optimizer updates of every method (label-sft included)",
@@ -912,6 +982,11 @@ impl TrainConfig {
             "checkpoint.keep_last",
             ">= 1",
         )?;
+        if let Some(lora) = &self.lora {
+            lora.config()
+                .validate()
+                .map_err(|(key, reason)| anyhow!("lora.{key}: {reason}"))?;
+        }
         Ok(())
     }
 }
@@ -1032,6 +1107,7 @@ mod tests {
         cfg.opsd.kl_clip = Some(1.0);
         cfg.eval.max_samples = Some(3);
         cfg.eval.mer_data = Some("mer".into());
+        cfg.lora = Some(LoraSection::default());
         let value: toml::Value = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         let mut found = Vec::new();
         keys(&value, "", &mut found);
@@ -1056,6 +1132,35 @@ mod tests {
         assert!(error("[opsd]\nadam_epsilon = -1.0\n").contains("opsd.adam_epsilon: must be"));
         // A skipped warm-up has no schedule to check.
         assert!(TrainConfig::from_toml("[warmup]\nsteps = 0\n", "t").is_ok());
+    }
+
+    #[test]
+    fn lora_table_reads_with_peft_defaults_and_refuses_bad_values_naming_the_key() {
+        let cfg = TrainConfig::from_toml("[lora]\nr = 4\n", "t").unwrap();
+        let lora = cfg.lora.clone().unwrap().config();
+        assert_eq!(
+            (lora.r, lora.lora_alpha, lora.target_modules.len()),
+            (4, 32.0, 7)
+        );
+        assert_eq!(
+            TrainConfig::from_toml(&cfg.to_toml().unwrap(), "t").unwrap(),
+            cfg
+        );
+        assert!(TrainConfig::from_toml("", "t").unwrap().lora.is_none());
+        for (toml, key) in [
+            ("[lora]\nr = 0\n", "lora.r"),
+            ("[lora]\nlora_alpha = 0.0\n", "lora.lora_alpha"),
+            ("[lora]\nlora_alpha = -1.0\n", "lora.lora_alpha"),
+            (
+                "[lora]\ntarget_modules = [\"q_proj\", \"qkv\"]\n",
+                "lora.target_modules",
+            ),
+            ("[lora]\nlora_dropout = 1.0\n", "lora.lora_dropout"),
+            ("[lora]\nrank = 4\n", "rank"),
+        ] {
+            let msg = error(toml);
+            assert!(msg.contains(key), "{toml}: {msg}");
+        }
     }
 
     #[test]

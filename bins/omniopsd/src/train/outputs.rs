@@ -49,7 +49,8 @@ pub fn write_predictions(
 }
 
 /// `students/{phase}/`: the trained model as an HF checkpoint directory of the same layout as
-/// the one it started from (towers copied, decoder weights replaced), with its tokenizer.
+/// the one it started from (towers copied, decoder weights replaced, LoRA adapters merged),
+/// with its tokenizer; a LoRA-trained model also as a PEFT adapter in `adapter/`.
 pub fn export_student<B: burn::tensor::backend::Backend>(
     ctx: &Ctx<'_>,
     phase: &str,
@@ -90,6 +91,11 @@ pub fn export_student<B: burn::tensor::backend::Backend>(
     )?;
     let config = serde_json::to_vec_pretty(init.config_json())?;
     omniopsd_checkpoint::atomic::write_atomic(&dir.join("config.json"), &config)?;
+    if model.lora_config().is_some() {
+        // The weights above have the adapters merged in; the adapters alone, in PEFT's format,
+        // go to `adapter/` for `PeftModel.from_pretrained` or `--adapter`.
+        model.save_adapter(&dir.join("adapter"), prefix.trim_end_matches('.'), None)?;
+    }
     super::tokenizer::save(ctx.tokenizer, &dir.join("tokenizer.json"))
 }
 

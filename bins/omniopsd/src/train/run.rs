@@ -244,6 +244,11 @@ fn method_phase<B: AutodiffBackend>(
         examples: train.len(),
         heldout,
     };
+    // With `[lora]`, every method trains new adapters on the frozen warm-up weights.
+    let start = match &ctx.cfg.lora {
+        Some(lora) => warm.clone().with_new_adapters(&lora.config(), seed)?,
+        None => warm.clone(),
+    };
     let (model, final_divergence) = match method {
         Method::LabelSft => {
             let examples: Vec<(&TokenPrompt, &[u32])> = train
@@ -251,7 +256,7 @@ fn method_phase<B: AutodiffBackend>(
                 .map(|s| (&s.student, s.target.as_slice()))
                 .collect();
             let config = o.label_sft();
-            let done = phase::drive(ctx, &plan, warm.clone(), |m, resumed| {
+            let done = phase::drive(ctx, &plan, start, |m, resumed| {
                 Sft::start(m, config, examples, resumed, device)
             })?;
             (done.stepper.into_model(), None)
@@ -286,7 +291,7 @@ fn method_phase<B: AutodiffBackend>(
             );
             plan.examples = episodes.len();
             let config = o.trainer(ctx.stop_token, seed);
-            let done = phase::drive(ctx, &plan, warm.clone(), |m, resumed| {
+            let done = phase::drive(ctx, &plan, start, |m, resumed| {
                 Opsd::start(m, config, &episodes, resumed, device)
             })?;
             let divergence = done

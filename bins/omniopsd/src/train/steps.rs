@@ -9,6 +9,7 @@ use anyhow::Result;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer, TrainerState};
+use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 
 use super::checkpoint::Sections;
@@ -104,14 +105,23 @@ impl<'a, B: AutodiffBackend> Opsd<'a, B> {
         resumed: Option<&Resumed>,
         device: &B::Device,
     ) -> Result<Self> {
+        // LoRA's frozen teacher is the model with its adapters off: rebuilt from the model,
+        // sharing its weights, never saved (see `save`).
+        let lora_frozen = model.lora_config().is_some() && config.teacher == TeacherMode::Frozen;
         let trainer = match resumed {
             Some(r) => {
                 let teacher = match r.has("teacher") {
-                    true => Some(
-                        model
+                    true => {
+                        let loaded = model
                             .valid()
-                            .load_record(r.record::<Inner<B>, _>("teacher", device)?),
-                    ),
+                            .load_record(r.record::<Inner<B>, _>("teacher", device)?);
+                        // A LoRA EMA teacher: its adapters on the student's base, held once.
+                        Some(match model.lora_config() {
+                            Some(_) => model.valid().with_adapters_of(&loaded)?,
+                            None => loaded,
+                        })
+                    }
+                    false if lora_frozen => Some(model.valid().without_adapters()),
                     false => None,
                 };
                 let state = TrainerState::<B, Qwen2Model<B>> {
@@ -123,6 +133,10 @@ impl<'a, B: AutodiffBackend> Opsd<'a, B> {
                 };
                 let model = model.load_record(r.record::<B, _>("model", device)?);
                 OpsdTrainer::resume(model, config, state)?
+            }
+            None if lora_frozen => {
+                let base = model.valid().without_adapters();
+                OpsdTrainer::with_teacher(model, config, Some(base))?
             }
             None => OpsdTrainer::new(model, config)?,
         };
@@ -165,7 +179,9 @@ impl<B: AutodiffBackend> Stepper<B> for Opsd<'_, B> {
             to_bytes::<B, _>(self.trainer.model().clone().into_record())?,
         );
         sections.insert("optimizer".into(), to_bytes::<B, _>(state.optimizer)?);
-        if let Some(t) = state.teacher {
+        let lora_frozen = self.trainer.model().lora_config().is_some()
+            && self.trainer.config().teacher == TeacherMode::Frozen;
+        if let Some(t) = state.teacher.filter(|_| !lora_frozen) {
             sections.insert("teacher".into(), to_bytes::<Inner<B>, _>(t.into_record())?);
         }
         Ok(Saved {
