@@ -39,9 +39,10 @@ def ids(start, length, vocab):
     return [1 + (i * 7919) % (vocab - 1) for i in range(start, start + length)]
 
 
-def build(out_dir, vocab, shape=None):
+def build(out_dir, vocab, shape=None, dtype=None):
     """A random-init `Qwen2ForCausalLM` saved to `out_dir`: hidden 256, 4 layers, 4 heads,
-    2 KV heads, untied, unless `shape` (Qwen2Config keywords) says otherwise."""
+    2 KV heads, untied, unless `shape` (Qwen2Config keywords) says otherwise; in `dtype`
+    (a torch dtype, default f32) from the save on."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -51,6 +52,8 @@ def build(out_dir, vocab, shape=None):
                           tie_word_embeddings=False)
     config = Qwen2Config(**dict(shape, vocab_size=vocab))
     model = Qwen2ForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out_dir)
     return model
 
@@ -69,14 +72,28 @@ def generalized_jsd(student_logits, teacher_logits, beta=0.5):
     return (beta * kl_t + (1 - beta) * kl_s).sum(-1).mean()
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_lora(model, rank):
+    """`model` wrapped by PEFT with rank-`rank` adapters (alpha 2·rank, no dropout) on all seven
+    projections and the base frozen: the Rust example's `--lora`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS)
+    return get_peft_model(model, config)
+
+
 def torch_steps(model, vocab, steps, shape=None, device="cpu"):
     """Seconds of each of `steps` PyTorch steps; `shape` = (prompt, privileged, group, new),
-    default the module's; on a CUDA `device` each step ends with a synchronize."""
+    default the module's; on a CUDA `device` each step ends with a synchronize. AdamW takes
+    the parameters that need gradients (all of them, or the adapters under PEFT)."""
     import torch
 
     prompt, privileged, group, new = shape or (PROMPT, PRIVILEGED, GROUP, NEW)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     student = torch.tensor([ids(0, prompt, vocab)] * group, device=device)
     teacher = torch.tensor([ids(0, prompt, vocab) + ids(prompt, privileged, vocab)] * group,
                            device=device)

@@ -12,10 +12,13 @@
 //! pass (`omniopsd_benches::flops`).
 //!
 //! The weights: `--model DIR` (an HF checkpoint), or `--random CONFIG` (a `config.json`;
-//! randomly initialised in a temporary directory, removed once loaded).
+//! randomly initialised in a temporary directory, removed once loaded). `--lora R` trains
+//! rank-`R` adapters (α = 2R, no dropout) on all seven projections with the base frozen, as
+//! the OPSD reference code and PEFT do; the teacher is still the live policy (adapters on, no
+//! graph), so both sides of `benches/compare/train_step.py --lora R` do the same work.
 //!
 //! `cargo run --release -p omniopsd-benches --example train_step -- (--model DIR | --random
-//! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32]`
+//! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32] [--lora R]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,7 +33,7 @@ use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
 use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer};
 use omniopsd_core::teacher::TeacherMode;
-use omniopsd_decoder::{Qwen2Model, TokenPrompt};
+use omniopsd_decoder::{LoraConfig, Qwen2Model, TokenPrompt, LORA_TARGETS};
 use serde_json::json;
 
 type B = Autodiff<omniopsd_benches::Bench>;
@@ -43,6 +46,7 @@ struct Args {
     privileged: usize,
     group: usize,
     new: usize,
+    lora: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         privileged: 64,
         group: 4,
         new: 32,
+        lora: 0,
     };
     for (flag, value) in flag_values()? {
         match flag.as_str() {
@@ -64,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
             "--privileged" => args.privileged = count(&flag, &value, 0)?,
             "--group" => args.group = count(&flag, &value, 1)?,
             "--new" => args.new = count(&flag, &value, 1)?,
+            "--lora" => args.lora = count(&flag, &value, 0)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -97,6 +103,21 @@ fn main() -> Result<(), String> {
             let model = write_random_qwen2(&dir, &json, 0).and_then(|()| load(&dir));
             let _ = std::fs::remove_dir_all(&dir);
             model.map_err(|e| format!("{}: {e}", config.display()))?
+        }
+    };
+    let model = match args.lora {
+        0 => model,
+        r => {
+            let lora = LoraConfig {
+                r,
+                lora_alpha: 2.0 * r as f64,
+                lora_dropout: 0.0,
+                target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
+                use_rslora: false,
+            };
+            model
+                .with_new_adapters(&lora, 0)
+                .map_err(|e| e.to_string())?
         }
     };
     let decoder = model.config().clone();
@@ -143,7 +164,10 @@ fn main() -> Result<(), String> {
         group: args.group,
         new: args.new,
     };
-    let flops = opsd_step_flops(&decoder, shape);
+    let flops = match args.lora {
+        0 => opsd_step_flops(&decoder, shape),
+        _ => opsd_step_flops(&decoder, shape).frozen_base(),
+    };
     let mut timed = seconds[1..].to_vec();
     timed.sort_by(f64::total_cmp);
     let median = timed[timed.len() / 2];
@@ -152,6 +176,7 @@ fn main() -> Result<(), String> {
         json!({
             "step_seconds": seconds,
             "response_tokens": tokens,
+            "lora_rank": args.lora,
             "tokens_per_second": tokens as f64 / median,
             "model_flops_per_second": flops.total() / median,
             "step_flops": {

@@ -7,13 +7,22 @@ builds the binaries here and calls this there.
    product in Burn (`peak`: its CUDA backend's matmul).
 2. The weights: a random-init `Qwen2ForCausalLM` of `qwen2.5-0.5b.json` (Qwen2.5-0.5B's
    shapes: hidden 896, 24 layers, 14 heads, 2 KV heads, vocabulary 151,936, tied), saved in
-   f32 by transformers, read by both sides (if transformers fails, ours runs on its own
+   bf16 by transformers, read by both sides (if transformers fails, ours runs on its own
    random init, `train_step --random`, and the ratio is left out).
 3. PyTorch's faithful OPSD step (`benches/compare/train_step.py`'s, model and AdamW in bf16)
    and ours (`train_step`: Burn's CUDA backend with bf16 as its float type), each a warm-up
    and `--steps` timed steps of G = 8 responses of 128 tokens, prompt 256 (+256 privileged).
 4. MFU = model FLOP/s (`omniopsd_benches::flops`, the same count for both sides) / the
    measured PyTorch peak.
+5. Peak GPU memory of each step: PyTorch's `max_memory_allocated` (its tensors) and
+   `max_memory_reserved` (its caching allocator's hold); ours, the most `nvidia-smi` saw the
+   card use above its idle level while `train_step` ran (sampled every 0.2 s: the allocator's
+   hold, since Burn's CUDA pool keeps what it frees).
+
+`--lora R` runs the LoRA step instead of the full one: rank-R adapters (alpha 2R) on all seven
+projections, base frozen, AdamW on the adapters; PyTorch's side through PEFT. `--config` takes
+the model shapes (`qwen2.5-omni-3b.json`, `qwen2.5-omni-7b.json`: the Qwen2.5-Omni thinkers'
+text decoders). `--skip-peak` leaves out stage 1's products when an earlier run measured them.
 
 Writes gpu.json (after every stage) and gpu.md to `--out` (default .gpu/out) and prints the
 markdown. The Rust stages get time limits (Burn's peak 2 min, our step 6 min 20 s) cut to
@@ -28,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +99,42 @@ def run(cmd, limit):
     return lines
 
 
+class MemoryWatch:
+    """The most memory `nvidia-smi` reports in use on GPU 0, sampled every 0.2 s from `start`
+    to `stop`, above what it reported at `start`."""
+
+    def __init__(self):
+        self.base = self.peak = self.used()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    @staticmethod
+    def used():
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                "-i", "0"], capture_output=True, text=True, timeout=10)
+            return float(q.stdout.split()[0]) * 2**20
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+            return None
+
+    def watch(self):
+        while not self.done.wait(0.2):
+            used = self.used()
+            if used is not None and (self.peak is None or used > self.peak):
+                self.peak = used
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    def bytes(self):
+        return None if self.base is None or self.peak is None else self.peak - self.base
+
+
 def card():
     try:
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,clocks.max.sm,memory.total,driver_version",
@@ -142,16 +188,22 @@ def markdown(result, steps):
         t = statistics.median(result["torch_step_seconds"][1:])
         rows.append((f"PyTorch {result.get('torch')} eager (bf16)", tokens / t,
                      None if flops is None else flops / t))
-    md = [f"OPSD train step on {result['card']}; {result['model']}, G={shape['group']} x "
+    what = f"LoRA r={result['lora']} (base frozen)" if result.get("lora") else "full fine-tune"
+    md = [f"OPSD train step ({what}) on {result['card']}; {result['model']}, G={shape['group']} x "
           f"{shape['new']} tokens, prompt {shape['prompt']} (+{shape['privileged']} privileged); "
           f"median of {steps} steps after a warm-up; MFU against the measured bf16 peak "
           f"{peak / 1e12:.0f} TFLOP/s ({source})",
-          "", "| side | tokens/s | model TFLOP/s | MFU |", "|---|---:|---:|---:|"]
+          "", "| side | tokens/s | model TFLOP/s | MFU | peak GPU memory |", "|---|---:|---:|---:|---|"]
+    gib = lambda b: "–" if b is None else f"{b / 2**30:.1f} GiB"
+    memory = {"ours": gib(ours.get("peak_memory_bytes")),
+              "torch": (f"{gib(result.get('torch_peak_allocated'))} allocated, "
+                        f"{gib(result.get('torch_peak_reserved'))} reserved")}
     for name, tps, fps in rows:
+        mem = memory["ours" if name.startswith("ours") else "torch"]
         if fps is None:  # our step did not run, so no FLOP count
-            md.append(f"| {name} | {tps:.1f} | – | – |")
+            md.append(f"| {name} | {tps:.1f} | – | – | {mem} |")
         else:
-            md.append(f"| {name} | {tps:.1f} | {fps / 1e12:.2f} | {100 * fps / peak:.2f}% |")
+            md.append(f"| {name} | {tps:.1f} | {fps / 1e12:.2f} | {100 * fps / peak:.2f}% | {mem} |")
     if len(rows) == 2:
         md.append(f"\nours/PyTorch tokens/s: {rows[0][1] / rows[1][1]:.2f}")
     failures = [("ours", ours.get("error")), ("PyTorch", result.get("torch_error")),
@@ -186,12 +238,18 @@ def main():
     parser.add_argument("--privileged", type=int, default=256)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--lora", type=int, default=0, help="adapter rank (0: full fine-tune)")
+    parser.add_argument("--skip-peak", action="store_true", help="leave out the matmul peaks")
+    parser.add_argument("--burn-peak-limit", type=float, default=120,
+                        help="seconds for Burn's matmul peak (its kernels are tuned on first use)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="with --skip-peak: the bf16 peak an earlier run measured, for MFU")
     args = parser.parse_args()
     DEADLINE[0] = time.monotonic() + args.budget
     args.steps = max(1, args.steps)
     shape = (args.prompt, args.privileged, args.group, args.new)
     result = {"card": card(), "model": os.path.basename(args.config),
-              "shape": dict(zip(("prompt", "privileged", "group", "new"), shape))}
+              "shape": dict(zip(("prompt", "privileged", "group", "new"), shape)), "lora": args.lora}
     print("card:", result["card"], flush=True)
 
     try:
@@ -201,15 +259,19 @@ def main():
     except ImportError as e:
         torch = None
         result["torch_peak"] = {"error": f"ImportError: {e}"}
-    if torch is not None:
+    if torch is not None and args.skip_peak:
+        result["torch_peak"] = ({"tflops": args.peak_tflops, "source": "--peak-tflops"}
+                                if args.peak_tflops else {"error": "skipped (--skip-peak)"})
+    elif torch is not None:
         try:
             result["torch_peak"] = torch_peak()
         except Exception as e:  # MFU then uses Burn's peak
             result["torch_peak"] = {"error": f"{type(e).__name__}: {e}"}
     print("torch peak:", result["torch_peak"], flush=True)
     save(result, args.out)
-    result["burn_peak"] = run([os.path.join(args.bin, "peak"), "--sizes", "4096,8192",
-                               "--repeats", "20"], 120)
+    if not args.skip_peak:
+        result["burn_peak"] = run([os.path.join(args.bin, "peak"), "--sizes", "4096,8192",
+                                   "--repeats", "20"], args.burn_peak_limit)
     print("burn peak:", result["burn_peak"], flush=True)
     save(result, args.out)
 
@@ -220,15 +282,21 @@ def main():
     try:
         if torch is None:
             raise RuntimeError("no torch")
-        from train_step import build, torch_steps
+        from train_step import build, torch_steps, with_lora
 
         start = time.perf_counter()
-        model = build(work, config["vocab_size"], {k: config[k] for k in SHAPE_KEYS})
+        model = build(work, config["vocab_size"], {k: config[k] for k in SHAPE_KEYS},
+                      torch.bfloat16)
         result["build_seconds"] = time.perf_counter() - start
         weights = ["--model", work]
         model = model.to("cuda", dtype=torch.bfloat16)
+        if args.lora:
+            model = with_lora(model, args.lora)
+        torch.cuda.reset_peak_memory_stats()
         result["torch_step_seconds"] = torch_steps(model, config["vocab_size"], args.steps + 1,
                                                    shape, "cuda")
+        result["torch_peak_allocated"] = torch.cuda.max_memory_allocated()
+        result["torch_peak_reserved"] = torch.cuda.max_memory_reserved()
     except Exception as e:  # the Rust side still runs, on its own weights if need be
         result["torch_error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -238,10 +306,12 @@ def main():
     print("torch step:", result.get("torch_step_seconds", result.get("torch_error")), flush=True)
     save(result, args.out)
 
-    result["ours"] = run([os.path.join(args.bin, "train_step"), *weights,
-                          "--steps", str(args.steps + 1), "--prompt", str(args.prompt),
-                          "--privileged", str(args.privileged), "--group", str(args.group),
-                          "--new", str(args.new)], 380)[0]
+    with MemoryWatch() as watch:
+        result["ours"] = run([os.path.join(args.bin, "train_step"), *weights,
+                              "--steps", str(args.steps + 1), "--prompt", str(args.prompt),
+                              "--privileged", str(args.privileged), "--group", str(args.group),
+                              "--new", str(args.new), "--lora", str(args.lora)], 380)[0]
+    result["ours"]["peak_memory_bytes"] = watch.bytes()
     print("ours:", result["ours"], flush=True)
     save(result, args.out)
 
