@@ -390,14 +390,15 @@ impl Sheet {
 
 /// Spreadsheet cell name (`B12`) of a 0-based row and column.
 fn cell_name(row: u32, col: u32) -> String {
+    // In u64: a sheet's cell references are the file's, and `u32::MAX + 1` names a cell too.
     let mut letters = Vec::new();
-    let mut c = col + 1;
+    let mut c = u64::from(col) + 1;
     while c > 0 {
         let rem = ((c - 1) % 26) as u8;
         letters.push((b'A' + rem) as char);
         c = (c - 1) / 26;
     }
-    letters.iter().rev().collect::<String>() + &(row + 1).to_string()
+    letters.iter().rev().collect::<String>() + &(u64::from(row) + 1).to_string()
 }
 
 /// Reads the eight runs of `synonym.xlsx` (columns `word_runK`, `synonym_runK`).
@@ -520,6 +521,12 @@ mod tests {
         assert_eq!(cell_name(0, 0), "A1");
         assert_eq!(cell_name(11, 1), "B12");
         assert_eq!(cell_name(0, 26), "AA1");
+    }
+
+    #[test]
+    fn the_last_cell_a_sheet_can_reference_is_named_without_overflow() {
+        // An error about a crafted workbook names its cell; the reference is the file's.
+        assert_eq!(cell_name(u32::MAX, u32::MAX), "MWLQKWV4294967296");
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! `omniopsd data`: generate the synthetic corpus and validate manifests.
+//! `omniopsd data`: generate the synthetic corpus, import a dataset's labels, validate
+//! manifests.
 
+pub mod datasets;
+pub mod import;
 pub mod manifest;
 pub mod media;
 pub mod synth;
@@ -20,6 +23,9 @@ pub enum Command {
     /// Validate a JSONL manifest and list every problem with its line number; exits non-zero
     /// if there is any.
     Check(CheckArgs),
+    /// Build a manifest from a dataset's labels file (CSV, TSV, JSON, JSONL) and media folder,
+    /// mapping its columns to the manifest's fields.
+    Import(import::ImportArgs),
 }
 
 /// Arguments of `data synth`.
@@ -73,6 +79,7 @@ pub struct CheckArgs {
 /// Runs a `data` subcommand.
 pub fn run(command: Command) -> Result<()> {
     match command {
+        Command::Import(args) => import::run(args),
         Command::Synth(args) => {
             let cfg = synth::SynthConfig {
                 n: args.n,
@@ -101,6 +108,12 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Check(args) => {
+            if !(args.max_audio_seconds.is_finite() && args.max_audio_seconds > 0.0) {
+                bail!(
+                    "--max-audio-seconds {}: must be a finite number > 0",
+                    args.max_audio_seconds
+                );
+            }
             let limits = manifest::Limits {
                 max_audio_seconds: args.max_audio_seconds,
                 max_frames: args.max_frames,

@@ -162,21 +162,23 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
     on_device!(args.model.device, generate, &args)
 }
 
-enum Model<B: Backend> {
+/// A checkpoint's model: a text decoder, or a thinker with its towers.
+pub(crate) enum Model<B: Backend> {
     Text(Qwen2Model<B>),
     Omni(Thinker<B>),
 }
 
-/// A loaded checkpoint with its tokenizer.
-struct Loaded<B: Backend> {
-    model: Model<B>,
-    tokenizer: Tokenizer,
-    dir: PathBuf,
-    adapter: Option<PathBuf>,
+/// A loaded checkpoint with its tokenizer (and LoRA adapter): what `score`, `generate` and
+/// `predict` run.
+pub(crate) struct Loaded<B: Backend> {
+    pub(crate) model: Model<B>,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) dir: PathBuf,
+    pub(crate) adapter: Option<PathBuf>,
 }
 
 impl<B: Backend> Loaded<B> {
-    fn load(dir: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<Self> {
+    pub(crate) fn load(dir: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<Self> {
         if !dir.is_dir() {
             bail!(
                 "model directory {} does not exist or is not a directory",
@@ -243,14 +245,14 @@ impl<B: Backend> Loaded<B> {
         })
     }
 
-    fn decoder(&self) -> &Qwen2Model<B> {
+    pub(crate) fn decoder(&self) -> &Qwen2Model<B> {
         match &self.model {
             Model::Text(m) => m,
             Model::Omni(t) => &t.decoder,
         }
     }
 
-    fn architecture(&self) -> &'static str {
+    pub(crate) fn architecture(&self) -> &'static str {
         match self.model {
             Model::Text(_) => "Qwen2ForCausalLM",
             Model::Omni(_) => "Qwen2.5-Omni thinker",
@@ -277,7 +279,7 @@ impl<B: Backend> Loaded<B> {
 
     /// Stop tokens: the config's `eos_token_id` and, when the tokenizer has them,
     /// `<|endoftext|>` and `<|im_end|>`.
-    fn stop_tokens(&self) -> Vec<u32> {
+    pub(crate) fn stop_tokens(&self) -> Vec<u32> {
         let mut stop = self.decoder().config().eos_ids();
         for name in ["<|endoftext|>", "<|im_end|>"] {
             if let Some(id) = self.tokenizer.token_to_id(name) {
@@ -380,7 +382,7 @@ fn read_audio(path: &Path) -> Result<MediaInput> {
 }
 
 fn read_video(path: &Path, args: &ModelArgs) -> Result<MediaInput> {
-    let processor = inputs::video_processor();
+    let processor = inputs::processor_for(&args.model)?;
     let is_file = inputs::is_video_file(path);
     if args.audio_in_video && !is_file {
         bail!(

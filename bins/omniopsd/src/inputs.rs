@@ -182,6 +182,109 @@ pub fn video_processor() -> ProcessorConfig {
     ProcessorConfig::qwen2_5_omni_video()
 }
 
+/// The file a checkpoint directory keeps its video processor settings in.
+pub const VIDEO_PROCESSOR_FILE: &str = "video_preprocessor_config.json";
+
+/// The video processor of the checkpoint in `dir`: its `video_preprocessor_config.json` (as
+/// transformers writes it; `omniopsd train` writes one beside every student), else
+/// Qwen2.5-Omni's video settings. Keys absent from the file keep Qwen2.5-Omni's values; a
+/// present key of the wrong type or value is an error naming the file and the key.
+pub fn processor_for(dir: &Path) -> Result<ProcessorConfig> {
+    let path = dir.join(VIDEO_PROCESSOR_FILE);
+    let mut cfg = video_processor();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cfg),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let size = |key: &str, into: &mut usize| -> Result<()> {
+        if let Some(v) = json.get(key) {
+            *into = v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .and_then(|n| usize::try_from(n).ok())
+                .with_context(|| {
+                    format!(
+                        "{}: `{key}` must be a positive integer, found {v}",
+                        path.display()
+                    )
+                })?;
+        }
+        Ok(())
+    };
+    size("patch_size", &mut cfg.patch_size)?;
+    size("temporal_patch_size", &mut cfg.temporal_patch_size)?;
+    size("merge_size", &mut cfg.merge_size)?;
+    size("min_pixels", &mut cfg.min_pixels)?;
+    size("max_pixels", &mut cfg.max_pixels)?;
+    for (key, into) in [
+        ("image_mean", &mut cfg.image_mean),
+        ("image_std", &mut cfg.image_std),
+    ] {
+        if let Some(v) = json.get(key) {
+            let values: Option<Vec<f32>> = v.as_array().filter(|a| a.len() == 3).map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| x as f32)
+                    .collect()
+            });
+            match values {
+                Some(vs) if vs.len() == 3 && vs.iter().all(|x| x.is_finite()) => {
+                    into.copy_from_slice(&vs)
+                }
+                _ => bail!(
+                    "{}: `{key}` must be a list of 3 numbers, found {v}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    // Frames larger than the readers take are refused anyway; bounding the sizes here keeps
+    // a wrong file from driving allocations.
+    let most = crate::data::media::MAX_FRAME_PIXELS;
+    if cfg.max_pixels as u64 > most {
+        bail!(
+            "{}: `max_pixels` {} is above the {most} pixels a frame may have",
+            path.display(),
+            cfg.max_pixels
+        );
+    }
+    if cfg.temporal_patch_size > 16 || cfg.patch_size > 64 || cfg.merge_size > 8 {
+        bail!(
+            "{}: `patch_size` {}, `temporal_patch_size` {} or `merge_size` {} is beyond any \
+             Qwen vision processor (at most 64, 16, 8)",
+            path.display(),
+            cfg.patch_size,
+            cfg.temporal_patch_size,
+            cfg.merge_size
+        );
+    }
+    if cfg.min_pixels > cfg.max_pixels {
+        bail!(
+            "{}: `min_pixels` {} is above `max_pixels` {}",
+            path.display(),
+            cfg.min_pixels,
+            cfg.max_pixels
+        );
+    }
+    Ok(cfg)
+}
+
+/// `processor` as `video_preprocessor_config.json` holds it.
+pub fn processor_json(processor: &ProcessorConfig) -> serde_json::Value {
+    serde_json::json!({
+        "patch_size": processor.patch_size,
+        "temporal_patch_size": processor.temporal_patch_size,
+        "merge_size": processor.merge_size,
+        "min_pixels": processor.min_pixels,
+        "max_pixels": processor.max_pixels,
+        "image_mean": processor.image_mean,
+        "image_std": processor.image_std,
+    })
+}
+
 /// Reads and preprocesses a record's video and audio with `processor`; every error names the
 /// record and the file.
 pub fn record_media(
@@ -220,6 +323,38 @@ mod tests {
     use super::*;
     use crate::train::prompt::tests::corpus;
     use std::fs;
+
+    #[test]
+    fn a_checkpoints_video_processor_file_is_read_and_checked_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(processor_for(dir.path()).unwrap(), video_processor());
+        let file = dir.path().join(VIDEO_PROCESSOR_FILE);
+        let tiny = crate::train::tiny::video_processor();
+        fs::write(&file, processor_json(&tiny).to_string()).unwrap();
+        assert_eq!(processor_for(dir.path()).unwrap(), tiny);
+        fs::write(&file, r#"{"min_pixels": 3136}"#).unwrap();
+        assert_eq!(processor_for(dir.path()).unwrap().min_pixels, 3136);
+        for (json, key) in [
+            (r#"{"min_pixels": "many"}"#, "`min_pixels`"),
+            (r#"{"image_std": [1, 2]}"#, "`image_std`"),
+            (r#"{"max_pixels": 99999999999}"#, "`max_pixels`"),
+            (
+                r#"{"temporal_patch_size": 1000000}"#,
+                "`temporal_patch_size`",
+            ),
+            (
+                r#"{"min_pixels": 900000, "max_pixels": 1000}"#,
+                "`min_pixels`",
+            ),
+        ] {
+            fs::write(&file, json).unwrap();
+            let err = format!("{:#}", processor_for(dir.path()).unwrap_err());
+            assert!(
+                err.contains(key) && err.contains(VIDEO_PROCESSOR_FILE),
+                "{json}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn media_of_a_synth_record_is_one_even_frame_grid_and_its_audio() {

@@ -7,5 +7,6 @@ pub mod eval_mer;
 pub mod export;
 pub mod infer;
 pub mod inputs;
+pub mod predict;
 pub mod rationale;
 pub mod train;

@@ -1,7 +1,7 @@
 //! `omniopsd`: rationale-privileged on-policy self-distillation from the command line.
 
 use clap::{Parser, Subcommand};
-use omniopsd_cli::{data, eval_mer, export, infer, rationale, train};
+use omniopsd_cli::{data, eval_mer, export, infer, predict, rationale, train};
 
 /// Rationale-privileged on-policy self-distillation (OmniOPSD) for omni-modal LLMs.
 #[derive(Debug, Parser)]
@@ -31,6 +31,9 @@ enum Command {
     Score(infer::ScoreArgs),
     /// Generate a response: greedy at temperature 0, else the trainer's rollout sampler.
     Generate(infer::GenerateArgs),
+    /// Run a model over a manifest's samples and write eval-mer's input (resumable; --score
+    /// scores it).
+    Predict(predict::PredictArgs),
     /// Merge a LoRA adapter into its base model and write the result as a plain checkpoint.
     Export(export::ExportArgs),
 }
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => infer::run_score(args),
         Command::Generate(args) => infer::run_generate(args),
         Command::Export(args) => export::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

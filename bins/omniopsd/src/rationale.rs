@@ -416,7 +416,11 @@ fn ask(
                 });
             }
         };
-        match validate::validate(&completion, &record.emotion, args.max_chars) {
+        match validate::validate(
+            &completion,
+            record.emotion.as_deref().unwrap_or_default(),
+            args.max_chars,
+        ) {
             Ok(rationale) => {
                 let entry = Entry {
                     key: job.key.clone(),

@@ -381,3 +381,186 @@ fn check_of_a_missing_manifest_is_a_clear_error() {
         "{text}"
     );
 }
+
+/// A labels file laid out as MELD's release does (`test_sent_emo.csv`), its rows pointing at
+/// the synthetic corpus's media through the Utterance_ID column.
+fn meld_csv(dir: &Path, emotions: [&str; 3]) -> PathBuf {
+    let mut text = String::from(
+        "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode\n",
+    );
+    for (i, e) in emotions.iter().enumerate() {
+        text.push_str(&format!(
+            "{},\"Oh, really? Line {i}.\",Ross,{e},positive,7,{i},3,4\n",
+            i + 1
+        ));
+    }
+    let path = dir.join("test_sent_emo.csv");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+fn import(labels: &Path, media: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "data",
+        "import",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--media",
+        media.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = omniopsd(&args);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const MELD_FLAGS: [&str; 12] = [
+    "--dataset",
+    "MELD",
+    "--id",
+    "dia{Dialogue_ID}_utt{Utterance_ID}",
+    "--video",
+    "frames/synth-0000{Utterance_ID}",
+    "--audio",
+    "audio/synth-0000{Utterance_ID}.wav",
+    "--subtitle",
+    "Utterance",
+    "--emotion",
+    "Emotion",
+];
+
+#[test]
+fn import_builds_a_meld_manifest_that_check_accepts() {
+    let (dir, _) = corpus();
+    let labels = meld_csv(dir.path(), ["Joy", "anger", "neutral"]);
+    let out = dir.path().join("meld.jsonl");
+    let (ok, text) = import(&labels, dir.path(), &out, &MELD_FLAGS);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 samples (0 train, 3 held-out) of MELD"),
+        "{text}"
+    );
+    let vs = lines(&out);
+    assert_eq!(vs[0]["id"], "dia7_utt0");
+    assert_eq!(vs[0]["dataset"], "MELD");
+    assert_eq!(vs[0]["emotion"], "joy", "lower-cased");
+    assert_eq!(vs[0]["subtitle"], "Oh, really? Line 0.");
+    assert_eq!(
+        vs[0]["video"], "frames/synth-00000",
+        "relative to the manifest"
+    );
+    assert!(vs[0].get("sentiment").is_none() && vs[0].get("openset").is_none());
+    let (ok, text) = check(&out, &["--allow-missing-rationale"]);
+    assert!(ok, "{text}");
+
+    // An existing manifest is kept without --force.
+    let before = fs::read(&out).unwrap();
+    let (ok, text) = import(&labels, dir.path(), &out, &MELD_FLAGS);
+    assert!(!ok && text.contains("--force"), "{text}");
+    assert_eq!(fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn import_reads_a_sentiment_set_with_its_split_column_from_json() {
+    let (dir, _) = corpus();
+    // CH-SIMS's label.csv columns, here as JSON.
+    let rows = serde_json::json!([
+        {"video_id": "synth", "clip_id": "00001", "text": "fine", "label": -0.6, "mode": "train"},
+        {"video_id": "synth", "clip_id": "00002", "text": "great", "label": 0.8, "mode": "valid"},
+        {"video_id": "synth", "clip_id": "00003", "text": "sure", "label": 0.0, "mode": "test"}
+    ]);
+    let labels = dir.path().join("label.json");
+    fs::write(&labels, rows.to_string()).unwrap();
+    let out = dir.path().join("sims").join("manifest.jsonl");
+    let flags = [
+        "--dataset",
+        "CH-SIMS",
+        "--id",
+        "{video_id}_{clip_id}",
+        "--video",
+        "frames/{video_id}-{clip_id}",
+        "--audio",
+        "audio/{video_id}-{clip_id}.wav",
+        "--subtitle",
+        "text",
+        "--sentiment",
+        "label",
+        "--split-column",
+        "mode",
+        "--split-map",
+        "train=train,valid=train,test=heldout",
+    ];
+    let (ok, text) = import(&labels, dir.path(), &out, &flags);
+    assert!(ok, "{text}");
+    let vs = lines(&out);
+    let splits: Vec<&str> = vs.iter().map(|v| v["split"].as_str().unwrap()).collect();
+    assert_eq!(splits, ["train", "train", "heldout"]);
+    assert_eq!(vs[0]["sentiment"], -0.6);
+    // Outside the manifest's folder, media paths are absolute.
+    assert!(Path::new(vs[0]["video"].as_str().unwrap()).is_absolute());
+    let (ok, text) = check(&out, &["--allow-missing-rationale"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn import_errors_name_the_row_and_the_column_or_file_and_write_nothing() {
+    let (dir, _) = corpus();
+    let out = dir.path().join("meld.jsonl");
+    // A label outside MELD's seven.
+    let labels = meld_csv(dir.path(), ["joy", "happy", "anger"]);
+    let (ok, text) = import(&labels, dir.path(), &out, &MELD_FLAGS);
+    assert!(
+        !ok && text.contains("line 3") && text.contains("`happy`"),
+        "{text}"
+    );
+    assert!(!out.exists());
+    // A column the file lacks.
+    let labels = meld_csv(dir.path(), ["joy", "joy", "joy"]);
+    let mut flags = MELD_FLAGS.to_vec();
+    flags[11] = "Emotions";
+    let (ok, text) = import(&labels, dir.path(), &out, &flags);
+    assert!(
+        !ok && text.contains("no column `Emotions`") && text.contains("line 2"),
+        "{text}"
+    );
+    // A media file that is not there.
+    fs::remove_file(dir.path().join("audio/synth-00001.wav")).unwrap();
+    let (ok, text) = import(&labels, dir.path(), &out, &MELD_FLAGS);
+    assert!(
+        !ok && text.contains("synth-00001.wav") && text.contains("line 3"),
+        "{text}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn check_validates_each_sample_against_its_own_dataset() {
+    let (_dir, m) = corpus();
+    let mut vs = lines(&m);
+    let o = vs[0].as_object_mut().unwrap();
+    o.insert("dataset".into(), "MELD".into());
+    o.insert("emotion".into(), "happy".into());
+    o.remove("openset");
+    vs[1]
+        .as_object_mut()
+        .unwrap()
+        .insert("dataset".into(), "cmu-mosi".into());
+    write_lines(&m, &vs.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (ok, text) = check(&m, &[]);
+    assert!(!ok);
+    // Line 1: MELD carries only `emotion`, from its own set.
+    assert!(
+        text.contains(":1: field `sentiment` is set, but MELD samples carry only `emotion`"),
+        "{text}"
+    );
+    assert!(text.contains(":1: field `emotion` is `happy`, expected one of neutral, surprise, fear, sadness, joy, disgust, anger of MELD"), "{text}");
+    // Line 2: the exact spelling.
+    assert!(
+        text.contains(":2: field `dataset` is `cmu-mosi`: MER-UniBench spells it `CMU-MOSI`"),
+        "{text}"
+    );
+}

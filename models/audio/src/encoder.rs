@@ -117,7 +117,12 @@ impl AudioEncoderConfig {
                 ),
             });
         }
-        if self.n_window == 0 || self.n_window > self.max_source_positions {
+        // `2 · n_window` frames make a chunk; `max_source_positions` comes from the same file,
+        // so it bounds nothing by itself.
+        if self.n_window == 0
+            || self.n_window > self.max_source_positions
+            || self.n_window.checked_mul(2).is_none()
+        {
             return Err(Error::Config {
                 field: "n_window",
                 reason: format!(

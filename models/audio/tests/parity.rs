@@ -285,3 +285,29 @@ fn inconsistent_log_mel_buffer_is_rejected() {
     let err = model().encode(&mel, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("log-mel buffer"), "{err}");
 }
+
+#[test]
+fn a_window_whose_chunk_length_overflows_is_refused_at_load() {
+    // Both keys come from config.json, so `max_source_positions` bounds nothing by itself.
+    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).unwrap();
+    let view = ckpt.model_config().get("audio_config").unwrap();
+    let mut config = AudioEncoderConfig::from_config(&view).unwrap();
+    config.max_source_positions = usize::MAX;
+    config.n_window = usize::MAX / 2 + 1;
+    let err = AudioEncoder::<B>::load(
+        &ckpt.model_weights().pp("audio_tower"),
+        &config,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config {
+                field: "n_window",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

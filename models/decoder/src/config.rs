@@ -197,7 +197,12 @@ impl Qwen2Config {
             }
         }
         let section = self.mrope_section();
-        if section.len() != 3 || section.iter().sum::<usize>() != self.head_dim() / 2 {
+        // Summed with overflow checked: the entries are the file's, and a wrapped sum could
+        // pass the comparison.
+        let sum = section
+            .iter()
+            .try_fold(0usize, |acc, &n| acc.checked_add(n));
+        if section.len() != 3 || sum != Some(self.head_dim() / 2) {
             return Err((
                 "rope_parameters.mrope_section",
                 format!(
@@ -258,6 +263,15 @@ mod tests {
         assert_eq!(c.head_dim(), 128);
         assert_eq!(c.mrope_section(), vec![16, 24, 24]);
         assert_eq!(c.rope_theta(), 1e6);
+    }
+
+    #[test]
+    fn mrope_section_entries_whose_sum_overflows_are_refused_naming_the_key() {
+        let json = OMNI_TEXT.replace("[16, 24, 24]", "[18446744073709551615, 1, 64]");
+        let c: Qwen2Config = serde_json::from_str(&json).unwrap();
+        let (key, reason) = c.validate().unwrap_err();
+        assert_eq!(key, "rope_parameters.mrope_section");
+        assert!(reason.contains("summing to head_dim / 2 = 64"), "{reason}");
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub enum Error {
     /// `tokenizer.json` could not be read.
     #[error("{file}: {reason}")]
     Tokenizer { file: PathBuf, reason: String },
-    /// The tokenizer can produce ids the embedding has no row for.
-    #[error("{file}: the tokenizer has {tokenizer} tokens but the model's embedding has {embedding} rows (config.json `vocab_size`); ids ≥ {embedding} could not be embedded")]
+    /// The tokenizer can produce ids the embedding has no row for; `tokenizer` is its largest
+    /// id + 1 (its token count when the ids are contiguous).
+    #[error("{file}: the tokenizer's ids need {tokenizer} rows (largest id + 1) but the model's embedding has {embedding} rows (config.json `vocab_size`); ids ≥ {embedding} could not be embedded")]
     TokenizerVocab {
         file: PathBuf,
         tokenizer: usize,

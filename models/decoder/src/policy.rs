@@ -50,10 +50,12 @@ impl TokenPrompt {
         self.positions.as_ref().map_or(0, |p| p.delta)
     }
 
-    /// Position rows of the prompt followed by `extra` generated tokens.
+    /// Position rows of the prompt followed by `extra` generated tokens. Saturating: a
+    /// media item's time base comes from its file, so the rows can hold any id, and
+    /// [`Qwen2Model::check_length`] is what refuses ids past the model's range.
     fn position_rows(&self, extra: usize) -> [Vec<i64>; 3] {
         let p = self.ids.len();
-        let tail = (p..p + extra).map(|i| i as i64 + self.delta());
+        let tail = (p..p.saturating_add(extra)).map(|i| (i as i64).saturating_add(self.delta()));
         match &self.positions {
             Some(pos) => std::array::from_fn(|k| {
                 let mut row = pos.rows[k].clone();
@@ -146,14 +148,22 @@ impl<B: Backend> Qwen2Model<B> {
     /// the TMRoPE position, which can be smaller than the token count) must be below it.
     pub fn check_length(&self, prompt: &TokenPrompt, extra: usize) -> Result<(), Error> {
         let limit = self.config().max_position_embeddings;
-        let rows = prompt.position_rows(extra);
-        let last = rows
-            .iter()
-            .filter_map(|row| row.iter().copied().max())
-            .max()
-            .unwrap_or(0);
-        if last >= limit as i64 {
-            let p = prompt.ids.len();
+        let p = prompt.ids.len();
+        // Computed, not materialized: `extra` may be a user's `--max-new-tokens`.
+        let prompt_last = match &prompt.positions {
+            Some(pos) => pos
+                .rows
+                .iter()
+                .filter_map(|r| r.iter().copied().max())
+                .max(),
+            None => p.checked_sub(1).map(|i| i as i64),
+        };
+        let tail_last = (extra > 0).then(|| {
+            let index = i64::try_from(p.saturating_add(extra - 1)).unwrap_or(i64::MAX);
+            index.saturating_add(prompt.delta())
+        });
+        let last = prompt_last.into_iter().chain(tail_last).max().unwrap_or(0);
+        if last >= i64::try_from(limit).unwrap_or(i64::MAX) {
             let what = if extra == 0 {
                 format!("{p} tokens")
             } else {
@@ -207,7 +217,8 @@ impl<B: Backend> Qwen2Model<B> {
     ) -> Result<Vec<u32>, Error> {
         self.check_prompt(prompt)?;
         let device = self.device();
-        let mut out = Vec::with_capacity(max_new_tokens);
+        // Not preallocated: `max_new_tokens` is a caller's bound (often a flag), not a size.
+        let mut out = Vec::new();
         let mut cache = None;
         while out.len() < max_new_tokens {
             let hidden = if use_cache {
@@ -336,13 +347,20 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
 }
 
 /// Reads `tokenizer.json` and checks every id it can produce has an embedding row
-/// (`vocab_size` rows; HF pads the embedding above the tokenizer's size, never below).
+/// (`vocab_size` rows; HF pads the embedding above the tokenizer's size, never below). The
+/// largest id decides, not the token count: added tokens may sit at any id.
 pub fn check_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer, Error> {
     let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
         file: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let size = tokenizer.get_vocab_size(true);
+    let size = tokenizer
+        .get_vocab(true)
+        .values()
+        .map(|&id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(tokenizer.get_vocab_size(true));
     if size > vocab_size {
         return Err(Error::TokenizerVocab {
             file: path.to_path_buf(),

@@ -11,7 +11,9 @@ use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use omniopsd_checkpoint::{Checkpoint, Dtype};
 use omniopsd_core::PolicyModel;
-use omniopsd_decoder::{check_tokenizer, text_positions, Error, Qwen2Model, TokenPrompt};
+use omniopsd_decoder::{
+    check_tokenizer, text_positions, Error, PromptPositions, Qwen2Model, TokenPrompt,
+};
 
 use common::{fixture, ids, reference, rel_err, MODELS};
 
@@ -341,6 +343,34 @@ fn tokenizer_larger_than_the_embedding_is_refused() {
 }
 
 #[test]
+fn tokenizer_with_an_added_token_past_the_embedding_is_refused() {
+    // Few tokens, but one at an id the embedding has no row for (vocabularies may be
+    // sparse): the largest id decides, not the count. Encoding `<|far|>` gives id 1000.
+    let path = reference().join("qwen2_tiny/tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["model"]["vocab"]["<|far|>"] = serde_json::json!(1000);
+    json["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 1000, "content": "<|far|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    let dir = tempfile::tempdir().unwrap();
+    let far = dir.path().join("tokenizer.json");
+    std::fs::write(&far, json.to_string()).unwrap();
+    match check_tokenizer(&far, 448) {
+        Err(Error::TokenizerVocab {
+            tokenizer,
+            embedding,
+            ..
+        }) => assert_eq!((tokenizer, embedding), (1001, 448)),
+        other => panic!("expected TokenizerVocab, got {other:?}"),
+    }
+}
+
+#[test]
 fn prompt_outside_the_vocabulary_is_refused() {
     let m = model("qwen2_tiny");
     let err = m
@@ -349,6 +379,43 @@ fn prompt_outside_the_vocabulary_is_refused() {
         .to_string();
     assert!(err.contains("448") && err.contains("vocabulary"), "{err}");
     assert!(m.check_prompt(&TokenPrompt::new(Vec::new())).is_err());
+}
+
+#[test]
+fn length_checks_take_any_extra_count_and_any_position_offset_without_overflow() {
+    // max_position_embeddings = 512 in qwen2_tiny.
+    let m = model("qwen2_tiny");
+    let text = TokenPrompt::new(vec![1, 2, 3]);
+    m.check_length(&text, 509).expect("positions 0..=511 fit");
+    let err = m.check_length(&text, 510).unwrap_err().to_string();
+    assert!(err.contains("reach position 512"), "{err}");
+    let err = m.check_length(&text, usize::MAX).unwrap_err().to_string();
+    assert!(err.contains("max_position_embeddings of 512"), "{err}");
+    // A media time base from a file can put the offset anywhere.
+    let far = TokenPrompt {
+        positions: Some(PromptPositions {
+            rows: std::array::from_fn(|_| vec![0, 1, 2]),
+            delta: i64::MAX - 1,
+        }),
+        ..text
+    };
+    m.check_prompt(&far).expect("the prompt itself fits");
+    let err = m.check_length(&far, 8).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("reach position {}", i64::MAX)),
+        "{err}"
+    );
+}
+
+#[test]
+fn greedy_decoding_takes_any_token_bound() {
+    // Every id stops decoding, so one token comes back whatever the bound.
+    let m = model("qwen2_tiny");
+    let stop: Vec<u32> = (0..448).collect();
+    let out = m
+        .generate_greedy(&TokenPrompt::new(vec![1, 2, 3]), usize::MAX, true, &stop)
+        .unwrap();
+    assert_eq!(out.len(), 1);
 }
 
 #[test]

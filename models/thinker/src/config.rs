@@ -89,11 +89,19 @@ impl ThinkerConfig {
                 reason: format!("expected a positive integer, found {v}"),
             })? as usize,
         };
-        if !(self.position_id_per_seconds > 0.0 && self.seconds_per_chunk > 0.0) {
+        // Finite, and at least one position id per chunk: a chunk of zero ids would split
+        // the interleaved video and audio at every token.
+        let per_chunk = self.position_id_per_seconds * self.seconds_per_chunk;
+        if !(self.position_id_per_seconds > 0.0
+            && self.seconds_per_chunk > 0.0
+            && per_chunk.is_finite()
+            && per_chunk >= 1.0)
+        {
             return Err(Error::Config {
                 field: "position_id_per_seconds / seconds_per_chunk",
                 reason: format!(
-                    "must be positive, found {} and {}",
+                    "must be positive and finite with a product of at least 1 (position ids \
+                     per chunk), found {} and {}",
                     self.position_id_per_seconds, self.seconds_per_chunk
                 ),
             });
@@ -101,7 +109,8 @@ impl ThinkerConfig {
         Ok(self)
     }
 
-    /// Position ids per chunk of interleaved audio and video (`25 · 2 = 50`).
+    /// Position ids per chunk of interleaved audio and video (`25 · 2 = 50`); at least 1 once
+    /// [`Self::complete`] has accepted the config.
     pub fn tokens_per_chunk(&self) -> usize {
         (self.position_id_per_seconds * self.seconds_per_chunk) as usize
     }

@@ -72,9 +72,9 @@ fn vision_offsets(grid: [usize; 3], merge: usize, time_step: f64) -> Vec<[i64; 3
 /// `k = 1, 2, …` (one split per element at most, as the reference).
 fn chunk_bounds(values: &[i64], per_chunk: i64) -> Vec<(usize, usize)> {
     let mut bounds = Vec::new();
-    let (mut start, mut current) = (0, 1);
+    let (mut start, mut current) = (0, 1i64);
     for (i, &v) in values.iter().enumerate() {
-        if v >= current * per_chunk {
+        if v >= current.saturating_mul(per_chunk) {
             bounds.push((start, i));
             start = i;
             current += 1;
@@ -115,7 +115,7 @@ fn audio_in_video(
     let audio: Vec<[i64; 3]> = (0..audio_tokens(audio_frames) as i64)
         .map(|k| [k, k, k])
         .collect();
-    let per_chunk = cfg.tokens_per_chunk() as i64;
+    let per_chunk = i64::try_from(cfg.tokens_per_chunk()).unwrap_or(i64::MAX);
     let v_times: Vec<i64> = video.iter().map(|p| p[0]).collect();
     let a_times: Vec<i64> = audio.iter().map(|p| p[0]).collect();
     let (vc, ac) = (
@@ -263,6 +263,9 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
         Ok(())
     };
 
+    // Ids add up with saturation: a media item's time base comes from its file (a video's
+    // frame rate), so a block can land anywhere in i64; the decoder's `check_length` refuses
+    // ids past `max_position_embeddings` with both numbers.
     let mut i = 0;
     while i < ids.len() {
         let tok = ids[i];
@@ -287,10 +290,10 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
                 });
             };
             check_grid(grid_thw, m, "video", n)?;
-            let bos = last + 1;
+            let bos = last.saturating_add(1);
             push([bos; 3]);
             push([bos; 3]);
-            let start = bos + 1;
+            let start = bos.saturating_add(1);
             let run = audio_in_video(grid_thw, second_per_grid, frames, cfg);
             i += 2;
             for (k, &(is_video, p)) in run.iter().enumerate() {
@@ -308,14 +311,14 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
                         ),
                     });
                 }
-                push(p.map(|v| v + start));
+                push(p.map(|v| v.saturating_add(start)));
             }
             i += run.len();
             // The reference continues from the last chunk appended, which is not always the
             // largest id of the block.
-            last = run
-                .last()
-                .map_or(bos, |&(_, p)| start + p.into_iter().max().unwrap_or(0));
+            last = run.last().map_or(bos, |&(_, p)| {
+                start.saturating_add(p.into_iter().max().unwrap_or(0))
+            });
             for (k, want) in [cfg.audio_end_token_id, cfg.vision_end_token_id]
                 .into_iter()
                 .enumerate()
@@ -327,7 +330,7 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
                     });
                 }
             }
-            let eos = last + 1;
+            let eos = last.saturating_add(1);
             push([eos; 3]);
             push([eos; 3]);
             last = eos;
@@ -340,9 +343,9 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
             let n = audio_tokens(frames);
             expect_run(i, tok, n, "audio")?;
             for k in 0..n as i64 {
-                push([last + 1 + k; 3]);
+                push([last.saturating_add(1 + k); 3]);
             }
-            last += n as i64;
+            last = last.saturating_add(n as i64);
             i += n;
         } else if tok == cfg.image_token_index || tok == cfg.video_token_index {
             let kind = if tok == cfg.image_token_index {
@@ -371,17 +374,17 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
             check_grid(grid, m, kind, n)?;
             let offsets = vision_offsets(grid, m, step);
             expect_run(i, tok, offsets.len(), kind)?;
-            let start = last + 1;
+            let start = last.saturating_add(1);
             let mut max = start;
             for p in &offsets {
-                let p = p.map(|v| v + start);
+                let p = p.map(|v| v.saturating_add(start));
                 max = max.max(p[0]).max(p[1]).max(p[2]);
                 push(p);
             }
             last = max;
             i += offsets.len();
         } else {
-            last += 1;
+            last = last.saturating_add(1);
             push([last; 3]);
             i += 1;
         }
@@ -395,7 +398,7 @@ pub fn rope_index(ids: &[u32], media: &[Media], cfg: &ThinkerConfig) -> Result<P
     }
     let max = rows.iter().flatten().copied().max().unwrap_or(-1);
     Ok(Positions {
-        delta: max + 1 - ids.len() as i64,
+        delta: max.saturating_add(1).saturating_sub(ids.len() as i64),
         rows,
     })
 }

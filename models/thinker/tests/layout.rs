@@ -165,3 +165,43 @@ fn grid_not_divisible_by_merge_size_is_rejected() {
     .unwrap_err();
     assert!(matches!(err, Error::Media { kind: "image", .. }), "{err}");
 }
+
+#[test]
+fn a_video_time_base_far_past_any_position_saturates_instead_of_overflowing() {
+    // A frame rate from a file can make `second_per_grid` anything; the ids then lie past
+    // every `max_position_embeddings`, which the decoder's length check refuses.
+    let cfg = config();
+    for audio_frames in [None, Some(130)] {
+        let media = [Media::Video {
+            grid_thw: [4, 4, 8],
+            second_per_grid: 1e30,
+            audio_frames,
+        }];
+        let ids = [
+            5,
+            cfg.vision_start_token_id,
+            cfg.video_token_index,
+            cfg.vision_end_token_id,
+            6,
+        ];
+        let expanded = expand_prompt(&ids, &media, &cfg).unwrap();
+        let pos = rope_index(&expanded, &media, &cfg).unwrap();
+        assert_eq!(pos.rows[0].iter().max(), Some(&i64::MAX));
+        assert!(pos.delta > 0);
+    }
+}
+
+#[test]
+fn position_rates_giving_less_than_one_id_per_chunk_are_refused() {
+    let text = std::fs::read_to_string(reference_dir().join("omni_tiny/config.json")).unwrap();
+    for (rate, chunk) in [(0.01, 2.0), (25.0, 0.01), (1e308, 1e308)] {
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["position_id_per_seconds"] = serde_json::json!(rate);
+        json["seconds_per_chunk"] = serde_json::json!(chunk);
+        let err = ThinkerConfig::from_json(&json).unwrap_err();
+        assert!(
+            matches!(err, Error::Config { field, .. } if field.contains("position_id_per_seconds")),
+            "{rate} x {chunk}: {err}"
+        );
+    }
+}

@@ -142,7 +142,24 @@ impl VisionEncoderConfig {
                 ),
             });
         }
-        let unit = self.spatial_merge_size * self.patch_size;
+        // Products of the file's sizes, overflow checked: a wrapped product could pass the
+        // checks below and the tensor shapes, and index past a buffer later.
+        let overflow = |what: &str| Error::Config {
+            field: "spatial_merge_size",
+            reason: format!("{what} overflows with the sizes of vision_config"),
+        };
+        let merge = self.spatial_merge_size;
+        let unit = merge
+            .checked_mul(self.patch_size)
+            .ok_or_else(|| overflow("spatial_merge_size · patch_size"))?;
+        merge
+            .checked_mul(merge)
+            .and_then(|m2| m2.checked_mul(self.hidden_size))
+            .ok_or_else(|| overflow("hidden_size · spatial_merge_size²"))?;
+        [self.in_channels, self.temporal_patch_size, self.patch_size]
+            .iter()
+            .try_fold(self.patch_size, |acc, &n| acc.checked_mul(n))
+            .ok_or_else(|| overflow("in_channels · temporal_patch_size · patch_size²"))?;
         if unit == 0 || self.window_size < unit || self.window_size % unit != 0 {
             return Err(Error::Config {
                 field: "window_size",

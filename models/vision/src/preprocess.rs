@@ -76,6 +76,18 @@ impl ProcessorConfig {
                 "patch_size, merge_size and temporal_patch_size must be positive, found {p}, {m}, {tps}"
             )));
         }
+        // The sizes may come from a checkpoint's `video_preprocessor_config.json`: products
+        // that overflow are refused here rather than wrapped into a wrong patch layout.
+        let factor = p.checked_mul(m);
+        let patch_dim = [3, tps, p, p]
+            .iter()
+            .try_fold(1usize, |acc, &n| acc.checked_mul(n));
+        if factor.is_none() || patch_dim.is_none() {
+            return Err(Error::Processor(format!(
+                "patch_size {p}, merge_size {m} and temporal_patch_size {tps} overflow the \
+                 patch arithmetic (patch_size · merge_size, 3 · temporal_patch_size · patch_size²)"
+            )));
+        }
         if self.image_std.contains(&0.0) {
             return Err(Error::Processor(format!(
                 "image_std must be non-zero, found {:?}",

@@ -377,3 +377,55 @@ fn zero_patch_sizes_and_inconsistent_patch_buffers_are_rejected() {
     let err = model().encode(&patches, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("patch data length"), "{err}");
 }
+
+#[test]
+fn sizes_whose_products_overflow_are_refused_at_load() {
+    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).unwrap();
+    let view = ckpt.model_config().get("vision_config").unwrap();
+    let base = VisionEncoderConfig::from_config(&view).unwrap();
+    let huge = 1usize << 32;
+    for config in [
+        VisionEncoderConfig {
+            spatial_merge_size: huge,
+            patch_size: huge,
+            ..base.clone()
+        },
+        // merge · patch fits (and divides the window), merge² · hidden_size does not.
+        VisionEncoderConfig {
+            spatial_merge_size: huge,
+            patch_size: 1,
+            window_size: huge,
+            ..base.clone()
+        },
+    ] {
+        let err = VisionEncoder::<B>::load(
+            &ckpt.model_weights().pp("visual"),
+            &config,
+            &Default::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+    }
+}
+
+#[test]
+fn processor_sizes_whose_products_overflow_are_rejected() {
+    let rgb = vec![0u8; 56 * 56 * 3];
+    let frame = Frame {
+        width: 56,
+        height: 56,
+        rgb: &rgb,
+    };
+    // As a checkpoint's `video_preprocessor_config.json` may give them.
+    let cfg = ProcessorConfig {
+        patch_size: 1 << 32,
+        merge_size: 1 << 32,
+        ..tiny_processor()
+    };
+    let err = preprocess_image(&frame, &cfg).unwrap_err();
+    assert!(err.to_string().contains("overflow"), "{err}");
+    assert!(matches!(
+        preprocess_video(&[frame], &cfg),
+        Err(Error::Processor(_))
+    ));
+}

@@ -7,9 +7,12 @@
 //!  "sentiment": -1.8, "openset": ["angry", "annoyed", "sarcastic"], "conflict": "sarcasm"}
 //! ```
 //!
-//! Labels follow MER-UniBench: `emotion` is one of the MER2023/MER2024 basic labels (scored
-//! by HIT), `sentiment` a CMU-MOSI-style score in `[-3, 3]` (scored by WAF on its sign), and
-//! `openset` an OV-MERD+-style open-vocabulary set (scored by F_s).
+//! Labels follow MER-UniBench. A sample without `dataset` carries all three kinds: `emotion`
+//! one of the MER2023/MER2024 basic labels (scored by HIT), `sentiment` a CMU-MOSI-style score
+//! in `[-3, 3]` (scored by WAF on its sign), and `openset` an OV-MERD+-style open-vocabulary
+//! set (scored by F_s). A sample of one of the nine test sets (`"dataset": "MELD"`, …) carries
+//! only the label its dataset has, from that dataset's label set or range
+//! ([`super::datasets`]); one of any other dataset carries any of the three kinds.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -42,6 +45,11 @@ pub struct Record {
     pub id: String,
     /// Train or held-out.
     pub split: Split,
+    /// The dataset it belongs to: one of MER-UniBench's nine (`OV-MERD+`, `MER2023`,
+    /// `MER2024`, `IEMOCAP`, `MELD`, `CMU-MOSI`, `CMU-MOSEI`, `CH-SIMS`, `CH-SIMS-v2`), or any
+    /// other name. Absent: a sample with all three label kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     /// Audio file (WAV at any rate, MP3, FLAC, M4A/AAC, Ogg, …), relative to the manifest's
     /// directory (or absolute). Absent: the video file's own sound track.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,12 +69,16 @@ pub struct Record {
     /// and the first 12 hex digits of its SHA-256, e.g. `default@3f2a9c0d4e1b`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rationale_prompt: Option<String>,
-    /// One of [`BASIC_EMOTIONS`].
-    pub emotion: String,
-    /// Sentiment score in `[-3, 3]`; `0` is neutral.
-    pub sentiment: f64,
+    /// The basic emotion: one of [`BASIC_EMOTIONS`] without a dataset, else one of the
+    /// dataset's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emotion: Option<String>,
+    /// Sentiment score in `[-3, 3]` (CH-SIMS: `[-1, 1]`); `0` is neutral.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentiment: Option<f64>,
     /// Open-vocabulary emotion labels.
-    pub openset: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openset: Option<Vec<String>>,
     /// Why the subtitle alone misleads (`sarcasm`, `masking`, `understatement`), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conflict: Option<String>,
@@ -142,22 +154,7 @@ pub fn check_record(record: &Record, base: &Path, limits: &Limits) -> Vec<String
     if record.id.trim().is_empty() {
         problems.push("field `id` is empty".to_string());
     }
-    if !BASIC_EMOTIONS.contains(&record.emotion.as_str()) {
-        problems.push(format!(
-            "field `emotion` is `{}`, expected one of {}",
-            record.emotion,
-            BASIC_EMOTIONS.join(", ")
-        ));
-    }
-    if !(record.sentiment.is_finite() && (-3.0..=3.0).contains(&record.sentiment)) {
-        problems.push(format!(
-            "field `sentiment` is {}, expected a number in [-3, 3]",
-            record.sentiment
-        ));
-    }
-    if record.openset.iter().all(|w| w.trim().is_empty()) {
-        problems.push("field `openset` has no label".to_string());
-    }
+    problems.extend(super::datasets::check_labels(record));
     if record.subtitle.trim().is_empty() {
         problems.push("field `subtitle` is empty".to_string());
     }

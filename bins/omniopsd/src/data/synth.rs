@@ -650,9 +650,10 @@ fn generate(cfg: &SynthConfig, index: usize) -> Sample {
         rationale: Some(rationale),
         rationale_model: None,
         rationale_prompt: None,
-        emotion: emotion.to_string(),
-        sentiment,
-        openset,
+        dataset: None,
+        emotion: Some(emotion.to_string()),
+        sentiment: Some(sentiment),
+        openset: Some(openset),
         conflict: conflict.map(|(k, _)| k.to_string()),
     };
     Sample {
@@ -672,6 +673,14 @@ pub fn synthesize(
     if cfg.frames == 0 || cfg.size < 28 {
         anyhow::bail!("synth: need at least 1 frame of at least 28x28 pixels");
     }
+    if u64::from(cfg.size).pow(2) > media::MAX_FRAME_PIXELS {
+        anyhow::bail!(
+            "synth: frames of {0}x{0} pixels have more than the {1} a frame may have (the PNG \
+             reader would refuse them)",
+            cfg.size,
+            media::MAX_FRAME_PIXELS
+        );
+    }
     if !(0.0..=1.0).contains(&cfg.heldout_fraction) {
         anyhow::bail!(
             "synth: heldout fraction {} is not in [0, 1]",
@@ -683,7 +692,9 @@ pub fn synthesize(
     for dir in [out, &audio_dir, &frames_dir] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut records = Vec::with_capacity(cfg.n);
+    // Grown, not preallocated: `n` is a flag or config value, and a large one should run
+    // until the disk is full, not fail at once on an impossible allocation.
+    let mut records = Vec::new();
     for index in 0..cfg.n {
         let sample = generate(cfg, index);
         if let Some(audio) = &sample.record.audio {
@@ -704,6 +715,48 @@ pub fn synthesize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_larger_than_the_reader_takes_are_refused_before_anything_is_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [4097, u32::MAX] {
+            let cfg = SynthConfig {
+                n: 1,
+                frames: 1,
+                size,
+                ..SynthConfig::default()
+            };
+            let err = synthesize(dir.path(), &cfg, |_| {})
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("more than the 16777216"), "{size}: {err}");
+        }
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_huge_corpus_size_writes_samples_instead_of_failing_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig {
+            n: usize::MAX,
+            frames: 1,
+            ..SynthConfig::default()
+        };
+        // Stopped from the progress callback once the first sample is written.
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            synthesize(dir.path(), &cfg, |done| {
+                if done == 1 {
+                    std::panic::panic_any("first sample written");
+                }
+            })
+        }));
+        let payload = stopped.expect_err("stopped by the callback");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"first sample written")
+        );
+        assert!(dir.path().join("audio").is_dir());
+    }
 
     #[test]
     fn sample_does_not_depend_on_corpus_size() {
@@ -730,7 +783,9 @@ mod tests {
             let rms = (s.audio.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>()
                 / s.audio.len() as f64)
                 .sqrt();
-            f0.entry(s.record.emotion.clone()).or_default().push(rms);
+            f0.entry(s.record.emotion.clone().unwrap_or_default())
+                .or_default()
+                .push(rms);
         }
         let mean = |e: &str| {
             let v = &f0[e];
@@ -756,7 +811,7 @@ mod tests {
             conflicts.len()
         );
         for r in &conflicts {
-            assert_ne!(r.emotion, "neutral");
+            assert_ne!(r.emotion.as_deref(), Some("neutral"));
             let kind = r.conflict.as_deref().unwrap_or_default();
             let stem = &kind[..5];
             assert!(

@@ -398,7 +398,8 @@ pub fn probe(path: &Path, what: &str) -> Result<Probe> {
                 let scan = scan_packets(path, what)?;
                 let fps = match (scan.span, time_base) {
                     (Some((begin, end)), Some(tb)) if end > begin => {
-                        scan.packets as f64 / ((end - begin) as f64 * tb)
+                        // In i128: the file's timestamps may be any i64.
+                        scan.packets as f64 / ((i128::from(end) - i128::from(begin)) as f64 * tb)
                     }
                     _ => header_fps.unwrap_or(0.0),
                 };
@@ -462,25 +463,34 @@ fn scan_packets(path: &Path, what: &str) -> Result<PacketScan> {
             "csv=p=0",
         ],
     )?;
-    let text = String::from_utf8_lossy(&out);
+    Ok(packet_span(&String::from_utf8_lossy(&out)))
+}
+
+/// [`PacketScan`] of `ffprobe`'s `pts,duration` lines. The span is kept only when every packet
+/// has both and `pts + duration` fits in i64 (the numbers are the file's, so any i64 occurs).
+fn packet_span(text: &str) -> PacketScan {
     let mut packets = 0;
     let mut span: Option<(i64, i64)> = None;
     let mut timed = true;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         packets += 1;
         let mut fields = line.split(',').map(|f| f.trim().parse::<i64>().ok());
-        match (fields.next().flatten(), fields.next().flatten()) {
-            (Some(pts), Some(duration)) => {
-                let (begin, end) = span.unwrap_or((pts, pts + duration));
-                span = Some((begin.min(pts), end.max(pts + duration)));
+        let (pts, duration) = (fields.next().flatten(), fields.next().flatten());
+        match pts
+            .zip(duration)
+            .and_then(|(p, d)| Some((p, p.checked_add(d)?)))
+        {
+            Some((pts, end)) => {
+                let (begin, last) = span.unwrap_or((pts, end));
+                span = Some((begin.min(pts), last.max(end)));
             }
-            _ => timed = false,
+            None => timed = false,
         }
     }
-    Ok(PacketScan {
+    PacketScan {
         packets,
         span: span.filter(|_| timed),
-    })
+    }
 }
 
 /// A video file's sampled frames, each resized to the plan's size, and the plan.
@@ -744,10 +754,10 @@ pub fn read_audio(path: &Path, max_seconds: f64) -> Result<Audio> {
         let _ = stderr.read_to_end(&mut buf);
         buf
     });
-    let limit = (max_seconds * f64::from(SAMPLE_RATE)).ceil() as u64 * 4;
+    let limit = sample_bytes_limit(max_seconds);
     let mut bytes = Vec::new();
     stdout
-        .take(limit + 4)
+        .take(limit.saturating_add(4))
         .read_to_end(&mut bytes)
         .with_context(|| format!("audio {}: reading ffmpeg's samples", path.display()))?;
     let too_long = bytes.len() as u64 > limit;
@@ -793,6 +803,12 @@ pub fn read_audio(path: &Path, max_seconds: f64) -> Result<Audio> {
         sample_rate: SAMPLE_RATE,
         samples,
     })
+}
+
+/// Bytes of f32 samples at [`SAMPLE_RATE`] in `max_seconds` (a flag or config value, so any
+/// f64): saturating, where a plain product would overflow for a limit of 10¹⁵ s or more.
+fn sample_bytes_limit(max_seconds: f64) -> u64 {
+    ((max_seconds * f64::from(SAMPLE_RATE)).ceil() as u64).saturating_mul(4)
 }
 
 /// Whether `path` names a video file (by extension) rather than a directory of frames.
@@ -873,5 +889,25 @@ mod tests {
         };
         let (h, w) = frame_size(1080, 1920, 768, &tight).unwrap();
         assert!(h * w <= (opts.min_pixels as f64 * 1.05) as usize, "{h}x{w}");
+    }
+
+    #[test]
+    fn packet_timestamps_whose_end_overflows_drop_the_span_instead_of_panicking() {
+        let scan = packet_span("0,512\n512,512\n\n1024,512\n");
+        assert_eq!((scan.packets, scan.span), (3, Some((0, 1536))));
+        let scan = packet_span("0,512\n9223372036854775807,512\n");
+        assert_eq!((scan.packets, scan.span), (2, None));
+        let scan = packet_span("-9223372036854775808,1\n9223372036854775806,1\n");
+        assert_eq!(scan.span, Some((i64::MIN, i64::MAX)));
+        let scan = packet_span("0,512\nN/A,512\n");
+        assert_eq!((scan.packets, scan.span), (2, None));
+    }
+
+    #[test]
+    fn an_audio_length_limit_of_any_size_is_a_byte_count() {
+        assert_eq!(sample_bytes_limit(30.0), 30 * 16_000 * 4);
+        assert_eq!(sample_bytes_limit(1e300), u64::MAX);
+        assert_eq!(sample_bytes_limit(f64::INFINITY), u64::MAX);
+        assert_eq!(sample_bytes_limit(f64::NAN), 0);
     }
 }

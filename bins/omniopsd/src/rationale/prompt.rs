@@ -12,6 +12,8 @@
 //! | `{{frames}}` | the number of frames attached (`0` with `--no-frames`) |
 //! | `{{audio}}` | `attached`, or `not attached` with `--no-audio` |
 //!
+//! A label the sample does not carry (a sentiment dataset has no `emotion`) fills in empty.
+//!
 //! An unknown placeholder is an error when the template is read, not a silent blank.
 
 use anyhow::{bail, Result};
@@ -107,10 +109,13 @@ fn field_value(field: &str, record: &Record, attached: Attached) -> String {
     match field {
         "id" => record.id.clone(),
         "subtitle" => record.subtitle.clone(),
-        "emotion" => record.emotion.clone(),
-        "sentiment" => format!("{}", record.sentiment),
-        "sentiment_word" => sentiment_word(record.sentiment).to_string(),
-        "openset" => record.openset.join(", "),
+        "emotion" => record.emotion.clone().unwrap_or_default(),
+        "sentiment" => record.sentiment.map(|s| s.to_string()).unwrap_or_default(),
+        "sentiment_word" => record
+            .sentiment
+            .map(|s| sentiment_word(s).to_string())
+            .unwrap_or_default(),
+        "openset" => record.openset.as_deref().unwrap_or_default().join(", "),
         "frames" => attached.frames.to_string(),
         "audio" => if attached.audio {
             "attached"
@@ -151,9 +156,10 @@ mod tests {
             rationale: None,
             rationale_model: None,
             rationale_prompt: None,
-            emotion: "sad".into(),
-            sentiment: -1.5,
-            openset: vec!["sad".into(), "lonely".into()],
+            dataset: None,
+            emotion: Some("sad".into()),
+            sentiment: Some(-1.5),
+            openset: Some(vec!["sad".into(), "lonely".into()]),
             conflict: None,
         }
     }

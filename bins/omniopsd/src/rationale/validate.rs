@@ -104,7 +104,12 @@ pub fn validate(completion: &Completion, gold: &str, max_chars: usize) -> Result
             max: max_chars,
         });
     }
-    if let Some(found) = contradicted_label(text, gold) {
+    // A sample without a basic-emotion label (a sentiment or open-set dataset's) has no
+    // conclusion to contradict.
+    if let Some(found) = (!gold.is_empty())
+        .then(|| contradicted_label(text, gold))
+        .flatten()
+    {
         return Err(Invalid::WrongLabel {
             found,
             gold: gold.to_string(),

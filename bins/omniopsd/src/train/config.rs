@@ -854,7 +854,9 @@ impl OpsdSection {
             },
             adamw: self.adamw(),
             learning_rate: self.learning_rate,
-            schedule: self.schedule(self.steps * self.updates_per_rollout as u64),
+            // Saturating: `validate` refuses a product past u64 naming both keys, and this
+            // conversion must not panic before it can.
+            schedule: self.schedule(self.steps.saturating_mul(self.updates_per_rollout as u64)),
             max_grad_norm: self.max_grad_norm,
             updates_per_rollout: self.updates_per_rollout,
             chunk_rows: self.chunk_rows,
@@ -971,6 +973,18 @@ impl TrainConfig {
         need(o.steps >= 1, "opsd.steps", ">= 1")?;
         need(o.batch_size >= 1, "opsd.batch_size", ">= 1")?;
         need(o.grad_accumulation >= 1, "opsd.grad_accumulation", ">= 1")?;
+        need(
+            o.batch_size.checked_mul(o.grad_accumulation).is_some(),
+            "opsd.grad_accumulation",
+            "small enough that opsd.batch_size × opsd.grad_accumulation (the episodes of an \
+             update) fits in 64 bits",
+        )?;
+        need(
+            o.steps.checked_mul(o.updates_per_rollout as u64).is_some(),
+            "opsd.steps",
+            "small enough that opsd.steps × opsd.updates_per_rollout (the updates of the LR \
+             schedule) fits in 64 bits",
+        )?;
         self.opsd
             .trainer(0, 0)
             .validate()
@@ -1070,6 +1084,25 @@ mod tests {
             "t"
         )
         .is_ok());
+    }
+
+    #[test]
+    fn budgets_whose_products_overflow_are_errors_naming_the_key() {
+        let msg = error(
+            "[opsd]\nsteps = 9223372036854775807\nupdates_per_rollout = 3\n\
+             divergence = \"sampled_reverse_kl\"\n",
+        );
+        assert!(
+            msg.contains(
+                "opsd.steps: must be small enough that opsd.steps × opsd.updates_per_rollout"
+            ),
+            "{msg}"
+        );
+        let msg = error("[opsd]\nbatch_size = 9223372036854775807\ngrad_accumulation = 3\n");
+        assert!(
+            msg.contains("opsd.grad_accumulation: must be small enough that opsd.batch_size × opsd.grad_accumulation"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -2,23 +2,25 @@
 //! scored with MER-UniBench's metrics.
 //!
 //! Invariant: every held-out number of a run (periodic, final, warm-up views) comes from
-//! [`evaluate`]: the basic label is scored by HIT as a MER2023 sample, the sentiment word by
-//! WAF as a CMU-MOSI sample and the open set by F_s as an OV-MERD+ sample, through
-//! `omniopsd-mer`, the benchmark's exact metric implementation with its emotion wheels.
+//! [`evaluate`], which decodes and lays out samples through `omniopsd predict`'s own
+//! functions ([`crate::predict::answer_ids`], [`crate::predict::mer_samples`]): the basic
+//! label is scored by HIT as a MER2023 sample, the sentiment word by WAF as a CMU-MOSI sample
+//! and the open set by F_s as an OV-MERD+ sample, through `omniopsd-mer`, the benchmark's
+//! exact metric implementation with its emotion wheels.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use omniopsd_mer::{Dataset, EmotionWheels, Gt, Pred, Sample};
+use omniopsd_mer::{EmotionWheels, Metric};
 
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 
 use super::progress;
-use super::prompt::parse_answer;
 use super::report::Scores;
 use super::run::Ctx;
 use super::run_dir::MetricLine;
 use crate::data::manifest::Record;
+use crate::predict::{answer_ids, mer_samples, Decoding, PromptPreset};
 
 /// Loads the MER-UniBench emotion wheels: from `dir` (`eval.mer_data`) when set, else the
 /// copy shipped inside the binary.
@@ -51,48 +53,28 @@ pub fn score(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) ->
 fn score_all(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) -> Scores {
     let mut samples = Vec::with_capacity(records.len() * 3);
     for (i, (r, a)) in records.iter().zip(answers).enumerate() {
-        let p = parse_answer(a);
-        let line = i + 1;
-        samples.push(Sample {
-            dataset: Dataset::Mer2023,
-            id: r.id.clone(),
-            gt: Gt::Labels(vec![r.emotion.clone()]),
-            pred: Pred::List(if p.emotion.is_empty() {
-                Vec::new()
-            } else {
-                vec![p.emotion.clone()]
-            }),
-            line,
-        });
-        samples.push(Sample {
-            dataset: Dataset::CmuMosi,
-            id: r.id.clone(),
-            gt: Gt::Score(r.sentiment),
-            pred: Pred::Text(p.sentiment.clone()),
-            line,
-        });
-        samples.push(Sample {
-            dataset: Dataset::OvMerdPlus,
-            id: r.id.clone(),
-            gt: Gt::Labels(r.openset.clone()),
-            pred: Pred::List(p.openset.clone()),
-            line,
-        });
+        samples.extend(mer_samples(r, a, PromptPreset::Student, i + 1));
     }
     let report =
         omniopsd_mer::Report::evaluate(wheels, &samples, omniopsd_mer::ExtractionSummary::None);
-    let get = |d: Dataset| {
-        report
+    // Each metric over the datasets scored by it (one each for a corpus without `dataset`
+    // fields: MER2023, CMU-MOSI, OV-MERD+), unweighted as MER-UniBench averages datasets.
+    let get = |metric: Metric| {
+        let scores: Vec<f64> = report
             .scores
             .iter()
-            .find(|s| s.dataset == d)
-            .and_then(|s| s.score)
-            .unwrap_or(0.0)
+            .filter(|s| s.dataset.metric() == metric)
+            .filter_map(|s| s.score)
+            .collect();
+        match scores.len() {
+            0 => 0.0,
+            n => scores.iter().sum::<f64>() / n as f64,
+        }
     };
     Scores {
-        hit: get(Dataset::Mer2023),
-        waf: get(Dataset::CmuMosi),
-        fs: get(Dataset::OvMerdPlus),
+        hit: get(Metric::Hit),
+        waf: get(Metric::Waf),
+        fs: get(Metric::Fs),
         hit_misleading: None,
     }
 }
@@ -108,14 +90,9 @@ pub fn evaluate<B: burn::tensor::backend::Backend>(
     let bar = progress::bar(heldout.len() as u64, "eval", ctx.out.quiet);
     bar.set_message(label.to_string());
     let mut answers = Vec::with_capacity(heldout.len());
+    let decoding = Decoding::greedy(ctx.cfg.eval.max_new_tokens);
     for s in heldout {
-        let ids = model.generate_greedy(
-            prompt(s),
-            ctx.cfg.eval.max_new_tokens,
-            true,
-            &[ctx.stop_token],
-        )?;
-        let ids: Vec<u32> = ids.into_iter().filter(|&t| t != ctx.stop_token).collect();
+        let ids = answer_ids(model, prompt(s), &decoding, &[ctx.stop_token], 0)?;
         answers.push(super::tokenizer::decode(ctx.tokenizer, &ids)?);
         bar.inc(1);
     }

@@ -96,6 +96,14 @@ pub fn export_student<B: burn::tensor::backend::Backend>(
         // go to `adapter/` for `PeftModel.from_pretrained` or `--adapter`.
         model.save_adapter(&dir.join("adapter"), prefix.trim_end_matches('.'), None)?;
     }
+    if init.layout().is_multimodal() {
+        // The frames' sizes the student was trained on, for `predict` and `generate`.
+        let processor = crate::inputs::processor_json(&super::samples::video_processor(ctx.cfg)?);
+        omniopsd_checkpoint::atomic::write_atomic(
+            &dir.join(crate::inputs::VIDEO_PROCESSOR_FILE),
+            &serde_json::to_vec_pretty(&processor)?,
+        )?;
+    }
     super::tokenizer::save(ctx.tokenizer, &dir.join("tokenizer.json"))
 }
 

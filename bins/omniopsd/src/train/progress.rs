@@ -18,3 +18,14 @@ pub fn bar(len: u64, prefix: &str, quiet: bool) -> ProgressBar {
     bar.set_prefix(prefix.to_string());
     bar
 }
+
+/// A bar for work counted in items: position, items per second and ETA.
+pub fn rate_bar(len: u64, prefix: &str, quiet: bool) -> ProgressBar {
+    let bar = self::bar(len, prefix, quiet);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>8.bold} [{bar:30}] {pos}/{len} {per_sec} {elapsed_precise} eta {eta} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}

@@ -29,14 +29,20 @@ pub enum Privileged {
     None,
 }
 
-/// The gold answer line of a record.
+/// The gold answer line of a record: the parts for the labels it carries, in the order
+/// `emotion: …; sentiment: …; open: …` (all three without a dataset).
 pub fn answer(record: &Record) -> String {
-    format!(
-        "emotion: {}; sentiment: {}; open: {}",
-        record.emotion,
-        sentiment_word(record.sentiment),
-        record.openset.join(", ")
-    )
+    let mut parts = Vec::with_capacity(3);
+    if let Some(emotion) = &record.emotion {
+        parts.push(format!("emotion: {emotion}"));
+    }
+    if let Some(score) = record.sentiment {
+        parts.push(format!("sentiment: {}", sentiment_word(score)));
+    }
+    if let Some(openset) = &record.openset {
+        parts.push(format!("open: {}", openset.join(", ")));
+    }
+    parts.join("; ")
 }
 
 /// The text part of the student's prompt (media come before it as placeholders/features).
@@ -45,6 +51,12 @@ pub fn student_text(record: &Record) -> String {
         "subtitle: {}\nhow does the speaker feel?\n",
         record.subtitle
     )
+}
+
+/// The user text of a prompt that asks `question` instead of the trainer's question (the
+/// subtitle line is the student's): `omniopsd predict --prompt affectgpt`.
+pub fn question_text(record: &Record, question: &str) -> String {
+    format!("subtitle: {}\n{question}\n", record.subtitle)
 }
 
 /// The privileged block inserted before the answer header for the teacher.
@@ -144,16 +156,33 @@ pub enum View {
 /// tokenized on its own, so the teacher's ids are the student's with the block's ids inserted
 /// before `<|im_end|>`, and both end with the same assistant header.
 pub fn prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
-    chat_ids(tk, record, view, true)
+    chat_ids(tk, &student_text(record), record, view, true)
+}
+
+/// The student's chat layout ([`prompt_ids`], or [`text_prompt_ids`] without `video`) with
+/// `user_text` in place of the student text.
+pub fn user_prompt_ids(
+    tk: &Tokenizer,
+    record: &Record,
+    user_text: &str,
+    video: bool,
+) -> Result<Vec<u32>> {
+    chat_ids(tk, user_text, record, View::Student, video)
 }
 
 /// [`prompt_ids`] for a text-only model (a `Qwen2ForCausalLM` checkpoint): the same chat
 /// layout without the video block, so the student has the subtitle alone.
 pub fn text_prompt_ids(tk: &Tokenizer, record: &Record, view: View) -> Result<Vec<u32>> {
-    chat_ids(tk, record, view, false)
+    chat_ids(tk, &student_text(record), record, view, false)
 }
 
-fn chat_ids(tk: &Tokenizer, record: &Record, view: View, video: bool) -> Result<Vec<u32>> {
+fn chat_ids(
+    tk: &Tokenizer,
+    user_text: &str,
+    record: &Record,
+    view: View,
+    video: bool,
+) -> Result<Vec<u32>> {
     let text = |s: &str| tokenizer::encode(tk, s);
     let (im_start, im_end) = (special(tk, "<|im_start|>")?, special(tk, "<|im_end|>")?);
     let mut ids = vec![im_start];
@@ -169,7 +198,7 @@ fn chat_ids(tk: &Tokenizer, record: &Record, view: View, video: bool) -> Result<
             special(tk, "<|vision_eos|>")?,
         ]);
     }
-    ids.extend(text(&student_text(record))?);
+    ids.extend(text(user_text)?);
     if let View::Teacher(kind) = view {
         ids.extend(text(&privileged_text(record, kind))?);
     }
@@ -241,9 +270,10 @@ pub(crate) mod tests {
             rationale: Some("r".into()),
             rationale_model: None,
             rationale_prompt: None,
-            emotion: emotion.into(),
-            sentiment,
-            openset: openset.iter().map(|s| s.to_string()).collect(),
+            dataset: None,
+            emotion: Some(emotion.into()),
+            sentiment: Some(sentiment),
+            openset: Some(openset.iter().map(|s| s.to_string()).collect()),
             conflict: None,
         }
     }

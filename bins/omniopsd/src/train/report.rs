@@ -10,11 +10,13 @@ use serde::{Deserialize, Serialize};
 /// Held-out scores of one trained model, in percent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
-    /// HIT on the basic-emotion label (MER2023/MER2024 protocol).
+    /// HIT on the basic-emotion labels: the mean over the basic-emotion datasets (MER2023 for
+    /// samples without `dataset`).
     pub hit: f64,
-    /// Weighted F1 of the sentiment sign (CMU-MOSI protocol).
+    /// Weighted F1 of the sentiment sign: the mean over the sentiment datasets (CMU-MOSI for
+    /// samples without `dataset`).
     pub waf: f64,
-    /// F_s of the open-vocabulary set (OV-MERD+ protocol).
+    /// F_s of the open-vocabulary sets (OV-MERD+ protocol).
     pub fs: f64,
     /// HIT on the samples whose subtitle misleads (sarcasm, masking, understatement), where
     /// reading the text alone fails; `None` when there are none.

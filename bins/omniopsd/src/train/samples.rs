@@ -69,10 +69,7 @@ pub fn build<B: burn::tensor::backend::Backend>(
     device: &B::Device,
 ) -> Result<Vec<Sample>> {
     if ckpt.layout().is_multimodal() {
-        let processor = match ctx.cfg.model.dir {
-            None => super::tiny::video_processor(),
-            Some(_) => inputs::video_processor(),
-        };
+        let processor = video_processor(ctx.cfg)?;
         let media = preprocess_media(&corpus.records, &corpus.base, limits, &processor, ctx.out)?;
         encode_samples::<B>(ctx, ckpt, &corpus.records, &media, device)
     } else {
@@ -81,6 +78,15 @@ pub fn build<B: burn::tensor::backend::Backend>(
             ckpt.dir().display()
         ));
         text_samples::<B>(ctx, ckpt, &corpus.records, device)
+    }
+}
+
+/// The video processor of the run's model: the embedded model's small frames, or the
+/// checkpoint's own settings ([`inputs::processor_for`]). Exported students record it.
+pub fn video_processor(cfg: &TrainConfig) -> Result<ProcessorConfig> {
+    match &cfg.model.dir {
+        None => Ok(super::tiny::video_processor()),
+        Some(dir) => inputs::processor_for(dir),
     }
 }
 
