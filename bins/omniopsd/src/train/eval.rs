@@ -71,11 +71,19 @@ fn score_all(wheels: &EmotionWheels, records: &[&Record], answers: &[String]) ->
             n => scores.iter().sum::<f64>() / n as f64,
         }
     };
+    // Per dataset only when the corpus names datasets, so a corpus without keeps its results.
+    let named = records.iter().any(|r| r.dataset.is_some());
     Scores {
         hit: get(Metric::Hit),
         waf: get(Metric::Waf),
         fs: get(Metric::Fs),
         hit_misleading: None,
+        datasets: report
+            .scores
+            .iter()
+            .filter(|_| named)
+            .filter_map(|s| Some((s.dataset.name().to_string(), s.score?)))
+            .collect(),
     }
 }
 
@@ -162,6 +170,34 @@ mod tests {
         let s = score(&w, &refs, &wrong);
         assert!(s.hit < 50.0 && s.waf < 60.0 && s.fs < 60.0, "{s:?}");
         assert_eq!(s.hit_misleading, None, "no misleading subtitle among these");
+    }
+
+    #[test]
+    fn a_corpus_naming_datasets_is_scored_per_dataset_and_averaged_over_them() {
+        let w = wheels();
+        let mut meld = record("joy", 0.0, &[]);
+        (meld.dataset, meld.sentiment, meld.openset) = (Some("MELD".into()), None, None);
+        let mut sims = record("happy", 0.0, &[]);
+        sims.id = "sims".into();
+        (sims.dataset, sims.emotion, sims.sentiment, sims.openset) =
+            (Some("CH-SIMS".into()), None, Some(-0.5), None);
+        let answers = [
+            "emotion: joy".to_string(),
+            "sentiment: positive".to_string(),
+        ];
+        let s = score(&w, &[&meld, &sims], &answers);
+        assert_eq!(s.datasets.len(), 2, "{s:?}");
+        assert!((s.datasets["MELD"] - 100.0).abs() < 1e-9, "{s:?}");
+        // One CH-SIMS sample, negative, answered positive: WAF 0.
+        assert!(s.datasets["CH-SIMS"].abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.mean() - 50.0).abs() < 1e-9,
+            "the mean is over the two datasets"
+        );
+        assert!((s.hit - 100.0).abs() < 1e-9 && s.waf.abs() < 1e-9);
+        // Without datasets nothing is listed per dataset (results as before).
+        let plain = record("angry", -2.0, &["angry"]);
+        assert!(score(&w, &[&plain], &[answer(&plain)]).datasets.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Held-out scores of one trained model, in percent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
     /// HIT on the basic-emotion labels: the mean over the basic-emotion datasets (MER2023 for
     /// samples without `dataset`).
@@ -22,12 +22,20 @@ pub struct Scores {
     /// reading the text alone fails; `None` when there are none.
     #[serde(default)]
     pub hit_misleading: Option<f64>,
+    /// Each dataset's score by its own metric, when the corpus names datasets (empty
+    /// otherwise: HIT, WAF and F_s are then one stand-in dataset each).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub datasets: BTreeMap<String, f64>,
 }
 
 impl Scores {
-    /// Unweighted mean of the three, as MER-UniBench averages its datasets.
+    /// Unweighted mean over datasets, as MER-UniBench averages: of the three metrics for a
+    /// corpus without datasets, else of each dataset's score.
     pub fn mean(&self) -> f64 {
-        (self.hit + self.waf + self.fs) / 3.0
+        match self.datasets.len() {
+            0 => (self.hit + self.waf + self.fs) / 3.0,
+            n => self.datasets.values().sum::<f64>() / n as f64,
+        }
     }
 }
 
@@ -104,8 +112,11 @@ pub struct Row {
     /// HIT on misleading-subtitle samples.
     #[serde(default = "MeanSd::empty")]
     pub hit_misleading: MeanSd,
-    /// Mean of the three.
+    /// Mean of the three (or over the datasets).
     pub mean: MeanSd,
+    /// Each dataset's score, when the corpus names datasets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub datasets: BTreeMap<String, MeanSd>,
     /// Final divergence (OPSD methods).
     pub final_divergence: MeanSd,
     /// Seeds.
@@ -155,6 +166,20 @@ pub fn rows(results: &[RunResult]) -> Vec<Row> {
                         .collect::<Vec<_>>(),
                 ),
                 mean: f(&|r| r.scores.mean()),
+                datasets: {
+                    let names: std::collections::BTreeSet<&String> =
+                        rs.iter().flat_map(|r| r.scores.datasets.keys()).collect();
+                    names
+                        .into_iter()
+                        .map(|d| {
+                            let values: Vec<f64> = rs
+                                .iter()
+                                .filter_map(|r| r.scores.datasets.get(d).copied())
+                                .collect();
+                            (d.clone(), MeanSd::of(&values))
+                        })
+                        .collect()
+                },
                 final_divergence: MeanSd::of(&divs),
                 seeds: rs.iter().map(|r| r.seed).collect(),
                 method,
@@ -194,6 +219,23 @@ pub fn markdown(report: &Report) -> String {
                 .join(", ")
         ));
     }
+    let names: std::collections::BTreeSet<&String> =
+        report.rows.iter().flat_map(|r| r.datasets.keys()).collect();
+    if !names.is_empty() {
+        s.push_str("\nPer dataset, each by its own metric (HIT, WAF or F_s):\n\n| method |");
+        for d in &names {
+            s.push_str(&format!(" {d} |"));
+        }
+        s.push_str(&format!("\n|---|{}\n", "---|".repeat(names.len())));
+        for r in &report.rows {
+            s.push_str(&format!("| {} |", r.method));
+            for d in &names {
+                let cell = r.datasets.get(*d).map_or("–".to_string(), MeanSd::cell);
+                s.push_str(&format!(" {cell} |"));
+            }
+            s.push('\n');
+        }
+    }
     s.push_str(&format!("\nWall time: {:.1} s.\n", report.wall_seconds));
     if !report.notes.is_empty() {
         s.push_str("\n## Notes\n\n");
@@ -226,6 +268,7 @@ mod tests {
                 waf: 50.0,
                 fs: 40.0,
                 hit_misleading: None,
+                datasets: BTreeMap::new(),
             },
             final_divergence: None,
             seconds: 1.0,
@@ -264,5 +307,22 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("- a note"));
+        assert!(!md.contains("Per dataset"), "no datasets, no second table");
+        let mut with = result("opsd", 0, 60.0);
+        with.scores.datasets = BTreeMap::from([("MELD".into(), 30.0), ("CH-SIMS".into(), 70.0)]);
+        let rows = super::rows(std::slice::from_ref(&with));
+        assert_eq!(rows[0].mean.mean, 50.0, "mean over the datasets");
+        let md = markdown(&Report {
+            name: "t".into(),
+            rows,
+            results: vec![with],
+            notes: Vec::new(),
+            wall_seconds: 1.0,
+        });
+        assert!(md.contains("| method | CH-SIMS | MELD |"), "{md}");
+        assert!(
+            md.contains("| opsd | 70.00 ± 0.00 | 30.00 ± 0.00 |"),
+            "{md}"
+        );
     }
 }
