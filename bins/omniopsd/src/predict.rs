@@ -136,8 +136,9 @@ pub struct PredictArgs {
     /// resumed run gives the answers an uninterrupted one would.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Most tokens generated per answer, stop token included (default: 64 with the student
-    /// prompt, 512 with affectgpt's free-form answers).
+    /// Most tokens generated per answer, stop token included (default: the trainer's
+    /// `eval.max_new_tokens` default, 24, with the student prompt; 512 with affectgpt's
+    /// free-form answers).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// How a video file's frames are sampled.
@@ -317,7 +318,8 @@ fn decoding(args: &PredictArgs) -> Result<Decoding> {
     };
     sampling.validate()?;
     let max_new_tokens = args.max_new_tokens.unwrap_or(match args.prompt {
-        PromptPreset::Student => 64,
+        // The trainer's default held-out budget, so the scores equal a run's report.
+        PromptPreset::Student => crate::train::config::EvalConfig::default().max_new_tokens,
         PromptPreset::Affectgpt => 512,
     });
     if max_new_tokens == 0 {

@@ -74,13 +74,15 @@ fn trained() -> Trained {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let cfg = common::tiny_run_config(dir.path(), "p", &cache, "");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
+    let text = fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("max_samples = 3\nmax_new_tokens = 8"));
+    let text = text
         .replace(
             r#"methods = ["opsd", "label-sft"]"#,
             r#"methods = ["label-sft"]"#,
         )
-        .replace("max_samples = 3", "max_samples = 1000");
+        // Every held-out sample, with the default answer budget, which `predict` shares.
+        .replace("max_samples = 3\nmax_new_tokens = 8", "max_samples = 1000");
     fs::write(&cfg, text).unwrap();
     ok(omniopsd(&[
         "train",
