@@ -45,22 +45,31 @@ pub struct Frame {
 
 /// Writes 16-bit PCM mono at [`SAMPLE_RATE`], whole or not at all.
 pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
+    let bytes = mono_i16_wav(samples.iter().copied(), SAMPLE_RATE, samples.len())
+        .with_context(|| format!("encoding WAV file {}", path.display()))?;
+    Ok(write_atomic(path, &bytes)?)
+}
+
+/// A mono 16-bit PCM WAV file of `samples` at `rate` Hz, in memory (`len`: the sample count,
+/// for the buffer): the one WAV encoder of the project.
+fn mono_i16_wav(
+    samples: impl Iterator<Item = i16>,
+    rate: u32,
+    len: usize,
+) -> hound::Result<Vec<u8>> {
     let spec = hound::WavSpec {
         channels: 1,
-        sample_rate: SAMPLE_RATE,
+        sample_rate: rate,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    let mut bytes = Cursor::new(Vec::with_capacity(44 + 2 * samples.len()));
-    let encode = |bytes: &mut Cursor<Vec<u8>>| -> hound::Result<()> {
-        let mut writer = hound::WavWriter::new(bytes, spec)?;
-        for s in samples {
-            writer.write_sample(*s)?;
-        }
-        writer.finalize()
-    };
-    encode(&mut bytes).with_context(|| format!("encoding WAV file {}", path.display()))?;
-    Ok(write_atomic(path, bytes.get_ref())?)
+    let mut bytes = Cursor::new(Vec::with_capacity(44 + 2 * len));
+    let mut writer = hound::WavWriter::new(&mut bytes, spec)?;
+    for s in samples {
+        writer.write_sample(s)?;
+    }
+    writer.finalize()?;
+    Ok(bytes.into_inner())
 }
 
 /// Reads a mono WAV file (16/24/32-bit integer or 32-bit float PCM) and checks that it is
@@ -161,21 +170,11 @@ pub fn read_audio(path: &Path, max_seconds: f64) -> Result<Audio> {
 
 /// 16-bit PCM mono WAV bytes of `audio` (samples clipped to `[-1, 1]`).
 pub fn wav_bytes(audio: &Audio) -> Result<Vec<u8>> {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: audio.sample_rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut writer = hound::WavWriter::new(&mut out, spec).context("encoding WAV")?;
-    for s in &audio.samples {
-        writer
-            .write_sample((s.clamp(-1.0, 1.0) * 32767.0).round() as i16)
-            .context("encoding WAV")?;
-    }
-    writer.finalize().context("encoding WAV")?;
-    Ok(out.into_inner())
+    let samples = audio
+        .samples
+        .iter()
+        .map(|s| (s.clamp(-1.0, 1.0) * 32767.0).round() as i16);
+    mono_i16_wav(samples, audio.sample_rate, audio.samples.len()).context("encoding WAV")
 }
 
 /// PNG bytes of an RGB frame.
