@@ -3,98 +3,20 @@
 //! students bit-identical to an uninterrupted run's; each student is also saved as a PEFT
 //! adapter; bad `[lora]` values stop the run before anything is written.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_omniopsd");
+use common::{ok, spawn, train, wait_for};
 
 const LORA: &str =
     "[lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
 
-/// A run small enough for the test profile: one seed, two methods, a checkpoint per update.
+/// The shared tiny run with two warm-up updates and a learning rate that moves the adapters.
 fn config(dir: &Path, name: &str, cache: &Path, opsd: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"name = "{name}"
-runs_dir = "{runs}"
-seeds = [0]
-methods = ["opsd", "label-sft"]
-[data]
-cache_dir = "{cache}"
-synth_n = 20
-[model]
-hidden_size = 32
-intermediate_size = 64
-[warmup]
-steps = 2
-batch_size = 2
-[opsd]
-steps = 4
-batch_size = 2
-samples_per_prompt = 2
-max_new_tokens = 8
-lr_warmup_steps = 1
-learning_rate = 1e-3
-{opsd}
-[eval]
-every = 100
-max_samples = 3
-max_new_tokens = 8
-[checkpoint]
-every = 1
-keep_last = 10
-{extra}
-"#,
-        runs = dir.join("runs").display(),
-        cache = cache.display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    fs::write(&path, text).unwrap();
-    path
-}
-
-fn train(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("train")
-        .args(args)
-        .arg("--quiet")
-        .output()
-        .expect("runs the binary")
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("train")
-        .args(args)
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawns the binary")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_for(child: &mut Child, path: &Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the run ended ({status}) before {} appeared",
-                path.display()
-            );
-        }
-        assert!(start.elapsed() < Duration::from_secs(600), "timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let opsd = format!("learning_rate = 1e-3\n{opsd}");
+    common::tiny_run_config_with(dir, name, cache, 2, &opsd, extra)
 }
 
 /// Every student's weights and adapter, and the scores of every result.

@@ -6,58 +6,11 @@
 mod common;
 mod ffmpeg;
 
-use common::tiny_run_config as config;
+use common::{ok, spawn, tiny_run_config as config, train, wait_for, BIN};
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_omniopsd");
-
-fn train(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("train")
-        .args(args)
-        .arg("--quiet")
-        .output()
-        .expect("runs the binary")
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("train")
-        .args(args)
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawns the binary")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Waits until `path` exists (the child is making progress) or the child exits.
-fn wait_for(child: &mut Child, path: &Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the run ended ({status}) before {} appeared",
-                path.display()
-            );
-        }
-        assert!(start.elapsed() < Duration::from_secs(600), "timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use std::process::Command;
 
 /// Every file under `students/` with its bytes, and the scores of every result.
 fn outcome(run: &Path) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
