@@ -151,6 +151,7 @@ macro_rules! on_device {
         }
     }};
 }
+pub(crate) use on_device;
 
 /// `omniopsd score`.
 pub fn run_score(args: ScoreArgs) -> Result<()> {

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::data::datasets::{scored_labels, Kind};
 use crate::data::manifest::{check_manifest, Limits, Record, Split};
-use crate::infer::{Loaded, Model};
+use crate::infer::{on_device, Loaded, Model};
 use crate::inputs;
 use crate::train::progress;
 use crate::train::prompt::{self, parse_answer, View};
@@ -284,21 +284,7 @@ fn line_json(sample: &Sample, answer: &str) -> Value {
 
 /// `omniopsd predict`.
 pub fn run(args: PredictArgs) -> Result<()> {
-    let spec: DeviceSpec = args.device.parse().map_err(|e| anyhow!("--device: {e}"))?;
-    match spec {
-        #[cfg(feature = "ndarray")]
-        DeviceSpec::NdArray => {
-            predict::<omniopsd_backends::NdArrayCpu>(&args, &omniopsd_backends::NdArrayDevice::Cpu)?
-        }
-        #[cfg(feature = "flex")]
-        DeviceSpec::Flex => predict::<omniopsd_backends::FlexCpu>(&args, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => {
-            predict::<omniopsd_backends::CudaGpu>(&args, &omniopsd_backends::CudaDevice::new(i))?
-        }
-        #[allow(unreachable_patterns)]
-        other => bail!("device {other} is not compiled into this build"),
-    }
+    on_device!(args.device, predict, &args)?;
     if args.score {
         score(&args)?;
     }
@@ -535,6 +521,7 @@ fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
     let stop = loaded.stop_tokens();
     let bar = progress::rate_bar(todo.len() as u64, "predict", args.quiet);
     let started = Instant::now();
+    let mut predicted = 0usize;
     for (line, r) in &todo {
         let where_ = || format!("{}:{line} (sample `{}`)", args.manifest.display(), r.id);
         let prompt = match sample_prompt(&loaded, r, &base, &limits, &processor, args.prompt) {
@@ -566,6 +553,7 @@ fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_data())
             .with_context(|| format!("appending to {}", args.out.display()))?;
+        predicted += 1;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -576,8 +564,8 @@ fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
     eprintln!(
         "{}: {} sample(s) predicted in {seconds:.1} s ({:.2} samples/s), {} already there, {} skipped",
         args.out.display(),
-        todo.len() - bad.len().min(todo.len()),
-        todo.len() as f64 / seconds.max(1e-9),
+        predicted,
+        predicted as f64 / seconds.max(1e-9),
         done.len(),
         bad.len()
     );

@@ -252,6 +252,12 @@ fn bad_inputs_are_named_and_write_nothing() {
         stderr.contains("skipped") && stderr.contains(name),
         "{stderr}"
     );
+    let heldout = text
+        .lines()
+        .filter(|l| l.contains(r#""split":"heldout""#))
+        .count();
+    let summary = format!("{} sample(s) predicted", heldout - 1);
+    assert!(stderr.contains(&summary), "{summary}: {stderr}");
     let written = fs::read_to_string(&out).unwrap();
     assert!(!written.contains(record["id"].as_str().unwrap()));
 
