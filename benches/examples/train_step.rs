@@ -8,8 +8,13 @@
 //! (same weights, no graph) on the privileged prompt (student prompt + `--privileged` more
 //! tokens), full-vocabulary generalized JSD β = 0.5 per response token, backward, AdamW.
 //! Prints one JSON line: the seconds of every step (the first is a warm-up), response tokens
-//! per second and model FLOP/s over the median of the others, and the step's model FLOPs by
-//! pass (`omniopsd_benches::flops`).
+//! per second and model FLOP/s over the median of the others, the step's model FLOPs by
+//! pass (`omniopsd_benches::flops`), and on the CPU the heap: bytes live once the model is
+//! loaded and the peak during the steps (a counting allocator; GPU memory is not counted).
+//!
+//! `--episodes E` puts `E` prompts (different ids, same lengths) in each step, one update,
+//! and `--micro-batch M` holds `M` of them in memory at once (the trainer's `micro_batch`,
+//! the CLI's `opsd.batch_size`): the peak grows with `M`, not with `E`.
 //!
 //! The weights: `--model DIR` (an HF checkpoint), or `--random CONFIG` (a `config.json`;
 //! randomly initialised in a temporary directory, removed once loaded). `--lora R` trains
@@ -18,7 +23,8 @@
 //! graph), so both sides of `benches/compare/train_step.py --lora R` do the same work.
 //!
 //! `cargo run --release -p omniopsd-benches --example train_step -- (--model DIR | --random
-//! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32] [--lora R]`
+//! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32] [--lora R]
+//! [--episodes 1] [--micro-batch 1]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,7 +33,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use omniopsd_benches::flops::{opsd_step_flops, StepShape};
 use omniopsd_benches::init::write_random_qwen2;
-use omniopsd_benches::{count, flag_values};
+use omniopsd_benches::{count, flag_values, CountingAllocator};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
@@ -38,6 +44,9 @@ use serde_json::json;
 
 type B = Autodiff<omniopsd_benches::Bench>;
 
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator::new();
+
 struct Args {
     model: PathBuf,
     random: Option<PathBuf>,
@@ -47,6 +56,8 @@ struct Args {
     group: usize,
     new: usize,
     lora: usize,
+    episodes: usize,
+    micro_batch: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +70,8 @@ fn parse_args() -> Result<Args, String> {
         group: 4,
         new: 32,
         lora: 0,
+        episodes: 1,
+        micro_batch: 1,
     };
     for (flag, value) in flag_values()? {
         match flag.as_str() {
@@ -70,6 +83,8 @@ fn parse_args() -> Result<Args, String> {
             "--group" => args.group = count(&flag, &value, 1)?,
             "--new" => args.new = count(&flag, &value, 1)?,
             "--lora" => args.lora = count(&flag, &value, 0)?,
+            "--episodes" => args.episodes = count(&flag, &value, 1)?,
+            "--micro-batch" => args.micro_batch = count(&flag, &value, 1)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -122,13 +137,18 @@ fn main() -> Result<(), String> {
     };
     let decoder = model.config().clone();
     let vocab = decoder.vocab_size;
-    let student = ids(0, args.prompt, vocab);
-    let mut teacher = student.clone();
-    teacher.extend(ids(args.prompt, args.privileged, vocab));
-    let episode = Episode {
-        student: TokenPrompt::new(student),
-        teacher: TokenPrompt::new(teacher),
-    };
+    let episodes: Vec<Episode<TokenPrompt>> = (0..args.episodes)
+        .map(|e| {
+            let start = e * (args.prompt + args.privileged);
+            let student = ids(start, args.prompt, vocab);
+            let mut teacher = student.clone();
+            teacher.extend(ids(start + args.prompt, args.privileged, vocab));
+            Episode {
+                student: TokenPrompt::new(student),
+                teacher: TokenPrompt::new(teacher),
+            }
+        })
+        .collect();
     let config = OpsdConfig {
         rollout: RolloutConfig {
             samples_per_prompt: args.group,
@@ -143,16 +163,17 @@ fn main() -> Result<(), String> {
         teacher: TeacherMode::Live,
         learning_rate: 1e-5,
         max_grad_norm: None,
+        micro_batch: args.micro_batch,
         ..OpsdConfig::default()
     };
     let mut trainer = OpsdTrainer::new(model, config).map_err(|e| e.to_string())?;
     let mut seconds = Vec::with_capacity(args.steps);
     let mut tokens = 0;
+    let loaded = ALLOC.live();
+    ALLOC.reset_peak();
     for _ in 0..args.steps {
         let start = Instant::now();
-        let m = trainer
-            .step(std::slice::from_ref(&episode))
-            .map_err(|e| e.to_string())?;
+        let m = trainer.step(&episodes).map_err(|e| e.to_string())?;
         // A GPU may still be running the optimizer's update: the step ends when it is done.
         <B as Backend>::sync(&Default::default()).map_err(|e| format!("device sync: {e:?}"))?;
         seconds.push(start.elapsed().as_secs_f64());
@@ -168,6 +189,7 @@ fn main() -> Result<(), String> {
         0 => opsd_step_flops(&decoder, shape),
         _ => opsd_step_flops(&decoder, shape).frozen_base(),
     };
+    let e = args.episodes as f64;
     let mut timed = seconds[1..].to_vec();
     timed.sort_by(f64::total_cmp);
     let median = timed[timed.len() / 2];
@@ -177,14 +199,18 @@ fn main() -> Result<(), String> {
             "step_seconds": seconds,
             "response_tokens": tokens,
             "lora_rank": args.lora,
+            "episodes": args.episodes,
+            "micro_batch": args.micro_batch,
             "tokens_per_second": tokens as f64 / median,
-            "model_flops_per_second": flops.total() / median,
+            "model_flops_per_second": e * flops.total() / median,
             "step_flops": {
-                "total": flops.total(),
-                "rollout": flops.rollout,
-                "teacher": flops.teacher,
-                "student": flops.student,
+                "total": e * flops.total(),
+                "rollout": e * flops.rollout,
+                "teacher": e * flops.teacher,
+                "student": e * flops.student,
             },
+            "heap_bytes_loaded": loaded,
+            "heap_bytes_peak": ALLOC.peak(),
         })
     );
     Ok(())

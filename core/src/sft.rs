@@ -23,6 +23,7 @@
 //! assert_eq!(trainer.steps, 22);
 //! ```
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use burn::module::AutodiffModule;
@@ -71,6 +72,10 @@ pub struct SftConfig {
     pub adamw: AdamWSettings,
     /// Clip the global L2 gradient norm to this value; `None` disables clipping.
     pub max_grad_norm: Option<f32>,
+    /// Examples per micro-batch: their graphs are held at once and their losses summed before
+    /// one backward pass; a [`SftTrainer::step`] accumulates its batch's micro-batches into
+    /// one update. `1` (the default) holds one example at a time.
+    pub micro_batch: usize,
 }
 
 impl Default for SftConfig {
@@ -81,6 +86,7 @@ impl Default for SftConfig {
             schedule: LrSchedule::default(),
             adamw: AdamWSettings::default(),
             max_grad_norm: Some(1.0),
+            micro_batch: 1,
         }
     }
 }
@@ -99,6 +105,13 @@ impl SftConfig {
     /// Checks every knob, as [`crate::step::OpsdConfig::validate`] checks the same ones;
     /// [`SftTrainer::try_new`] calls it.
     pub fn validate(&self) -> Result<(), SftError> {
+        if self.micro_batch == 0 {
+            return Err(SftError::Config {
+                field: "micro_batch",
+                expected: ">= 1",
+                found: format!("{}", self.micro_batch),
+            });
+        }
         Ok(self.update().validate()?)
     }
 }
@@ -264,8 +277,9 @@ where
     }
 
     /// One update on `batch`: the loss is the mean NLL over every target token of the batch,
-    /// `−(1/N) Σ_i Σ_t log p(y_it | prompt_i, y_i<t)`, accumulated example by example (empty
-    /// targets contribute nothing). Then the shared update: clip the global gradient norm
+    /// `−(1/N) Σ_i Σ_t log p(y_it | prompt_i, y_i<t)`, back-propagated one micro-batch of
+    /// [`SftConfig::micro_batch`] examples at a time and accumulated (empty targets contribute
+    /// nothing). Then the shared update: clip the global gradient norm
     /// and apply AdamW at the scheduled learning rate.
     ///
     /// A non-finite loss or gradient norm skips the update and is reported in the metrics;
@@ -273,6 +287,15 @@ where
     pub fn step(&mut self, batch: &[Example<'_, M::Prompt>]) -> Result<SftMetrics, SftError> {
         if batch.is_empty() {
             return Err(SftError::NoExamples);
+        }
+        let micro = self.config.micro_batch;
+        if micro == 0 {
+            // `new` leaves the config unchecked; this one knob would divide by zero below.
+            return Err(SftError::Config {
+                field: "micro_batch",
+                expected: ">= 1",
+                found: "0".into(),
+            });
         }
         let total: usize = batch.iter().map(|e| e.target.len()).sum();
         if total == 0 {
@@ -300,7 +323,14 @@ where
         let lr = self.current_lr();
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut loss_sum = 0.0f64;
+        let mut pending: Option<Tensor<B, 1>> = None;
         for (example, e) in batch.iter().enumerate() {
+            if example % micro == 0 {
+                if let Some(sum) = pending.take() {
+                    let grads = GradientsParams::from_grads(sum.backward(), &self.model);
+                    accumulator.accumulate(&self.model, grads);
+                }
+            }
             if e.target.is_empty() {
                 continue;
             }
@@ -332,7 +362,13 @@ where
                     skipped: true,
                 });
             }
-            let grads = GradientsParams::from_grads(nll.backward(), &self.model);
+            pending = Some(match pending {
+                Some(sum) => sum.add(nll),
+                None => nll,
+            });
+        }
+        if let Some(sum) = pending {
+            let grads = GradientsParams::from_grads(sum.backward(), &self.model);
             accumulator.accumulate(&self.model, grads);
         }
         let outcome = self

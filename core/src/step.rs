@@ -74,6 +74,12 @@ pub struct OpsdConfig {
     pub updates_per_rollout: usize,
     /// Rows of `N·R` per chunk of the fused loss (bounds the `[rows, V]` working set).
     pub chunk_rows: usize,
+    /// Episodes per micro-batch: the episodes whose teacher scores and student graphs are held
+    /// in memory at once, with one backward pass per micro-batch. The episodes of one
+    /// [`OpsdTrainer::step`] are one optimizer update, so a step over `b · a` episodes with
+    /// `micro_batch = b` accumulates `a` micro-batches. Peak memory grows with this, not with
+    /// the episodes per step; `1` (the default) holds one episode at a time.
+    pub micro_batch: usize,
     /// Key of the counter-based sampler.
     pub seed: u64,
 }
@@ -90,6 +96,7 @@ impl Default for OpsdConfig {
             max_grad_norm: Some(1.0),
             updates_per_rollout: 1,
             chunk_rows: 1024,
+            micro_batch: 1,
             seed: 0,
         }
     }
@@ -145,6 +152,13 @@ impl OpsdConfig {
                 field: "chunk_rows",
                 expected: ">= 1",
                 found: format!("{}", self.chunk_rows),
+            });
+        }
+        if self.micro_batch == 0 {
+            return Err(StepError::Config {
+                field: "micro_batch",
+                expected: ">= 1",
+                found: format!("{}", self.micro_batch),
             });
         }
         Ok(())
@@ -402,10 +416,12 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> core::fmt::Debug for OpsdTrainer<
     }
 }
 
-/// One episode's rollout and teacher scores, kept across the updates of a step.
-struct Scored<B: Backend> {
-    rollout: Rollout<B>,
-    teacher: TeacherScores<B>,
+/// The teacher scores of a step's episodes: computed for all of them before the first update
+/// when the rollout is reused (`updates_per_rollout > 1`: every update must see the scores of
+/// the policy that sampled), otherwise one micro-batch at a time, inside the update.
+enum Scores<'p, B: Backend, M> {
+    Kept(Vec<TeacherScores<B>>),
+    PerMicroBatch(&'p M),
 }
 
 impl<B, M> OpsdTrainer<B, M>
@@ -520,20 +536,30 @@ where
         self.updater.lr(self.optimizer_steps)
     }
 
-    /// One OPSD step over `episodes` (one prompt each, `G` samples per prompt).
+    /// One OPSD step over `episodes` (one prompt each, `G` samples per prompt): one
+    /// optimizer update (or `updates_per_rollout` of them) over all of them, in micro-batches
+    /// of [`OpsdConfig::micro_batch`] episodes.
     ///
     /// 1. Roll out every episode with the current weights (inner backend, sampler stream
-    ///    `episodes_seen + i`) and score the responses with the teacher on its privileged
-    ///    context (inner backend, no graph). Both happen once per step, so a `Live` teacher is
-    ///    the policy that sampled.
-    /// 2. `updates_per_rollout` times: teacher-force each episode's responses through the
-    ///    autodiff student, compute the fused loss, back-propagate, and accumulate gradients
-    ///    over episodes with weights `w_i` chosen so the sum equals the loss of one batch
-    ///    holding every episode: `w_i = T_i / Σ_j T_j` (valid tokens) for
+    ///    `episodes_seen + i`). Rollouts are token ids and log-probs, `[G, R]` each.
+    /// 2. `updates_per_rollout` times, micro-batch by micro-batch: score the micro-batch's
+    ///    responses with the teacher on its privileged context (inner backend, no graph),
+    ///    teacher-force them through the autodiff student, compute each episode's fused loss,
+    ///    and back-propagate the micro-batch's weighted sum once, accumulating gradients
+    ///    across micro-batches. The weights `w_i` make the sum over the step equal the loss of
+    ///    one batch holding every episode: `w_i = T_i / Σ_j T_j` (valid tokens) for
     ///    [`Reduction::Token`], `w_i = 1 / n` for [`Reduction::Sequence`] (every episode has
     ///    `G` sequences). Then clip the global gradient norm
     ///    (`g ← g · c / (‖g‖ + 1e-6)` when `‖g‖ > c`, as `torch.nn.utils.clip_grad_norm_`),
     ///    and apply AdamW at `lr = peak · f(optimizer_steps)`.
+    ///
+    /// The teacher scores every episode with the weights of the policy that sampled (a `Live`
+    /// teacher is that policy): with `updates_per_rollout > 1` all episodes are scored before
+    /// the first update and kept, so only then do the scores of the whole step stay in memory.
+    ///
+    /// With `micro_batch = 1` each episode is its own backward pass; larger micro-batches hold
+    /// more graphs at once and sum their losses before one backward, which changes the order
+    /// of the gradient's floating-point additions, not its value beyond rounding.
     ///
     /// A non-finite loss or gradient norm skips that update (weights, optimizer state and
     /// teacher untouched) and is reported in the metrics; it is not an error.
@@ -545,7 +571,7 @@ where
             return Err(StepError::NoEpisodes);
         }
         let policy = self.model.valid();
-        let mut scored = Vec::with_capacity(episodes.len());
+        let mut rollouts = Vec::with_capacity(episodes.len());
         for (episode, ep) in episodes.iter().enumerate() {
             let ro = rollout(
                 &policy,
@@ -555,20 +581,19 @@ where
                 self.episodes_seen + episode as u64,
             )
             .map_err(|source| StepError::Rollout { episode, source })?;
-            let t = teacher::score(
-                self.teacher.weights(&policy),
-                &ep.teacher,
-                ro.tokens.clone(),
-            )
-            .map_err(|source| StepError::Scoring { episode, source })?;
-            scored.push(Scored {
-                rollout: ro,
-                teacher: t,
-            });
+            rollouts.push(ro);
         }
-        drop(policy);
+        let scores = if self.config.updates_per_rollout > 1 {
+            let mut kept = Vec::with_capacity(episodes.len());
+            for (episode, (ep, ro)) in episodes.iter().zip(&rollouts).enumerate() {
+                kept.push(self.score(&policy, episode, ep, ro)?);
+            }
+            Scores::Kept(kept)
+        } else {
+            Scores::PerMicroBatch(&policy)
+        };
 
-        let valid: Vec<usize> = scored.iter().map(|s| s.rollout.valid_tokens()).collect();
+        let valid: Vec<usize> = rollouts.iter().map(|r| r.valid_tokens()).collect();
         let total_valid: usize = valid.iter().sum();
         let weights: Vec<f64> = match self.config.loss.reduction {
             Reduction::Token => valid
@@ -580,14 +605,16 @@ where
 
         let mut updates = Vec::with_capacity(self.config.updates_per_rollout);
         for _ in 0..self.config.updates_per_rollout {
-            updates.push(self.update(episodes, &scored, &weights)?);
+            updates.push(self.update(episodes, &rollouts, &scores, &weights)?);
         }
+        drop(scores);
+        drop(policy);
         self.episodes_seen += episodes.len() as u64;
 
-        let sequences: usize = scored.iter().map(|s| s.rollout.responses.len()).sum();
-        let stopped: usize = scored
+        let sequences: usize = rollouts.iter().map(|r| r.responses.len()).sum();
+        let stopped: usize = rollouts
             .iter()
-            .map(|s| s.rollout.stopped.iter().filter(|x| **x).count())
+            .map(|r| r.stopped.iter().filter(|x| **x).count())
             .sum();
         let first = updates[0];
         Ok(StepMetrics {
@@ -606,10 +633,24 @@ where
         })
     }
 
+    /// The teacher's scores of episode `episode`'s responses, under the weights that go with
+    /// `policy` (the policy that sampled them).
+    fn score(
+        &self,
+        policy: &M::InnerModule,
+        episode: usize,
+        ep: &Episode<<M as PolicyModel<B>>::Prompt>,
+        ro: &Rollout<B::InnerBackend>,
+    ) -> Result<TeacherScores<B::InnerBackend>, StepError> {
+        teacher::score(self.teacher.weights(policy), &ep.teacher, ro.tokens.clone())
+            .map_err(|source| StepError::Scoring { episode, source })
+    }
+
     fn update(
         &mut self,
         episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
-        scored: &[Scored<B::InnerBackend>],
+        rollouts: &[Rollout<B::InnerBackend>],
+        scores: &Scores<'_, B::InnerBackend, M::InnerModule>,
         weights: &[f64],
     ) -> Result<UpdateMetrics, StepError> {
         let lr = self.current_lr();
@@ -619,45 +660,67 @@ where
             (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         let mut non_finite_loss = false;
 
-        for (episode, ((ep, s), w)) in episodes.iter().zip(scored).zip(weights).enumerate() {
-            let response = Tensor::<B, 2, Int>::from_inner(s.rollout.tokens.clone());
-            let [g, r] = s.rollout.tokens.dims();
-            let hidden = self.model.response_hidden(&ep.student, response);
-            let head = self.model.lm_head();
-            let expected = [g, r, head.dims()[1]];
-            if hidden.dims() != expected {
-                return Err(StepError::StudentShape {
-                    episode,
-                    expected,
-                    found: hidden.dims(),
+        let micro = self.config.micro_batch;
+        'micro_batches: for start in (0..episodes.len()).step_by(micro) {
+            let end = (start + micro).min(episodes.len());
+            let mut surrogate: Option<Tensor<B, 1>> = None;
+            for episode in start..end {
+                let (ep, ro, w) = (&episodes[episode], &rollouts[episode], weights[episode]);
+                let scored;
+                let teacher = match scores {
+                    Scores::Kept(all) => &all[episode],
+                    Scores::PerMicroBatch(policy) => {
+                        scored = self.score(policy, episode, ep, ro)?;
+                        &scored
+                    }
+                };
+                let response = Tensor::<B, 2, Int>::from_inner(ro.tokens.clone());
+                let [g, r] = ro.tokens.dims();
+                let hidden = self.model.response_hidden(&ep.student, response);
+                let head = self.model.lm_head();
+                let expected = [g, r, head.dims()[1]];
+                if hidden.dims() != expected {
+                    return Err(StepError::StudentShape {
+                        episode,
+                        expected,
+                        found: hidden.dims(),
+                    });
+                }
+                let batch = ResponseBatch {
+                    tokens: ro.tokens.clone(),
+                    mask: ro.mask.clone(),
+                    behaviour_logp: ro.behaviour_logp.clone(),
+                };
+                let fused = fused_distillation::<B>(
+                    hidden,
+                    head,
+                    teacher.to_input(),
+                    &batch,
+                    &self.config.loss,
+                    self.config.chunk_rows,
+                );
+                let stats = fused.stats;
+                let n = stats.valid_tokens as f64;
+                loss += w * f64::from(stats.loss);
+                divergence += n * f64::from(stats.mean_divergence);
+                entropy += n * f64::from(stats.student_entropy);
+                clipped += n * f64::from(stats.clip_fraction);
+                tokens += n;
+                if !stats.loss.is_finite() {
+                    non_finite_loss = true;
+                    break 'micro_batches;
+                }
+                let weighted = fused.surrogate.mul_scalar(w);
+                surrogate = Some(match surrogate {
+                    Some(sum) => sum.add(weighted),
+                    None => weighted,
                 });
             }
-            let batch = ResponseBatch {
-                tokens: s.rollout.tokens.clone(),
-                mask: s.rollout.mask.clone(),
-                behaviour_logp: s.rollout.behaviour_logp.clone(),
-            };
-            let fused = fused_distillation::<B>(
-                hidden,
-                head,
-                s.teacher.to_input(),
-                &batch,
-                &self.config.loss,
-                self.config.chunk_rows,
-            );
-            let stats = fused.stats;
-            let n = stats.valid_tokens as f64;
-            loss += w * f64::from(stats.loss);
-            divergence += n * f64::from(stats.mean_divergence);
-            entropy += n * f64::from(stats.student_entropy);
-            clipped += n * f64::from(stats.clip_fraction);
-            tokens += n;
-            if !stats.loss.is_finite() {
-                non_finite_loss = true;
-                break;
+            if let Some(sum) = surrogate {
+                let grads = sum.backward();
+                accumulator
+                    .accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
             }
-            let grads = fused.surrogate.mul_scalar(*w).backward();
-            accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
 
         let per_token = |x: f64| {

@@ -9,7 +9,9 @@
 //! mixture); `ForwardKl` is TRL `beta = 0`, `ReverseKl` is TRL `beta = 1`.
 //!
 //! Tolerance: every loss, per-token value and gradient entry within `1e-5 · max(1, |ref|)` of
-//! the float64 reference, on the logits path (autodiff) and on the fused path (analytic).
+//! the float64 reference, on the logits path (autodiff) and on the fused path (analytic). On
+//! the peaked set (logit scale 12, V = 257, a teacher that mostly agrees) the fused gradient is
+//! also held to within 5× of PyTorch's own float32 autograd error.
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -23,6 +25,10 @@ type Cpu = NdArray<f32>;
 type Train = Autodiff<Cpu>;
 
 const TOLERANCE: f64 = 1e-5;
+/// On the peaked input set (logit scale 12, V = 257): the fused gradient's error, relative to
+/// the largest gradient entry, at most this many times PyTorch's float32 autograd's (or f32
+/// epsilon, when PyTorch's is below it).
+const PEAKED_FACTOR: f64 = 5.0;
 
 fn golden() -> Value {
     let path = concat!(
@@ -81,6 +87,7 @@ fn max_scaled_error(found: &[f32], expected: &[f32]) -> f64 {
 }
 
 struct Inputs {
+    shape: [usize; 3],
     student: Vec<f32>,
     teacher: Vec<f32>,
     tokens: Vec<i64>,
@@ -88,9 +95,19 @@ struct Inputs {
     behaviour: Vec<f32>,
 }
 
+/// Input set `name`, with its own `shape` or the file's.
 fn inputs(doc: &Value, name: &str) -> Inputs {
     let i = &doc["inputs"][name];
+    let dims: Vec<usize> = i
+        .get("shape")
+        .unwrap_or(&doc["shape"])
+        .as_array()
+        .expect("shape")
+        .iter()
+        .map(|x| x.as_u64().expect("dim") as usize)
+        .collect();
     Inputs {
+        shape: [dims[0], dims[1], dims[2]],
         student: floats(&i["student"]),
         teacher: floats(&i["teacher"]),
         tokens: i["tokens"]
@@ -107,20 +124,16 @@ fn inputs(doc: &Value, name: &str) -> Inputs {
 #[test]
 fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
     let doc = golden();
-    let shape: Vec<usize> = doc["shape"]
-        .as_array()
-        .expect("shape")
-        .iter()
-        .map(|x| x.as_u64().expect("dim") as usize)
-        .collect();
-    let (n, r, v) = (shape[0], shape[1], shape[2]);
     let device = Default::default();
     let mut worst = [0.0f64; 5];
+    let mut worst_peaked = 0.0f64;
     let cases = doc["cases"].as_array().expect("cases");
     assert!(cases.len() > 100, "golden file lost its cases");
     for case in cases {
         let cfg = config(&case["config"]);
-        let inp = inputs(&doc, case["config"]["inputs"].as_str().expect("inputs"));
+        let set = case["config"]["inputs"].as_str().expect("inputs");
+        let inp = inputs(&doc, set);
+        let [n, r, v] = inp.shape;
         let expected_loss = case["loss"].as_f64().expect("loss") as f32;
         let expected_grad = floats(&case["grad_student"]);
         let label = format!("{}", case["config"]);
@@ -207,6 +220,31 @@ fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
         assert!(e_grad <= TOLERANCE, "{label}: fused grad error {e_grad}");
         worst[3] = worst[3].max(e_loss);
         worst[4] = worst[4].max(e_grad);
+        if set == "peaked" {
+            // Peaked rows: the analytic gradient within a small factor of f32 rounding, as
+            // PyTorch's float32 autograd of the same loss reaches it (the generator measures
+            // that), relative to the gradient's largest entry. Measured: 0.7–3.5× PyTorch's.
+            // Issue 17's form of the fused gradient reached 1.3e-5, 10× PyTorch, on such rows.
+            let torch_f32 = case["torch_f32_grad_error"]
+                .as_f64()
+                .expect("peaked cases carry PyTorch's f32 gradient error");
+            let bound = PEAKED_FACTOR * torch_f32.max(f64::from(f32::EPSILON));
+            let scale = expected_grad
+                .iter()
+                .fold(0.0f64, |m, g| m.max(f64::from(g.abs())));
+            let e = fused_grad
+                .iter()
+                .zip(&expected_grad)
+                .map(|(f, g)| f64::from((f - g).abs()))
+                .fold(0.0, f64::max)
+                / scale;
+            assert!(
+                e <= bound,
+                "{label}: fused grad error {e:.2e} of the largest entry on peaked rows, \
+                 PyTorch f32 autograd {torch_f32:.2e}"
+            );
+            worst_peaked = worst_peaked.max(e / torch_f32);
+        }
         if let Some(fraction) = case["config"].get("expect_clip_fraction") {
             let expected = fraction.as_f64().expect("fraction") as f32;
             assert!(
@@ -220,4 +258,6 @@ fn logits_path_and_fused_path_match_torch_and_trl_golden_vectors() {
         "max scaled error vs golden: logits loss {:.2e}, logits grad {:.2e}, per-token {:.2e}, fused loss {:.2e}, fused grad {:.2e}",
         worst[0], worst[1], worst[2], worst[3], worst[4]
     );
+    println!("peaked rows: fused-gradient error at most {worst_peaked:.2}× PyTorch f32 autograd's");
+    assert!(worst_peaked > 0.0, "the golden file lost its peaked cases");
 }

@@ -287,6 +287,73 @@ fn gradient_accumulation_weights_episodes_like_one_batch() {
     }
 }
 
+/// Weights after one step over three episodes of unequal lengths, with `cfg`.
+fn after_one_step(cfg: OpsdConfig) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let mut eps = episodes();
+    eps.push(Episode {
+        student: vec![6],
+        teacher: vec![8, 8, 6],
+    });
+    let mut t = Trainer::new(model(17), cfg).unwrap();
+    let m = t.step(&eps).unwrap();
+    assert_eq!(m.updates_applied, m.updates.len());
+    let losses = m.updates.iter().map(|u| u.loss).collect();
+    (common::params(&t.model().valid()), losses)
+}
+
+#[test]
+fn micro_batches_group_episodes_without_changing_the_update() {
+    let sampled = LossConfig {
+        divergence: Divergence::SampledReverseKl { ratio_clip: 2.0 },
+        ..LossConfig::default()
+    };
+    // Every teacher mode (a live teacher is scored per micro-batch with the sampling
+    // weights), both reductions, and reused rollouts (scores kept for the whole step).
+    let cases = [
+        config(),
+        OpsdConfig {
+            teacher: TeacherMode::Live,
+            ..config()
+        },
+        OpsdConfig {
+            teacher: TeacherMode::Ema { rate: 0.5 },
+            loss: LossConfig {
+                reduction: Reduction::Sequence,
+                ..LossConfig::default()
+            },
+            ..config()
+        },
+        OpsdConfig {
+            loss: sampled,
+            updates_per_rollout: 2,
+            ..config()
+        },
+    ];
+    for cfg in cases {
+        let (one, one_loss) = after_one_step(cfg.clone());
+        for micro_batch in [2, 3, 8] {
+            let (grouped, loss) = after_one_step(OpsdConfig {
+                micro_batch,
+                ..cfg.clone()
+            });
+            // The first update's loss is the same per-episode values summed in the same order;
+            // a reused rollout's later updates start from weights that differ by rounding.
+            assert_eq!(loss[0], one_loss[0], "{cfg:?} micro_batch {micro_batch}");
+            for (a, b) in loss.iter().zip(&one_loss) {
+                assert!((a - b).abs() <= 1e-6 * a.abs(), "{cfg:?}: {a} vs {b}");
+            }
+            // Only the order of the gradient's additions differs: weights agree to f32
+            // rounding (Adam's first step moves each weight by about the learning rate).
+            for (a, b) in one.iter().flatten().zip(grouped.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                    "{cfg:?} micro_batch {micro_batch}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 /// Round-trips a record through JSON, as a checkpoint on disk would.
 fn through_json<R: Record<B>, B: burn::tensor::backend::Backend>(record: R) -> R {
     let json = serde_json::to_string(&record.into_item::<FullPrecisionSettings>()).unwrap();
@@ -440,6 +507,13 @@ fn bad_config_is_rejected_naming_the_field() {
             ..base.clone()
         }),
         "chunk_rows"
+    );
+    assert_eq!(
+        field(OpsdConfig {
+            micro_batch: 0,
+            ..base.clone()
+        }),
+        "micro_batch"
     );
     let mut c = base.clone();
     c.adamw.beta_2 = 1.0;

@@ -96,9 +96,19 @@ fn forty_steps_reduce_the_loss_on_the_toy_model() {
 /// core: the SFT trainer must give the same bits.
 #[test]
 fn updates_equal_the_hand_written_update_bit_for_bit() {
+    // One backward per micro-batch of `micro` examples, whose losses are summed first.
+    for micro in [1, 2, 3] {
+        hand_written_update_with_micro_batches(micro);
+    }
+}
+
+fn hand_written_update_with_micro_batches(micro: usize) {
     let data = data();
     let batch = batch(&data);
-    let cfg = config();
+    let cfg = SftConfig {
+        micro_batch: micro,
+        ..config()
+    };
     let mut trainer = Trainer::new(model(2), cfg.clone());
     let mut reference = model(2);
     let mut optimizer = cfg.adamw.init::<Train, Toy<Train>>();
@@ -107,7 +117,16 @@ fn updates_equal_the_hand_written_update_bit_for_bit() {
         let lr = cfg.learning_rate * cfg.schedule.factor(step);
         let mut accumulator = GradientsAccumulator::<Toy<Train>>::new();
         let mut loss = 0.0f64;
-        for (prompt, target) in &data {
+        let mut pending: Option<Tensor<Train, 1>> = None;
+        for (i, (prompt, target)) in data.iter().enumerate() {
+            if i % micro == 0 {
+                if let Some(sum) = pending.take() {
+                    accumulator.accumulate(
+                        &reference,
+                        GradientsParams::from_grads(sum.backward(), &reference),
+                    );
+                }
+            }
             let r = target.len();
             let ids: Vec<i64> = target.iter().map(|&t| i64::from(t)).collect();
             let target = Tensor::<Train, 2, Int>::from_data(
@@ -122,24 +141,37 @@ fn updates_equal_the_hand_written_update_bit_for_bit() {
                 .neg()
                 .div_scalar(total as f64);
             loss += f64::from(nll.clone().into_scalar().elem::<f32>());
-            accumulator.accumulate(
-                &reference,
-                GradientsParams::from_grads(nll.backward(), &reference),
-            );
+            pending = Some(match pending {
+                Some(sum) => sum.add(nll),
+                None => nll,
+            });
         }
+        let sum = pending.expect("the data has examples");
+        accumulator.accumulate(
+            &reference,
+            GradientsParams::from_grads(sum.backward(), &reference),
+        );
         let (grads, norm) =
             clip_global_grad_norm::<Train, _>(&reference, accumulator.grads(), cfg.max_grad_norm);
         reference = optimizer.step(lr, reference.clone(), grads);
 
         let m = trainer.step(&batch).unwrap();
-        assert_eq!(m.loss.to_bits(), (loss as f32).to_bits(), "step {step}");
-        assert_eq!(m.grad_norm.to_bits(), norm.to_bits(), "step {step}");
+        assert_eq!(
+            m.loss.to_bits(),
+            (loss as f32).to_bits(),
+            "micro {micro} step {step}"
+        );
+        assert_eq!(
+            m.grad_norm.to_bits(),
+            norm.to_bits(),
+            "micro {micro} step {step}"
+        );
         assert_eq!(m.lr, lr);
         assert!(!m.skipped);
         assert_eq!(
             param_bits(&trainer.model.valid()),
             param_bits(&reference.valid()),
-            "step {step}"
+            "micro {micro} step {step}"
         );
     }
 }
@@ -288,6 +320,20 @@ fn bad_config_is_rejected_naming_the_field() {
     let mut c = base.clone();
     c.adamw.epsilon = 0.0;
     assert_eq!(field(c), "adamw.epsilon");
+    let c = SftConfig {
+        micro_batch: 0,
+        ..base.clone()
+    };
+    assert_eq!(field(c.clone()), "micro_batch");
+    // `new` does not check the config; the step refuses the one knob it cannot run.
+    let data = data();
+    assert!(matches!(
+        Trainer::new(model(8), c).step(&batch(&data)),
+        Err(SftError::Config {
+            field: "micro_batch",
+            ..
+        })
+    ));
     let mut c = base;
     c.schedule.total_steps = 1;
     assert_eq!(field(c), "schedule.total_steps");

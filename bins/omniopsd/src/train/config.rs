@@ -333,8 +333,8 @@ impl Default for OpsdSection {
     fn default() -> Self {
         Self {
             steps: 30,
-            batch_size: 4,
-            grad_accumulation: 1,
+            batch_size: 1,
+            grad_accumulation: 4,
             samples_per_prompt: 4,
             max_new_tokens: 24,
             temperature: 1.0,
@@ -563,7 +563,7 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "warmup.batch_size",
         "",
-        "samples per warm-up update",
+        "samples per warm-up update (one in memory at a time)",
     ),
     knob(
         "warmup.learning_rate",
@@ -591,12 +591,14 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "opsd.batch_size",
         "",
-        "prompts per micro-batch; opsd.grad_accumulation micro-batches per update",
+        "prompts per micro-batch: their rollouts' teacher scores and student graphs are in \
+         memory at once, one backward pass each micro-batch (label-sft: examples)",
     ),
     knob(
         "opsd.grad_accumulation",
         "",
-        "micro-batches whose gradients make one update",
+        "micro-batches accumulated into one update (batch_size × grad_accumulation prompts \
+         per update; memory does not grow with it)",
     ),
     knob(
         "opsd.samples_per_prompt",
@@ -860,13 +862,17 @@ impl OpsdSection {
             max_grad_norm: self.max_grad_norm,
             updates_per_rollout: self.updates_per_rollout,
             chunk_rows: self.chunk_rows,
+            micro_batch: self.batch_size,
             seed,
         }
     }
 
     /// The `label-sft` ablation's configuration: OPSD's budget, peak rate and optimizer.
     pub fn label_sft(&self) -> SftConfig {
-        self.sft(self.learning_rate, self.steps)
+        SftConfig {
+            micro_batch: self.batch_size,
+            ..self.sft(self.learning_rate, self.steps)
+        }
     }
 
     /// A supervised phase of `steps` updates at `learning_rate` with OPSD's schedule shape,
@@ -877,6 +883,7 @@ impl OpsdSection {
             schedule: self.schedule(steps),
             adamw: self.adamw(),
             max_grad_norm: self.max_grad_norm,
+            micro_batch: 1,
         }
     }
 
@@ -1056,6 +1063,32 @@ mod tests {
 
     fn error(toml: &str) -> String {
         format!("{:#}", TrainConfig::from_toml(toml, "t").unwrap_err())
+    }
+
+    #[test]
+    fn batch_size_is_the_micro_batch_and_accumulation_multiplies_the_update() {
+        let cfg = TrainConfig::from_toml(
+            "[opsd]
+batch_size = 3
+grad_accumulation = 5
+",
+            "t",
+        )
+        .unwrap();
+        // Every OPSD method and label-sft hold `batch_size` prompts at once; the warm-up one.
+        assert_eq!(cfg.opsd.trainer(0, 0).micro_batch, 3);
+        assert_eq!(cfg.opsd.label_sft().micro_batch, 3);
+        assert_eq!(cfg.warmup_sft().micro_batch, 1);
+        // The default holds one prompt and accumulates four: the update of the old default
+        // (4 prompts per update, each its own backward pass), bit for bit.
+        let d = OpsdSection::default();
+        assert_eq!((d.batch_size, d.grad_accumulation), (1, 4));
+        assert!(error(
+            "[opsd]
+batch_size = 0
+"
+        )
+        .contains("opsd.batch_size"));
     }
 
     #[test]
