@@ -142,7 +142,23 @@ pub fn try_fused_loss_and_grads<B: Backend>(
     cfg: &LossConfig,
     chunk_rows: usize,
 ) -> Result<LossGrads<B>, FusedLossError> {
-    fused_core(hidden, weight, teacher, batch, cfg, chunk_rows).map(|(grads, _)| grads)
+    let core = fused_core(hidden, weight, teacher, batch, cfg, chunk_rows, true)?;
+    Ok(LossGrads {
+        grad_hidden: core.grad_hidden,
+        grad_weight: core
+            .grad_weight
+            .expect("fused_core computes the head's gradient when asked to"),
+        stats: core.stats,
+    })
+}
+
+/// What [`fused_core`] returns: the gradients, `∂L/∂W` only when asked for, and the loss as
+/// a tensor.
+struct CoreOutput<B: Backend> {
+    grad_hidden: Tensor<B, 3>,
+    grad_weight: Option<Tensor<B, 2>>,
+    stats: LossStats,
+    loss: Tensor<B, 1>,
 }
 
 fn check_shape(
@@ -176,6 +192,8 @@ struct RowTerms<B: Backend> {
     objective: Tensor<B, 2>,
 }
 
+/// The chunked loss; `weight_grad = false` skips `∂L/∂W` (a frozen head, as under LoRA): no
+/// `[V, H]` accumulator and no `Gᵀh` products.
 fn fused_core<B: Backend>(
     hidden: Tensor<B, 3>,
     weight: Tensor<B, 2>,
@@ -183,7 +201,8 @@ fn fused_core<B: Backend>(
     batch: &ResponseBatch<B>,
     cfg: &LossConfig,
     chunk_rows: usize,
-) -> Result<(LossGrads<B>, Tensor<B, 1>), FusedLossError> {
+    weight_grad: bool,
+) -> Result<CoreOutput<B>, FusedLossError> {
     cfg.validate()?;
     if chunk_rows == 0 {
         return Err(FusedLossError::ZeroChunkRows);
@@ -321,6 +340,10 @@ fn fused_core<B: Backend>(
         }
         let g = terms.grad_z.mul(w.div_scalar(tau));
         grad_hidden.push(g.clone().matmul(weight.clone()));
+        if !weight_grad {
+            start += len;
+            continue;
+        }
         // ∂L/∂W += Gᵀ h, one vocabulary slice at a time, each added into its own accumulator:
         // a full `[V, H]` product per chunk would double the peak memory, and the addition
         // happens in place (backends mutate uniquely-owned tensors). Writing slices into one
@@ -340,11 +363,11 @@ fn fused_core<B: Backend>(
         start += len;
     }
 
-    let grad_weight = match grad_weight.len() {
+    let grad_weight = weight_grad.then(|| match grad_weight.len() {
         0 => Tensor::zeros([v, h], &device),
         1 => grad_weight.remove(0),
         _ => Tensor::cat(grad_weight, 0),
-    };
+    });
     let grad_hidden = if grad_hidden.is_empty() {
         Tensor::zeros([n, r, h], &device)
     } else {
@@ -358,14 +381,12 @@ fn fused_core<B: Backend>(
         clip_fraction: scalar(clipped_sum) / denom,
         valid_tokens,
     };
-    Ok((
-        LossGrads {
-            grad_hidden,
-            grad_weight,
-            stats,
-        },
+    Ok(CoreOutput {
+        grad_hidden,
+        grad_weight,
+        stats,
         loss,
-    ))
+    })
 }
 
 /// Logits `[c, V] = (W hᵀ)ᵀ` for hidden rows `h` `[c, H]` and head `W` `[V, H]`, made
@@ -727,24 +748,28 @@ pub fn try_fused_distillation<B: AutodiffBackend>(
     cfg: &LossConfig,
     chunk_rows: usize,
 ) -> Result<FusedLoss<B>, FusedLossError> {
-    let (grads, loss) = fused_core(
+    // A head that takes no gradient (frozen, as under LoRA) gets no `∂L/∂W`: that saves a
+    // `[V, H]` tensor per episode in the graph and the `Gᵀh` products.
+    let weight_grad = weight.is_require_grad();
+    let core = fused_core(
         hidden.clone().inner(),
         weight.clone().inner(),
         teacher,
         batch,
         cfg,
         chunk_rows,
+        weight_grad,
     )?;
-    let linear = hidden
-        .mul(Tensor::from_inner(grads.grad_hidden))
-        .sum()
-        .add(weight.mul(Tensor::from_inner(grads.grad_weight)).sum());
+    let mut linear = hidden.mul(Tensor::from_inner(core.grad_hidden)).sum();
+    if let Some(grad_weight) = core.grad_weight {
+        linear = linear.add(weight.mul(Tensor::from_inner(grad_weight)).sum());
+    }
     let surrogate = linear
         .clone()
         .sub(linear.detach())
-        .add(Tensor::from_inner(loss));
+        .add(Tensor::from_inner(core.loss));
     Ok(FusedLoss {
         surrogate,
-        stats: grads.stats,
+        stats: core.stats,
     })
 }

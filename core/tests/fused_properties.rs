@@ -268,6 +268,31 @@ proptest! {
         prop_assert!(max_scaled_error(&gx, &expected_gx) <= 1e-6);
         prop_assert!(max_scaled_error(&values(weight.grad(&grads).expect("weight grad")), &values(direct.grad_weight)) <= 1e-6);
     }
+
+    #[test]
+    fn a_frozen_head_gets_no_gradient_and_the_hidden_gradient_is_unchanged(
+        p in problem(),
+        cfg in config(),
+    ) {
+        // As under LoRA: the head takes no gradient, so the fused loss skips ∂L/∂W.
+        let run = |trainable_head: bool| {
+            let hidden = Tensor::<Train, 3>::from_inner(tensor(&p.hidden, [p.n, p.r, p.h])).require_grad();
+            let weight = Tensor::<Train, 2>::from_inner(tensor(&p.weight, [p.v, p.h]));
+            let weight = if trainable_head { weight.require_grad() } else { weight };
+            let out = fused_distillation::<Train>(hidden.clone(), weight.clone(), teacher(&p), &batch(&p), &cfg, 2);
+            let value = out.surrogate.clone().into_scalar();
+            let grads = out.surrogate.backward();
+            let gh = values(hidden.grad(&grads).expect("hidden grad"));
+            (out.stats, value, gh, weight.grad(&grads).is_some())
+        };
+        let (stats, value, gh, head_grad) = run(true);
+        prop_assert!(head_grad);
+        let (frozen_stats, frozen_value, frozen_gh, frozen_head_grad) = run(false);
+        prop_assert!(!frozen_head_grad);
+        prop_assert_eq!(frozen_stats, stats);
+        prop_assert_eq!(frozen_value.to_bits(), value.to_bits());
+        prop_assert_eq!(frozen_gh, gh);
+    }
 }
 
 #[test]
