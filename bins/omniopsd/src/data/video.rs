@@ -820,11 +820,15 @@ pub fn is_video_file(path: &Path) -> bool {
             .is_some_and(|e| VIDEO_EXTENSIONS.iter().any(|v| e.eq_ignore_ascii_case(v)))
 }
 
-/// For tests that need FFmpeg: true when it is here; without it, false (the test is skipped,
-/// said on stderr) on a developer's machine, a failure where `OMNIOPSD_REQUIRE_FFMPEG=1` or
-/// `CI` is set (`.ci/run` sets the first), so CI cannot skip them.
-#[cfg(test)]
-pub(crate) fn required_in_tests() -> bool {
+/// For tests that need FFmpeg (this crate's and `tests/ffmpeg`): true when it is here;
+/// without it, false (the test is skipped, said on stderr) on a developer's machine, a failure
+/// where `OMNIOPSD_REQUIRE_FFMPEG=1` or `CI` is set (`.ci/run` sets the first), so CI cannot
+/// skip them.
+///
+/// # Panics
+/// When FFmpeg is missing and the environment requires it: that is the test's failure.
+#[doc(hidden)]
+pub fn required_in_tests() -> bool {
     if available() {
         return true;
     }

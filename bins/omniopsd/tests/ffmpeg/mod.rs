@@ -6,16 +6,5 @@
 /// True when FFmpeg is here; false (the test returns early, said on stderr) when it is not
 /// and it is not required; a failure when it is required.
 pub fn required() -> bool {
-    if omniopsd_cli::data::video::available() {
-        return true;
-    }
-    let set =
-        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    assert!(
-        !(set("OMNIOPSD_REQUIRE_FFMPEG") || set("CI")),
-        "this test needs the ffmpeg and ffprobe programs (apt-get install ffmpeg), which \
-         OMNIOPSD_REQUIRE_FFMPEG or CI requires"
-    );
-    eprintln!("skipped: no ffmpeg/ffprobe (install FFmpeg to run this test)");
-    false
+    omniopsd_cli::data::video::required_in_tests()
 }
