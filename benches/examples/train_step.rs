@@ -24,12 +24,17 @@
 //!
 //! `cargo run --release -p omniopsd-benches --example train_step -- (--model DIR | --random
 //! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32] [--lora R]
-//! [--episodes 1] [--micro-batch 1]`
+//! [--episodes 1] [--micro-batch 1] [--checkpointing none|balanced]`
+//!
+//! `--checkpointing balanced` runs on `Autodiff<_, BalancedCheckpointing>`: Burn recomputes
+//! memory-bound operations in the backward pass instead of keeping their outputs.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::Backend;
 use omniopsd_benches::flops::{opsd_step_flops, StepShape};
 use omniopsd_benches::init::write_random_qwen2;
@@ -42,7 +47,8 @@ use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{LoraConfig, Qwen2Model, TokenPrompt, LORA_TARGETS};
 use serde_json::json;
 
-type B = Autodiff<omniopsd_benches::Bench>;
+type Plain = Autodiff<omniopsd_benches::Bench>;
+type Balanced = Autodiff<omniopsd_benches::Bench, BalancedCheckpointing>;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
@@ -58,6 +64,7 @@ struct Args {
     lora: usize,
     episodes: usize,
     micro_batch: usize,
+    checkpointing: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -72,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
         lora: 0,
         episodes: 1,
         micro_batch: 1,
+        checkpointing: false,
     };
     for (flag, value) in flag_values()? {
         match flag.as_str() {
@@ -85,6 +93,13 @@ fn parse_args() -> Result<Args, String> {
             "--lora" => args.lora = count(&flag, &value, 0)?,
             "--episodes" => args.episodes = count(&flag, &value, 1)?,
             "--micro-batch" => args.micro_batch = count(&flag, &value, 1)?,
+            "--checkpointing" => {
+                args.checkpointing = match value.as_str() {
+                    "none" => false,
+                    "balanced" => true,
+                    other => return Err(format!("--checkpointing: none or balanced, not {other}")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -101,8 +116,15 @@ fn ids(start: usize, len: usize, vocab: usize) -> Vec<u32> {
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
+    match args.checkpointing {
+        false => bench::<Plain>(args),
+        true => bench::<Balanced>(args),
+    }
+}
+
+fn bench<B: AutodiffBackend>(args: Args) -> Result<(), String> {
     let model = match &args.random {
-        None => load(&args.model)?,
+        None => load::<B>(&args.model)?,
         Some(_) if !args.model.as_os_str().is_empty() => {
             return Err("give --model DIR or --random CONFIG, not both".into())
         }
@@ -115,7 +137,7 @@ fn main() -> Result<(), String> {
             // loaded whether or not loading worked.
             let dir = std::env::temp_dir().join(format!("omniopsd-random-{}", std::process::id()));
             std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let model = write_random_qwen2(&dir, &json, 0).and_then(|()| load(&dir));
+            let model = write_random_qwen2(&dir, &json, 0).and_then(|()| load::<B>(&dir));
             let _ = std::fs::remove_dir_all(&dir);
             model.map_err(|e| format!("{}: {e}", config.display()))?
         }
@@ -201,6 +223,7 @@ fn main() -> Result<(), String> {
             "lora_rank": args.lora,
             "episodes": args.episodes,
             "micro_batch": args.micro_batch,
+            "checkpointing": if args.checkpointing { "balanced" } else { "none" },
             "tokens_per_second": tokens as f64 / median,
             "model_flops_per_second": e * flops.total() / median,
             "step_flops": {
@@ -216,7 +239,7 @@ fn main() -> Result<(), String> {
     Ok(())
 }
 
-fn load(dir: &std::path::Path) -> Result<Qwen2Model<B>, String> {
+fn load<B: Backend>(dir: &std::path::Path) -> Result<Qwen2Model<B>, String> {
     let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
     Qwen2Model::<B>::from_checkpoint(&ckpt, &Default::default()).map_err(|e| e.to_string())
 }

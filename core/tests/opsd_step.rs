@@ -568,3 +568,31 @@ fn bad_config_is_rejected_naming_the_field() {
     );
     assert!(OpsdConfig::default().validate().is_ok());
 }
+
+/// Burn's balanced activation checkpointing recomputes memory-bound operations in the
+/// backward pass instead of keeping their outputs: the same numbers, bit for bit.
+#[test]
+fn balanced_activation_checkpointing_trains_bit_identically() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    type Checkpointed = burn::backend::Autodiff<Cpu, BalancedCheckpointing>;
+    let cfg = OpsdConfig {
+        micro_batch: 2,
+        ..config()
+    };
+    let mut plain = Trainer::new(model(21), cfg.clone()).unwrap();
+    let mut checkpointed = OpsdTrainer::<Checkpointed, Toy<Checkpointed>>::new(
+        Toy::new(VOCAB, HIDDEN, 21, &Default::default()),
+        cfg,
+    )
+    .unwrap();
+    for step in 0..3 {
+        let a = plain.step(&episodes()).unwrap();
+        let b = checkpointed.step(&episodes()).unwrap();
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {step}");
+        assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "step {step}");
+    }
+    assert_eq!(
+        param_bits(&plain.model().valid()),
+        param_bits(&checkpointed.model().valid())
+    );
+}

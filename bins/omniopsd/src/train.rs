@@ -41,9 +41,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
 use omniopsd_backends::DeviceSpec;
 
-use config::{Method, TrainConfig};
+use config::{ActivationCheckpointing, Method, TrainConfig};
 use run_dir::RunDir;
 
 /// Arguments of `omniopsd train`.
@@ -176,27 +178,32 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
     if !out.quiet {
         eprintln!("run directory: {}", run.root.display());
     }
+    // The backend's autodiff wrapper with the configured checkpointing strategy.
+    macro_rules! train_on {
+        ($inner:ty, $device:expr) => {
+            match cfg.activation_checkpointing {
+                ActivationCheckpointing::None => {
+                    run::train::<Autodiff<$inner>>(cfg, run, $device, out, stop)?
+                }
+                ActivationCheckpointing::Balanced => run::train::<
+                    Autodiff<$inner, BalancedCheckpointing>,
+                >(cfg, run, $device, out, stop)?,
+            }
+        };
+    }
     let report = match device {
         #[cfg(feature = "ndarray")]
-        DeviceSpec::NdArray => run::train::<omniopsd_backends::NdArrayTrain>(
-            cfg,
-            run,
-            &omniopsd_backends::NdArrayDevice::Cpu,
-            out,
-            stop,
-        )?,
+        DeviceSpec::NdArray => train_on!(
+            omniopsd_backends::NdArrayCpu,
+            &omniopsd_backends::NdArrayDevice::Cpu
+        ),
         #[cfg(feature = "flex")]
-        DeviceSpec::Flex => {
-            run::train::<omniopsd_backends::FlexTrain>(cfg, run, &Default::default(), out, stop)?
-        }
+        DeviceSpec::Flex => train_on!(omniopsd_backends::FlexCpu, &Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => run::train::<omniopsd_backends::CudaTrain>(
-            cfg,
-            run,
-            &omniopsd_backends::CudaDevice::new(i),
-            out,
-            stop,
-        )?,
+        DeviceSpec::Cuda(i) => train_on!(
+            omniopsd_backends::CudaGpu,
+            &omniopsd_backends::CudaDevice::new(i)
+        ),
         #[allow(unreachable_patterns)]
         other => bail!("device {other} is not compiled into this build"),
     };

@@ -1,5 +1,5 @@
 //! `omniopsd train` end to end through the built binary: a short run killed with SIGKILL and
-//! resumed reaches bit-identical students; Ctrl-C saves and exits; runs are never
+//! resumed reaches bit-identical students (and so does activation checkpointing); Ctrl-C saves and exits; runs are never
 //! overwritten; bad corpora are clear errors or reported skips; a manifest of video files
 //! trains (FFmpeg needed, tests/ffmpeg).
 
@@ -34,12 +34,23 @@ fn outcome(run: &Path) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
     (files, scores)
 }
 
+/// The uninterrupted run also uses Burn's balanced activation checkpointing (recomputing
+/// memory-bound operations in the backward pass) and the killed one does not: the students
+/// must still agree bit for bit, so one comparison holds both claims.
 #[test]
 fn run_killed_mid_training_resumes_to_bit_identical_students() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let straight = config(dir.path(), "straight", &cache, "");
+    let text = fs::read_to_string(&straight).unwrap();
+    fs::write(
+        &straight,
+        format!("activation_checkpointing = \"balanced\"\n{text}"),
+    )
+    .unwrap();
     ok(&train(&["--config", straight.to_str().unwrap()]));
+    let resolved = fs::read_to_string(dir.path().join("runs/straight/config.toml")).unwrap();
+    assert!(resolved.contains("activation_checkpointing = \"balanced\""));
     let reference = outcome(&dir.path().join("runs/straight"));
     assert_eq!(reference.0.len(), 2, "one student per method");
 
@@ -63,7 +74,10 @@ fn run_killed_mid_training_resumes_to_bit_identical_students() {
     let resumed = outcome(&run);
     assert_eq!(resumed.1, reference.1, "same scores and divergences");
     for ((name, a), (_, b)) in resumed.0.iter().zip(&reference.0) {
-        assert!(a == b, "student {name} differs from the uninterrupted run");
+        assert!(
+            a == b,
+            "student {name} differs from the uninterrupted (checkpointed) run"
+        );
     }
     let metrics = fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let opsd_steps = metrics

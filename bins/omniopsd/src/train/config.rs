@@ -36,6 +36,8 @@ pub struct TrainConfig {
     pub name: String,
     pub runs_dir: PathBuf,
     pub device: String,
+    /// Burn's activation checkpointing for every training phase.
+    pub activation_checkpointing: ActivationCheckpointing,
     pub seeds: Vec<u64>,
     pub methods: Vec<Method>,
     pub data: DataConfig,
@@ -48,6 +50,18 @@ pub struct TrainConfig {
     /// weight (absent: full fine-tuning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+}
+
+/// What the autodiff graph keeps for the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationCheckpointing {
+    /// Every operation's saved state is kept until the backward pass.
+    None,
+    /// Burn's `BalancedCheckpointing`: outputs of memory-bound operations (element-wise,
+    /// reshapes, norms) are recomputed in the backward pass, compute-bound ones (products)
+    /// kept. Same numbers, less activation memory, a little more time.
+    Balanced,
 }
 
 /// `[lora]`: PEFT's `LoraConfig` keys. The adapters are new in every method phase (PEFT's
@@ -107,6 +121,7 @@ impl Default for TrainConfig {
             name: "default".into(),
             runs_dir: "runs".into(),
             device: "cpu".into(),
+            activation_checkpointing: ActivationCheckpointing::None,
             seeds: vec![0, 1, 2],
             methods: vec![
                 Method::Opsd,
@@ -439,6 +454,12 @@ pub const KNOBS: &[Knob] = &[
         "device",
         "",
         "cpu | ndarray | flex | cuda | cuda:N",
+    ),
+    knob(
+        "activation_checkpointing",
+        "",
+        "none | balanced: recompute memory-bound operations in the backward pass (same \
+         numbers, less activation memory)",
     ),
     knob(
         "seeds",

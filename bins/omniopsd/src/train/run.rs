@@ -240,7 +240,8 @@ fn method_phase<B: AutodiffBackend>(
     let mut plan = Plan {
         phase,
         steps: o.steps,
-        per_step: o.batch_size * o.grad_accumulation,
+        // `TrainConfig::validate` refused a product past usize, naming both keys.
+        per_step: o.batch_size.saturating_mul(o.grad_accumulation),
         examples: train.len(),
         heldout,
     };
