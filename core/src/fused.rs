@@ -748,9 +748,24 @@ pub fn try_fused_distillation<B: AutodiffBackend>(
     cfg: &LossConfig,
     chunk_rows: usize,
 ) -> Result<FusedLoss<B>, FusedLossError> {
-    // A head that takes no gradient (frozen, as under LoRA) gets no `∂L/∂W`: that saves a
-    // `[V, H]` tensor per episode in the graph and the `Gᵀh` products.
-    let weight_grad = weight.is_require_grad();
+    try_fused_distillation_with_head(hidden, weight, true, teacher, batch, cfg, chunk_rows)
+}
+
+/// [`try_fused_distillation`], where `head_grad = false` leaves out the LM head's gradient:
+/// for a frozen head (the base under LoRA adapters, [`crate::PolicyModel::lm_head_trainable`])
+/// it saves a `[V, H]` tensor per call held until the backward pass, and the `Gᵀh` products.
+/// The loss and the gradient of everything upstream of `hidden` are the same, bit for bit;
+/// `weight` gets no gradient through this loss even if it requires one.
+pub fn try_fused_distillation_with_head<B: AutodiffBackend>(
+    hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    head_grad: bool,
+    teacher: TeacherInput<B::InnerBackend>,
+    batch: &ResponseBatch<B::InnerBackend>,
+    cfg: &LossConfig,
+    chunk_rows: usize,
+) -> Result<FusedLoss<B>, FusedLossError> {
+    let weight_grad = head_grad;
     let core = fused_core(
         hidden.clone().inner(),
         weight.clone().inner(),

@@ -36,6 +36,15 @@ pub trait PolicyModel<B: Backend> {
     /// The LM-head weight `[V, H]` (the embedding matrix when tied).
     fn lm_head(&self) -> Tensor<B, 2>;
 
+    /// Whether [`PolicyModel::lm_head`] is trained, i.e. takes a gradient. The default, `true`,
+    /// is always correct; a model whose head is frozen (the base under LoRA adapters) returns
+    /// `false`, and the trainer's fused loss then skips `∂L/∂W` (a `[V, H]` tensor per episode
+    /// and its products). Returning `false` for a head that is trained would leave it without
+    /// a gradient.
+    fn lm_head_trainable(&self) -> bool {
+        true
+    }
+
     /// Logits `[n, V]` of the hidden states `[n, H]` of one decode step, under
     /// [`PolicyModel::lm_head`]. The default is [`crate::fused::lm_logits`]; a model may use a
     /// faster product for these few rows, equal to it up to f32 rounding.

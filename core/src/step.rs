@@ -17,7 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
 use crate::divergence::{Divergence, LossConfig, LossConfigError, Reduction};
-use crate::fused::{fused_distillation, ResponseBatch};
+use crate::fused::{try_fused_distillation_with_head, FusedLossError, ResponseBatch};
 use crate::model::PolicyModel;
 use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutError};
 use crate::teacher::{self, PrivilegedTemplate, Teacher, TeacherError, TeacherMode, TeacherScores};
@@ -206,6 +206,15 @@ pub enum StepError {
         episode: usize,
         /// The failure.
         source: TeacherError,
+    },
+    /// The distillation loss could not be evaluated on an episode (a response token outside
+    /// the head's vocabulary, mismatched shapes).
+    #[error("episode {episode}: loss: {source}")]
+    LossEvaluation {
+        /// Index in the slice passed to `step`.
+        episode: usize,
+        /// The failure.
+        source: FusedLossError,
     },
     /// The student's teacher-forced hidden states have the wrong shape.
     #[error(
@@ -420,8 +429,16 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> core::fmt::Debug for OpsdTrainer<
 /// when the rollout is reused (`updates_per_rollout > 1`: every update must see the scores of
 /// the policy that sampled), otherwise one micro-batch at a time, inside the update.
 enum Scores<'p, B: Backend, M> {
-    Kept(Vec<TeacherScores<B>>),
+    Kept(&'p [TeacherScores<B>]),
     PerMicroBatch(&'p M),
+}
+
+/// The gradients of one update, accumulated over its micro-batches, with its measurements
+/// (`grad_norm` not yet known); `grads` is `None` when a loss was not finite.
+struct Accumulated<B: AutodiffBackend, M: AutodiffModule<B>> {
+    grads: Option<GradientsAccumulator<M>>,
+    metrics: UpdateMetrics,
+    _backend: core::marker::PhantomData<B>,
 }
 
 impl<B, M> OpsdTrainer<B, M>
@@ -583,14 +600,14 @@ where
             .map_err(|source| StepError::Rollout { episode, source })?;
             rollouts.push(ro);
         }
-        let scores = if self.config.updates_per_rollout > 1 {
+        let kept = if self.config.updates_per_rollout > 1 {
             let mut kept = Vec::with_capacity(episodes.len());
             for (episode, (ep, ro)) in episodes.iter().zip(&rollouts).enumerate() {
                 kept.push(self.score(&policy, episode, ep, ro)?);
             }
-            Scores::Kept(kept)
+            Some(kept)
         } else {
-            Scores::PerMicroBatch(&policy)
+            None
         };
 
         let valid: Vec<usize> = rollouts.iter().map(|r| r.valid_tokens()).collect();
@@ -604,11 +621,28 @@ where
         };
 
         let mut updates = Vec::with_capacity(self.config.updates_per_rollout);
-        for _ in 0..self.config.updates_per_rollout {
-            updates.push(self.update(episodes, &rollouts, &scores, &weights)?);
+        match kept {
+            Some(kept) => {
+                // The sampling weights are no longer needed: dropping them before the updates
+                // lets the optimizer update the parameters in place.
+                drop(policy);
+                for _ in 0..self.config.updates_per_rollout {
+                    let grads =
+                        self.accumulate(episodes, &rollouts, &Scores::Kept(&kept), &weights)?;
+                    updates.push(self.apply(grads)?);
+                }
+            }
+            None => {
+                let grads = self.accumulate(
+                    episodes,
+                    &rollouts,
+                    &Scores::PerMicroBatch(&policy),
+                    &weights,
+                )?;
+                drop(policy);
+                updates.push(self.apply(grads)?);
+            }
         }
-        drop(scores);
-        drop(policy);
         self.episodes_seen += episodes.len() as u64;
 
         let sequences: usize = rollouts.iter().map(|r| r.responses.len()).sum();
@@ -646,13 +680,14 @@ where
             .map_err(|source| StepError::Scoring { episode, source })
     }
 
-    fn update(
-        &mut self,
+    /// Forward and backward over every micro-batch of one update, gradients accumulated.
+    fn accumulate(
+        &self,
         episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
         rollouts: &[Rollout<B::InnerBackend>],
         scores: &Scores<'_, B::InnerBackend, M::InnerModule>,
         weights: &[f64],
-    ) -> Result<UpdateMetrics, StepError> {
+    ) -> Result<Accumulated<B, M>, StepError> {
         let lr = self.current_lr();
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut loss = 0.0f64;
@@ -691,14 +726,16 @@ where
                     mask: ro.mask.clone(),
                     behaviour_logp: ro.behaviour_logp.clone(),
                 };
-                let fused = fused_distillation::<B>(
+                let fused = try_fused_distillation_with_head::<B>(
                     hidden,
                     head,
+                    self.model.lm_head_trainable(),
                     teacher.to_input(),
                     &batch,
                     &self.config.loss,
                     self.config.chunk_rows,
-                );
+                )
+                .map_err(|source| StepError::LossEvaluation { episode, source })?;
                 let stats = fused.stats;
                 let n = stats.valid_tokens as f64;
                 loss += w * f64::from(stats.loss);
@@ -741,9 +778,21 @@ where
         };
         if non_finite_loss {
             metrics.skipped = Some(SkipReason::NonFiniteLoss);
-            return Ok(metrics);
         }
+        Ok(Accumulated {
+            grads: (!non_finite_loss).then_some(accumulator),
+            metrics,
+            _backend: core::marker::PhantomData,
+        })
+    }
 
+    /// Clips and applies accumulated gradients (none: the update is skipped), then moves an
+    /// EMA or frozen teacher along.
+    fn apply(&mut self, accumulated: Accumulated<B, M>) -> Result<UpdateMetrics, StepError> {
+        let mut metrics = accumulated.metrics;
+        let Some(mut accumulator) = accumulated.grads else {
+            return Ok(metrics);
+        };
         let outcome = self.updater.apply(
             &mut self.model,
             accumulator.grads(),

@@ -9,8 +9,8 @@ use omniopsd_core::divergence::{
     loss_from_logits, Divergence, LossConfig, LossConfigError, Reduction, TopK,
 };
 use omniopsd_core::fused::{
-    fused_distillation, fused_loss_and_grads, try_fused_loss_and_grads, FusedLossError, LossGrads,
-    ResponseBatch, TeacherInput,
+    fused_distillation, fused_loss_and_grads, try_fused_distillation_with_head,
+    try_fused_loss_and_grads, FusedLossError, LossGrads, ResponseBatch, TeacherInput,
 };
 use proptest::prelude::*;
 
@@ -270,16 +270,18 @@ proptest! {
     }
 
     #[test]
-    fn a_frozen_head_gets_no_gradient_and_the_hidden_gradient_is_unchanged(
+    fn without_the_head_gradient_the_loss_and_hidden_gradient_are_unchanged(
         p in problem(),
         cfg in config(),
     ) {
-        // As under LoRA: the head takes no gradient, so the fused loss skips ∂L/∂W.
-        let run = |trainable_head: bool| {
+        // As for a frozen head under LoRA: `head_grad = false` leaves out ∂L/∂W. The head here
+        // requires a gradient, so only the skipped term can explain its missing gradient.
+        let run = |head_grad: bool| {
             let hidden = Tensor::<Train, 3>::from_inner(tensor(&p.hidden, [p.n, p.r, p.h])).require_grad();
-            let weight = Tensor::<Train, 2>::from_inner(tensor(&p.weight, [p.v, p.h]));
-            let weight = if trainable_head { weight.require_grad() } else { weight };
-            let out = fused_distillation::<Train>(hidden.clone(), weight.clone(), teacher(&p), &batch(&p), &cfg, 2);
+            let weight = Tensor::<Train, 2>::from_inner(tensor(&p.weight, [p.v, p.h])).require_grad();
+            let out = try_fused_distillation_with_head::<Train>(
+                hidden.clone(), weight.clone(), head_grad, teacher(&p), &batch(&p), &cfg, 2,
+            ).expect("valid problem");
             let value = out.surrogate.clone().into_scalar();
             let grads = out.surrogate.backward();
             let gh = values(hidden.grad(&grads).expect("hidden grad"));
@@ -288,7 +290,7 @@ proptest! {
         let (stats, value, gh, head_grad) = run(true);
         prop_assert!(head_grad);
         let (frozen_stats, frozen_value, frozen_gh, frozen_head_grad) = run(false);
-        prop_assert!(!frozen_head_grad);
+        prop_assert!(!frozen_head_grad, "the head got a gradient it was not to get");
         prop_assert_eq!(frozen_stats, stats);
         prop_assert_eq!(frozen_value.to_bits(), value.to_bits());
         prop_assert_eq!(frozen_gh, gh);

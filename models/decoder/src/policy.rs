@@ -341,6 +341,12 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
         self.lm_head_weight()
     }
 
+    /// The head is a parameter (or the tied embedding), so it takes a gradient exactly when it
+    /// requires one: not under LoRA, whose base is frozen.
+    fn lm_head_trainable(&self) -> bool {
+        self.lm_head_weight().is_require_grad()
+    }
+
     fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         Qwen2Model::step_logits(self, hidden)
     }

@@ -187,3 +187,13 @@ fn a_new_adapter_rank_above_a_projection_width_is_refused_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn the_head_is_trainable_exactly_without_adapters() {
+    use omniopsd_core::PolicyModel;
+    let ckpt = Checkpoint::open(&reference().join("qwen2_tiny")).unwrap();
+    let full = Qwen2Model::<A>::from_checkpoint(&ckpt, &Default::default()).unwrap();
+    assert!(full.lm_head_trainable(), "a full fine-tune trains the head");
+    // Under LoRA the base, head included, is frozen: the fused loss skips its gradient.
+    assert!(!student().lm_head_trainable());
+}

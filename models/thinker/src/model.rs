@@ -292,6 +292,10 @@ impl<B: Backend> PolicyModel<B> for Thinker<B> {
         self.decoder.lm_head_weight()
     }
 
+    fn lm_head_trainable(&self) -> bool {
+        self.decoder.lm_head_trainable()
+    }
+
     fn step_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         self.decoder.step_logits(hidden)
     }

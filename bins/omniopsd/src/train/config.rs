@@ -619,7 +619,8 @@ pub const KNOBS: &[Knob] = &[
         "opsd.grad_accumulation",
         "",
         "micro-batches accumulated into one update (batch_size × grad_accumulation prompts \
-         per update; memory does not grow with it)",
+         per update; memory does not grow with it unless updates_per_rollout > 1, which keeps \
+         the teacher scores of every prompt of the update)",
     ),
     knob(
         "opsd.samples_per_prompt",

@@ -42,6 +42,7 @@ batch_size = 2
 [opsd]
 steps = 4
 batch_size = 2
+grad_accumulation = 1
 samples_per_prompt = 2
 max_new_tokens = 8
 lr_warmup_steps = 1
