@@ -22,7 +22,9 @@ pub use lora::{
     peft_prefix, LoraConfig, PeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS,
 };
 pub use model::{text_positions, KvCache, Qwen2Model};
-pub use policy::{check_tokenizer, DecoderCache, EmbeddingInserts, PromptPositions, TokenPrompt};
+pub use policy::{
+    check_tokenizer, load_tokenizer, DecoderCache, EmbeddingInserts, PromptPositions, TokenPrompt,
+};
 
 /// Errors from loading or running the decoder; each names the file, key or tensor involved.
 #[derive(Debug, thiserror::Error)]

@@ -352,14 +352,37 @@ impl<B: Backend> PolicyModel<B> for Qwen2Model<B> {
     }
 }
 
+/// Reads a `tokenizer.json` with the `tokenizers` library. That library panics on some
+/// malformed files (a `decoder` of no known kind, found by fuzzing: `expect("Helper")` in its
+/// deserializer); such a panic is caught here and becomes [`Error::Tokenizer`] naming the
+/// file, like any other unreadable tokenizer.
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, Error> {
+    let error = |reason: String| Error::Tokenizer {
+        file: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes)) {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => Err(error(e.to_string())),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(error(format!(
+                "not a tokenizer the tokenizers library can read (it failed inside: {what})"
+            )))
+        }
+    }
+}
+
 /// Reads `tokenizer.json` and checks every id it can produce has an embedding row
 /// (`vocab_size` rows; HF pads the embedding above the tokenizer's size, never below). The
 /// largest id decides, not the token count: added tokens may sit at any id.
 pub fn check_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer, Error> {
-    let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-        file: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let tokenizer = load_tokenizer(path)?;
     let size = tokenizer
         .get_vocab(true)
         .values()
@@ -380,6 +403,29 @@ pub fn check_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tok
 #[cfg(test)]
 mod tests {
     use super::argmax_first;
+
+    /// The `tokenizers` library panics (`expect("Helper")`) on a `decoder` whose JSON breaks
+    /// inside (a raw control character in a key: the fuzzer's find); that is an error here.
+    #[test]
+    fn a_tokenizer_the_library_panics_on_is_an_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("omniopsd-tk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        let text = "{\"version\":\"1.0\",\"truncation\":null,\"padding\":null,\"added_tokens\":[],\
+                    \"normalizer\":null,\"pre_tokenizer\":null,\"post_processor\":null,\
+                    \"decoder\":{\"type\":\"ByteLevel\",\"use_regex\u{1b}\":true},\
+                    \"model\":{\"type\":\"WordLevel\",\"vocab\":{\"a\":0},\"unk_token\":\"a\"}}";
+        std::fs::write(&path, text).unwrap();
+        let result = super::load_tokenizer(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        match result {
+            Err(crate::Error::Tokenizer { file, reason }) => {
+                assert_eq!(file, path);
+                assert!(reason.contains("failed inside"), "{reason}");
+            }
+            other => panic!("expected a tokenizer error, got {:?}", other.map(|_| ())),
+        }
+    }
 
     #[test]
     fn argmax_takes_the_first_of_equal_maxima() {

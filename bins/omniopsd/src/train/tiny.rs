@@ -40,8 +40,7 @@ pub fn prepare(
     run: &RunDir,
     records: &[Record],
 ) -> Result<(Tokenizer, PathBuf)> {
-    let load =
-        |path: &Path| Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()));
+    let load = |path: &Path| omniopsd_decoder::load_tokenizer(path).map_err(|e| anyhow!("{e}"));
     if let Some(dir) = &cfg.model.dir {
         return Ok((load(&dir.join("tokenizer.json"))?, dir.clone()));
     }
