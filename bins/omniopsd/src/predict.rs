@@ -26,8 +26,7 @@ use burn::tensor::backend::Backend;
 use clap::{Parser, ValueEnum};
 use omniopsd_backends::DeviceSpec;
 use omniopsd_core::rng::fnv1a64;
-use omniopsd_core::rollout::{rollout, RolloutConfig};
-use omniopsd_core::sampling::SamplingConfig;
+use omniopsd_core::sampling::{sample, uniform, SamplingConfig};
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 use omniopsd_mer::{Gt, Pred, Sample};
 use serde_json::{json, Value};
@@ -141,6 +140,11 @@ pub struct PredictArgs {
     /// free-form answers).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Samples decoded together in one batch (left-padded prompts, one forward per step for
+    /// all of them). Answers are the ones decoded alone, up to f32 rounding; more samples per
+    /// batch is more throughput and more memory.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub batch_size: u64,
     /// How a video file's frames are sampled.
     #[command(flatten)]
     pub video_sampling: inputs::VideoArgs,
@@ -192,32 +196,44 @@ impl Decoding {
     }
 }
 
-/// The answer's token ids for `prompt` (stop tokens removed): greedy with the KV cache, or
-/// one sample of the core's rollout sampler from stream `stream`. The trainer's held-out
-/// evaluation decodes through this function too.
+/// The answers' token ids for `prompts` (stop tokens removed), decoded together as one
+/// batch ([`Qwen2Model::generate_batch`]): greedy, or drawn by the core's sampler, prompt
+/// `i` from its own stream `streams[i]` (position `t` of its answer uses the uniform of the
+/// rollout sampler's row 0 at `t`), so an answer is the same whichever batch it is in, up to
+/// f32 rounding. The trainer's held-out evaluation decodes through this function too.
 pub fn answer_ids<B: Backend>(
     decoder: &Qwen2Model<B>,
-    prompt: &TokenPrompt,
+    prompts: &[&TokenPrompt],
     decoding: &Decoding,
     stop: &[u32],
-    stream: u64,
-) -> Result<Vec<u32>> {
-    let ids = match &decoding.sampling {
-        None => decoder.generate_greedy(prompt, decoding.max_new_tokens, true, stop)?,
-        Some(sampling) => {
-            let cfg = RolloutConfig {
-                sampling: sampling.clone(),
-                samples_per_prompt: 1,
-                max_new_tokens: decoding.max_new_tokens,
-                stop_tokens: stop.to_vec(),
-                pad_token: 0,
-                logp_temperature: 1.0,
-            };
-            let mut out = rollout::<B, _>(decoder, prompt, &cfg, decoding.seed, stream)?;
-            out.responses.swap_remove(0)
+    streams: &[u64],
+) -> Result<Vec<Vec<u32>>> {
+    if streams.len() != prompts.len() {
+        bail!(
+            "{} sampler streams for {} prompts",
+            streams.len(),
+            prompts.len()
+        );
+    }
+    let n = decoding.max_new_tokens;
+    let answers = match &decoding.sampling {
+        None => decoder.generate_batch(prompts, n, stop, |_, _, logits| {
+            Ok::<_, anyhow::Error>(omniopsd_decoder::argmax_first(logits))
+        })?,
+        Some(cfg) => {
+            cfg.validate()?;
+            decoder.generate_batch(prompts, n, stop, |i, position, logits| {
+                let u = uniform(decoding.seed, streams[i], 0, position as u32);
+                sample(logits, cfg, u)
+                    .map(|c| c.token)
+                    .map_err(|e| anyhow!("answer token {position}: {e}"))
+            })?
         }
     };
-    Ok(ids.into_iter().filter(|t| !stop.contains(t)).collect())
+    Ok(answers
+        .into_iter()
+        .map(|ids| ids.into_iter().filter(|t| !stop.contains(t)).collect())
+        .collect())
 }
 
 /// The scored samples of one record's `answer`, one per label it carries, each as the test
@@ -522,39 +538,59 @@ fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
     let bar = progress::rate_bar(todo.len() as u64, "predict", args.quiet);
     let started = Instant::now();
     let mut predicted = 0usize;
-    for (line, r) in &todo {
-        let where_ = || format!("{}:{line} (sample `{}`)", args.manifest.display(), r.id);
-        let prompt = match sample_prompt(&loaded, r, &base, &limits, &processor, args.prompt) {
-            Ok(p) => p,
-            Err(e) if args.on_bad_sample == OnBadSample::Skip => {
-                bad.push(format!("{}: {e:#}", where_()));
-                bar.inc(1);
-                continue;
-            }
-            Err(e) => return Err(e.context(where_())),
+    for chunk in todo.chunks(args.batch_size as usize) {
+        let where_ = |line: usize, r: &Record| {
+            format!("{}:{line} (sample `{}`)", args.manifest.display(), r.id)
         };
-        let ids = answer_ids(
-            loaded.decoder(),
-            &prompt,
-            &decoding,
-            &stop,
-            fnv1a64(r.id.as_bytes()),
-        )
-        .with_context(where_)?;
-        let answer = loaded
-            .tokenizer
-            .decode(&ids, true)
-            .map_err(|e| anyhow!("{}: decoding the answer: {e}", where_()))?;
-        let mut text = String::new();
-        for s in mer_samples(r, &answer, args.prompt, *line) {
-            text.push_str(&serde_json::to_string(&line_json(&s, &answer))?);
-            text.push('\n');
+        let mut batch = Vec::with_capacity(chunk.len());
+        let mut prompts = Vec::with_capacity(chunk.len());
+        for (line, r) in chunk {
+            match sample_prompt(&loaded, r, &base, &limits, &processor, args.prompt) {
+                Ok(p) => {
+                    batch.push((*line, r));
+                    prompts.push(p);
+                }
+                Err(e) if args.on_bad_sample == OnBadSample::Skip => {
+                    bad.push(format!("{}: {e:#}", where_(*line, r)));
+                    bar.inc(1);
+                }
+                Err(e) => return Err(e.context(where_(*line, r))),
+            }
         }
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_data())
-            .with_context(|| format!("appending to {}", args.out.display()))?;
-        predicted += 1;
-        bar.inc(1);
+        let streams: Vec<u64> = batch
+            .iter()
+            .map(|(_, r)| fnv1a64(r.id.as_bytes()))
+            .collect();
+        let prompts: Vec<&TokenPrompt> = prompts.iter().collect();
+        let answers = answer_ids(loaded.decoder(), &prompts, &decoding, &stop, &streams)
+            .with_context(|| match batch.as_slice() {
+                [(line, r)] => where_(*line, r),
+                _ => format!(
+                    "{}: the batch of samples {}",
+                    args.manifest.display(),
+                    batch
+                        .iter()
+                        .map(|(line, r)| format!("`{}` (line {line})", r.id))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+        for ((line, r), ids) in batch.into_iter().zip(answers) {
+            let answer = loaded
+                .tokenizer
+                .decode(&ids, true)
+                .map_err(|e| anyhow!("{}: decoding the answer: {e}", where_(line, r)))?;
+            let mut text = String::new();
+            for s in mer_samples(r, &answer, args.prompt, line) {
+                text.push_str(&serde_json::to_string(&line_json(&s, &answer))?);
+                text.push('\n');
+            }
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.sync_data())
+                .with_context(|| format!("appending to {}", args.out.display()))?;
+            predicted += 1;
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();

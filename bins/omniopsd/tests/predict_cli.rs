@@ -143,6 +143,16 @@ fn predictions_score_as_the_runs_own_heldout_evaluation_and_resume_byte_for_byte
         assert!((e - f).abs() < 1e-9, "run {expected:?}, predict {found:?}");
     }
 
+    // Several samples per forward pass (the default, 8) or one at a time: the same answers.
+    for batch in ["1", "3"] {
+        let one = t.path(&format!("batch{batch}.jsonl"));
+        ok(t.predict(&one, &["--batch-size", batch]));
+        assert_eq!(fs::read(&one).unwrap(), first, "--batch-size {batch}");
+    }
+    let err = failure(t.predict(&t.path("zero.jsonl"), &["--batch-size", "0"]));
+    assert!(err.contains("--batch-size"), "{err}");
+    assert!(!t.path("zero.jsonl").exists());
+
     // Killed mid-write: a torn last line. The rerun cuts the unfinished sample and finishes
     // with the bytes of the uninterrupted file; a rerun of a finished file adds nothing.
     fs::write(&out, &first[..first.len() - 17]).unwrap();
@@ -194,6 +204,10 @@ fn sampled_answers_repeat_per_seed_and_resume_to_the_same_file() {
     fs::write(&b, &whole[..first_group]).unwrap();
     ok(t.predict(&b, &sampled));
     assert_eq!(fs::read(&b).unwrap(), whole);
+    // Each sample draws from its own stream, whichever batch it is decoded in.
+    let single = t.path("single.jsonl");
+    ok(t.predict(&single, &[&sampled[..], &["--batch-size", "1"]].concat()));
+    assert_eq!(fs::read(&single).unwrap(), whole, "--batch-size 1");
     let other_seed = t.path("c.jsonl");
     ok(t.predict(
         &other_seed,

@@ -23,7 +23,8 @@ pub use lora::{
 };
 pub use model::{text_positions, KvCache, Qwen2Model};
 pub use policy::{
-    check_tokenizer, load_tokenizer, DecoderCache, EmbeddingInserts, PromptPositions, TokenPrompt,
+    argmax_first, check_tokenizer, load_tokenizer, BatchCache, DecoderCache, EmbeddingInserts,
+    PromptPositions, TokenPrompt,
 };
 
 /// Errors from loading or running the decoder; each names the file, key or tensor involved.

@@ -18,7 +18,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use omniopsd_backends::rows;
 use omniopsd_checkpoint::{Checkpoint, ConfigView, Dtype, Layout, Weights};
 use omniopsd_core::fused::lm_logits;
@@ -92,6 +92,24 @@ impl<B: Backend> KvCache<B> {
         Self { layers }
     }
 
+    /// Keeps the sequences `rows` (indices into the batch, in that order): a batch whose
+    /// finished sequences are dropped.
+    pub fn select_rows(self, rows: &[usize]) -> Self {
+        let Some((k, _)) = self.layers.first() else {
+            return self;
+        };
+        let index = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &k.device(),
+        );
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|(k, v)| (k.select(0, index.clone()), v.select(0, index.clone())))
+            .collect();
+        Self { layers }
+    }
+
     /// Appends this step's keys and values to layer `layer` and returns the full ones.
     fn append(
         &mut self,
@@ -132,11 +150,14 @@ impl<B: Backend> Rotary<B> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// `mask`: `[B, 1, T, S]`, true where a query must not see a key (padding), on top of
+    /// the causal mask.
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
+        mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
         let [b, t, h] = x.dims();
         let d = h / self.heads;
@@ -160,11 +181,13 @@ impl<B: Backend> Attention<B> {
                 softcap: None,
                 is_causal: false,
             };
+            let s = k.dims()[2];
+            let mask = mask.map(|m| m.clone().expand([b, self.kv_heads, groups, s]));
             attention(
                 q.reshape([b, self.kv_heads, groups, d]),
                 k,
                 v,
-                None,
+                mask,
                 None,
                 options,
             )
@@ -177,7 +200,9 @@ impl<B: Backend> Attention<B> {
                 softcap: None,
                 is_causal: true,
             };
-            attention(q, k, v, None, None, options)
+            let s = k.dims()[2];
+            let mask = mask.map(|m| m.clone().expand([b, self.heads, t, s]));
+            attention(q, k, v, mask, None, options)
         };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, self.heads * d]))
@@ -209,11 +234,12 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
+        mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rotary, cache);
+                .forward(self.input_layernorm.forward(x), rotary, cache, mask);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -368,12 +394,38 @@ impl<B: Backend> Qwen2Model<B> {
         &self,
         embeds: Tensor<B, 3>,
         position_ids: Tensor<B, 3, Int>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        self.forward_padded(embeds, position_ids, cache, &[])
+    }
+
+    /// [`Self::forward_embeds`] for sequences of different lengths in one batch, each
+    /// left-padded: sequence `b`'s first `pads[b]` positions (counted from the start of the
+    /// cache) are padding, which no real position attends to. Padding positions attend
+    /// causally to the padding before them, so their states stay finite and are never read.
+    /// `pads` empty or all zero is the unpadded forward, operation for operation.
+    pub fn forward_padded(
+        &self,
+        embeds: Tensor<B, 3>,
+        position_ids: Tensor<B, 3, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        pads: &[usize],
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = embeds.dims();
+        let cached = cache.as_deref().map_or(0, KvCache::len);
+        let mask = pads
+            .iter()
+            .any(|&p| p > 0)
+            .then(|| padding_mask::<B>(pads, b, t, cached, &embeds.device()));
         let rotary = self.rotary(position_ids);
         let mut x = embeds;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rotary, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(
+                x,
+                &rotary,
+                cache.as_deref_mut().map(|c| (c, i)),
+                mask.as_ref(),
+            );
         }
         self.norm.forward(x)
     }
@@ -570,6 +622,27 @@ impl<B: Backend> Qwen2Model<B> {
         )?;
         Ok(())
     }
+}
+
+/// `[B, 1, T, S]` (`S = cached + T`): true where query `i` of sequence `b`, at sequence
+/// index `cached + i`, is a real position and key `j < pads[b]` is padding.
+fn padding_mask<B: Backend>(
+    pads: &[usize],
+    batch: usize,
+    t: usize,
+    cached: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let s = cached + t;
+    let mut data = Vec::with_capacity(batch * t * s);
+    for b in 0..batch {
+        let pad = pads.get(b).copied().unwrap_or(0);
+        for i in 0..t {
+            let real_query = cached + i >= pad;
+            data.extend((0..s).map(|j| real_query && j < pad));
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [batch, 1, t, s]), device)
 }
 
 /// Text position ids `[3, B, T]`: `start..start + T` in all three rows.

@@ -215,26 +215,19 @@ impl<B: Backend> Qwen2Model<B> {
         use_cache: bool,
         stop: &[u32],
     ) -> Result<Vec<u32>, Error> {
+        if use_cache {
+            let mut out =
+                self.generate_batch(&[prompt], max_new_tokens, stop, |_, _, logits: &[f32]| {
+                    Ok::<_, Error>(argmax_first(logits))
+                })?;
+            return Ok(out.swap_remove(0));
+        }
         self.check_prompt(prompt)?;
         let device = self.device();
         // Not preallocated: `max_new_tokens` is a caller's bound (often a flag), not a size.
         let mut out = Vec::new();
-        let mut cache = None;
         while out.len() < max_new_tokens {
-            let hidden = if use_cache {
-                match cache.as_mut() {
-                    None => {
-                        let (h, c) = PolicyModel::prefill(self, prompt, 1);
-                        cache = Some(c);
-                        h
-                    }
-                    Some(c) => {
-                        let last = *out.last().unwrap_or(&0) as i64;
-                        let token = Tensor::from_data(TensorData::new(vec![last], [1]), &device);
-                        PolicyModel::decode(self, token, c)
-                    }
-                }
-            } else if out.is_empty() {
+            let hidden = if out.is_empty() {
                 PolicyModel::prefill(self, prompt, 1).0
             } else {
                 // The state after the whole sequence: one uncached pass over prompt ++ out.
@@ -253,15 +246,7 @@ impl<B: Backend> Qwen2Model<B> {
                     .narrow(1, prompt.ids.len() + r - 1, 1)
                     .reshape([1, width])
             };
-            let logits = self.step_logits(hidden);
-            let values: Vec<f32> = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .map_err(|e| Error::Prompt {
-                    reason: format!("reading logits: {e:?}"),
-                })?;
-            let next = argmax_first(&values);
+            let next = argmax_first(&read_logits(self.step_logits(hidden))?);
             out.push(next);
             if stop.contains(&next) {
                 break;
@@ -269,10 +254,148 @@ impl<B: Backend> Qwen2Model<B> {
         }
         Ok(out)
     }
+
+    /// Decodes up to `max_new_tokens` after each of `prompts` in one batch: the prompts
+    /// left-padded to the longest and run as one forward, then one decode step per token for
+    /// every unfinished sequence together (a sequence is finished after a `stop` token and
+    /// leaves the batch). `pick(sequence, position, logits)` chooses each token from that
+    /// sequence's next-token logits `[V]` (argmax for greedy, a draw for sampling). Each
+    /// sequence gets the tokens it would get decoded alone, up to f32 rounding in the
+    /// batched products (the padding itself contributes exact zeros).
+    pub fn generate_batch<E: From<Error>>(
+        &self,
+        prompts: &[&TokenPrompt],
+        max_new_tokens: usize,
+        stop: &[u32],
+        mut pick: impl FnMut(usize, usize, &[f32]) -> Result<u32, E>,
+    ) -> Result<Vec<Vec<u32>>, E> {
+        for p in prompts {
+            self.check_prompt(p)?;
+        }
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        if prompts.is_empty() || max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let device = self.device();
+        let (mut hidden, mut cache) = self.prefill_batch(prompts);
+        // The prompt index of each row of the batch.
+        let mut active: Vec<usize> = (0..prompts.len()).collect();
+        for position in 0..max_new_tokens {
+            let logits = read_logits(self.step_logits(hidden))?;
+            let vocab = logits.len() / active.len().max(1);
+            let mut keep = Vec::with_capacity(active.len());
+            let mut next = Vec::with_capacity(active.len());
+            for (row, &seq) in active.iter().enumerate() {
+                let token = pick(seq, position, &logits[row * vocab..(row + 1) * vocab])?;
+                out[seq].push(token);
+                if !stop.contains(&token) {
+                    keep.push(row);
+                    next.push(i64::from(token));
+                }
+            }
+            if keep.is_empty() || position + 1 == max_new_tokens {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache = cache.select_rows(&keep);
+                active = keep.iter().map(|&r| active[r]).collect();
+            }
+            let n = next.len();
+            let tokens = Tensor::from_data(TensorData::new(next, [n]), &device);
+            hidden = self.decode_batch(tokens, &mut cache);
+        }
+        Ok(out)
+    }
+
+    /// Runs `prompts` as one left-padded batch: the last prompt position's hidden state of
+    /// each, `[n, H]`, and the cache to decode from. Positions come from each prompt's own
+    /// rows; padding gets position 0 and is masked.
+    pub fn prefill_batch(&self, prompts: &[&TokenPrompt]) -> (Tensor<B, 2>, BatchCache<B>) {
+        let device = self.device();
+        let n = prompts.len();
+        let len = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| len - p.ids.len()).collect();
+        let mut embeds = Vec::with_capacity(n);
+        let mut rows: [Vec<i64>; 3] = Default::default();
+        for (prompt, &pad) in prompts.iter().zip(&pads) {
+            let e = self.prompt_embeds(prompt);
+            let h = e.dims()[2];
+            embeds.push(if pad == 0 {
+                e
+            } else {
+                Tensor::cat(vec![Tensor::zeros([1, pad, h], &device), e], 1)
+            });
+            for (k, row) in prompt.position_rows(0).into_iter().enumerate() {
+                rows[k].extend(std::iter::repeat_n(0, pad).chain(row));
+            }
+        }
+        let data: Vec<i64> = rows.into_iter().flatten().collect();
+        let pos = Tensor::from_data(TensorData::new(data, [3, n, len]), &device);
+        let mut kv = KvCache::new();
+        let hidden = self.forward_padded(Tensor::cat(embeds, 0), pos, Some(&mut kv), &pads);
+        let h = hidden.dims()[2];
+        let last = hidden.narrow(1, len - 1, 1).reshape([n, h]);
+        let next = prompts
+            .iter()
+            .map(|p| (p.ids.len() as i64).saturating_add(p.delta()))
+            .collect();
+        (last, BatchCache { kv, pads, next })
+    }
+
+    /// One decode step of a [`Self::prefill_batch`] batch: `tokens: [n]`, one per sequence
+    /// still in the batch; returns their hidden states `[n, H]`.
+    pub fn decode_batch(
+        &self,
+        tokens: Tensor<B, 1, Int>,
+        cache: &mut BatchCache<B>,
+    ) -> Tensor<B, 2> {
+        let n = tokens.dims()[0];
+        let device = tokens.device();
+        let embeds = self.embed(tokens.reshape([n, 1]));
+        let data: Vec<i64> = (0..3).flat_map(|_| cache.next.iter().copied()).collect();
+        let pos = Tensor::from_data(TensorData::new(data, [3, n, 1]), &device);
+        let hidden = self.forward_padded(embeds, pos, Some(&mut cache.kv), &cache.pads);
+        for p in &mut cache.next {
+            *p = p.saturating_add(1);
+        }
+        let h = hidden.dims()[2];
+        hidden.reshape([n, h])
+    }
+}
+
+/// Decoding state of prompts decoded together ([`Qwen2Model::prefill_batch`]): the KV cache,
+/// each sequence's left padding and the position id of its next token.
+#[derive(Clone, Debug)]
+pub struct BatchCache<B: Backend> {
+    pub kv: KvCache<B>,
+    pads: Vec<usize>,
+    next: Vec<i64>,
+}
+
+impl<B: Backend> BatchCache<B> {
+    /// Keeps the sequences `rows` (batch indices, in that order).
+    fn select_rows(self, rows: &[usize]) -> Self {
+        Self {
+            kv: self.kv.select_rows(rows),
+            pads: rows.iter().map(|&r| self.pads[r]).collect(),
+            next: rows.iter().map(|&r| self.next[r]).collect(),
+        }
+    }
+}
+
+/// The values of a logits tensor as f32.
+fn read_logits<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<f32>, Error> {
+    logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| Error::Prompt {
+            reason: format!("reading logits: {e:?}"),
+        })
 }
 
 /// Index of the largest value, the first on ties (NaN never wins).
-fn argmax_first(values: &[f32]) -> u32 {
+pub fn argmax_first(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
         if v > values[best] || values[best].is_nan() {

@@ -37,3 +37,40 @@ fn greedy_64_tokens_with_audio_image_and_video_equal_transformers_generate() {
 fn greedy_64_tokens_with_audio_interleaved_in_video_equal_transformers_generate() {
     check(prompt_b, "gen_b");
 }
+
+/// Prompts A and B (audio, image and video; audio interleaved in video: media rows inserted,
+/// M-RoPE positions with their own offsets, 10+ tokens apart in length) decoded in one
+/// left-padded batch give each its own transformers `generate` ids.
+#[test]
+fn a_batch_of_two_media_prompts_equals_each_prompts_transformers_generate() {
+    let model: Thinker<B> = thinker();
+    let mut prompts = Vec::new();
+    let mut expected = Vec::new();
+    type Build = fn(&ThinkerConfig) -> (Vec<u32>, Vec<MediaInput>);
+    for (build, name) in [(prompt_a as Build, "gen_a"), (prompt_b, "gen_b")] {
+        let (ids, media) = build(&model.config);
+        prompts.push(model.prompt(&ids, &media).unwrap());
+        let gen: Vec<u32> = read("omni_generate.safetensors", name, [64])
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        expected.push(gen);
+    }
+    assert_ne!(
+        prompts[0].ids.len(),
+        prompts[1].ids.len(),
+        "the batch needs padding"
+    );
+    for order in [[0, 1], [1, 0]] {
+        let batch: Vec<_> = order.iter().map(|&i| &prompts[i]).collect();
+        let got = model
+            .decoder
+            .generate_batch(&batch, 64, &[], |_, _, logits| {
+                Ok::<_, omniopsd_decoder::Error>(omniopsd_decoder::argmax_first(logits))
+            })
+            .unwrap();
+        for (row, &i) in order.iter().enumerate() {
+            assert_eq!(got[row], expected[i], "prompt {i} in batch order {order:?}");
+        }
+    }
+}

@@ -388,6 +388,7 @@ pub struct EvalConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_samples: Option<usize>,
     pub max_new_tokens: usize,
+    pub batch_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mer_data: Option<PathBuf>,
 }
@@ -398,6 +399,7 @@ impl Default for EvalConfig {
             every: 10,
             max_samples: None,
             max_new_tokens: 24,
+            batch_size: 8,
             mer_data: None,
         }
     }
@@ -768,6 +770,11 @@ pub const KNOBS: &[Knob] = &[
         "longest generated answer in evaluation",
     ),
     knob(
+        "eval.batch_size",
+        "",
+        "held-out samples decoded together in one batch (answers equal to one at a time up to f32 rounding)",
+    ),
+    knob(
         "eval.mer_data",
         "",
         "MER-UniBench scoring data directory replacing the shipped copy (absent: shipped)",
@@ -1020,6 +1027,7 @@ impl TrainConfig {
             .map_err(|e| opsd_error(&e))?;
         need(self.eval.every >= 1, "eval.every", ">= 1")?;
         need(self.eval.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1")?;
+        need(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")?;
         need(
             self.checkpoint.keep_last >= 1,
             "checkpoint.keep_last",

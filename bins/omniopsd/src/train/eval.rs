@@ -99,10 +99,13 @@ pub fn evaluate<B: burn::tensor::backend::Backend>(
     bar.set_message(label.to_string());
     let mut answers = Vec::with_capacity(heldout.len());
     let decoding = Decoding::greedy(ctx.cfg.eval.max_new_tokens);
-    for s in heldout {
-        let ids = answer_ids(model, prompt(s), &decoding, &[ctx.stop_token], 0)?;
-        answers.push(super::tokenizer::decode(ctx.tokenizer, &ids)?);
-        bar.inc(1);
+    for batch in heldout.chunks(ctx.cfg.eval.batch_size.max(1)) {
+        let prompts: Vec<&TokenPrompt> = batch.iter().map(|s| prompt(s)).collect();
+        let streams = vec![0; batch.len()];
+        for ids in answer_ids(model, &prompts, &decoding, &[ctx.stop_token], &streams)? {
+            answers.push(super::tokenizer::decode(ctx.tokenizer, &ids)?);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     let records: Vec<&Record> = heldout.iter().map(|s| &s.record).collect();
