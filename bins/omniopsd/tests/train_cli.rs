@@ -269,6 +269,31 @@ fn device_flag_overrides_the_config_and_bad_devices_fail_before_any_run_is_writt
     assert!(!dir.path().join("runs").join("dev").exists());
 }
 
+#[test]
+fn a_precision_the_backend_cannot_run_fails_before_any_run_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    for (precision, expected) in [
+        ("bf16-mixed", "NdArray"),
+        ("f16-mixed", "loss scaling"),
+        ("f8", "unknown variant"),
+    ] {
+        let cfg = config(dir.path(), "prec", &dir.path().join("cache"), "");
+        let text = fs::read_to_string(&cfg).unwrap();
+        fs::write(&cfg, format!("precision = \"{precision}\"\n{text}")).unwrap();
+        let out = train(&["--config", cfg.to_str().unwrap(), "--device", "cpu"]);
+        assert!(!out.status.success(), "{precision}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("precision") && stderr.contains(expected),
+            "{precision}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("runs").join("prec").exists(),
+            "{precision}"
+        );
+    }
+}
+
 /// A corpus with one sample whose WAV is missing.
 fn broken_corpus(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus");

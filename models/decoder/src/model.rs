@@ -18,7 +18,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, FloatDType, Int, Tensor, TensorData};
 use omniopsd_backends::rows;
 use omniopsd_checkpoint::{Checkpoint, ConfigView, Dtype, Layout, Weights};
 use omniopsd_core::fused::lm_logits;
@@ -488,6 +488,27 @@ impl<B: Backend> Qwen2Model<B> {
             q: heads(self.config.num_attention_heads),
             k: heads(self.config.kv_heads()),
         }
+    }
+
+    /// The model with every projection's products (attention q/k/v/o, MLP, LoRA adapters) in
+    /// `compute` (`None`: the backend's float type): mixed precision as `torch.autocast`
+    /// runs a Qwen2 layer, with the weights kept in the backend's type as master weights
+    /// and embeddings, RMSNorm, rotary, attention scores and softmax, the residual stream
+    /// and the LM head (the loss) in it too.
+    pub fn with_compute(self, compute: Option<FloatDType>) -> Self {
+        match self.map_projections(|_, _, lin| {
+            Ok::<_, std::convert::Infallible>(lin.with_compute(compute))
+        }) {
+            Ok(model) => model,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The type the projections compute in, if not the backend's float type.
+    pub fn compute(&self) -> Option<FloatDType> {
+        self.layers
+            .first()
+            .and_then(|l| l.self_attn.q_proj.compute())
     }
 
     /// Every projection of every layer with its name below the decoder's prefix

@@ -2,7 +2,7 @@
 //! low-rank adapter in PEFT's layout.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, FloatDType, Tensor, TensorData};
 
 use omniopsd_backends::rows::{product, Layout};
 
@@ -13,11 +13,19 @@ use omniopsd_checkpoint::{Error, Weights};
 /// backends that need contiguous matmul operands (NdArray) would otherwise copy a transposed
 /// `W` on every call. Loading and [`Linear::weight`] convert from and to the checkpoint's
 /// `[d_out, d_in]`.
+///
+/// With a compute type ([`Linear::with_compute`], mixed precision), the products run in that
+/// type on casts of the input and of the weights, which stay in the backend's float type
+/// (the f32 master weights an optimizer updates); the result is cast back to the input's
+/// type before the bias is added. Gradients flow back through the casts into the master
+/// weights' own type.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     weight_t: Param<Tensor<B, 2>>,
     bias: Option<Param<Tensor<B, 1>>>,
     lora: Option<LoraAdapter<B>>,
+    /// The type the products run in; `None`: the backend's float type.
+    compute: Option<FloatDType>,
 }
 
 /// A low-rank adapter (LoRA, Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
@@ -148,8 +156,9 @@ impl<B: Backend> LoraAdapter<B> {
         &self.b_t
     }
 
-    /// `s · (dropout(x) Aᵀ) Bᵀ` for `x` `[rows, d_in]`.
-    fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// `s · (dropout(x) Aᵀ) Bᵀ` for `x` `[rows, d_in]`, the products in `compute` when set
+    /// (the result in that type too).
+    fn delta(&self, x: Tensor<B, 2>, compute: Option<FloatDType>) -> Tensor<B, 2> {
         let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
@@ -157,9 +166,14 @@ impl<B: Backend> LoraAdapter<B> {
         } else {
             x
         };
-        x.matmul(self.a_t.val())
+        let cast = |t: Tensor<B, 2>| match compute {
+            Some(dtype) => t.cast(dtype),
+            None => t,
+        };
+        cast(x)
+            .matmul(cast(self.a_t.val()))
             .mul_scalar(self.scaling)
-            .matmul(self.b_t.val())
+            .matmul(cast(self.b_t.val()))
     }
 }
 
@@ -181,6 +195,7 @@ impl<B: Backend> Linear<B> {
                 None
             },
             lora: None,
+            compute: None,
         })
     }
 
@@ -193,7 +208,19 @@ impl<B: Backend> Linear<B> {
             weight_t: Param::from_tensor(weight_t),
             bias: bias.map(Param::from_tensor),
             lora: None,
+            compute: None,
         }
+    }
+
+    /// The layer with its products in `compute` (`None`: the backend's float type), for
+    /// mixed precision; the parameters are untouched.
+    pub fn with_compute(self, compute: Option<FloatDType>) -> Self {
+        Self { compute, ..self }
+    }
+
+    /// The type the products run in, if not the backend's float type.
+    pub fn compute(&self) -> Option<FloatDType> {
+        self.compute
     }
 
     /// Input width `d_in`.
@@ -245,6 +272,7 @@ impl<B: Backend> Linear<B> {
             weight_t: self.weight_t.set_require_grad(false),
             bias: self.bias.map(|b| b.set_require_grad(false)),
             lora: Some(adapter),
+            compute: self.compute,
         })
     }
 
@@ -255,6 +283,7 @@ impl<B: Backend> Linear<B> {
             weight_t: self.weight_t.clone(),
             bias: self.bias.clone(),
             lora: None,
+            compute: self.compute,
         }
     }
 
@@ -274,6 +303,7 @@ impl<B: Backend> Linear<B> {
             weight_t: self.weight_t.map(|w| w + delta),
             bias: self.bias,
             lora: None,
+            compute: self.compute,
         }
     }
 
@@ -290,16 +320,26 @@ impl<B: Backend> Linear<B> {
         let rows = x.shape().num_elements() / inputs.max(1);
         let x = x.reshape([rows, inputs]);
         let adapter_input = self.lora.as_ref().map(|_| x.clone());
-        let y = match product(x, self.weight_t.val(), Layout::InOut) {
-            Ok(y) => y,
-            Err((x, w)) => x.matmul(w),
+        let master = x.dtype();
+        let y = match self.compute {
+            Some(dtype) => x
+                .cast(dtype)
+                .matmul(self.weight_t.val().cast(dtype))
+                .cast(master),
+            None => match product(x, self.weight_t.val(), Layout::InOut) {
+                Ok(y) => y,
+                Err((x, w)) => x.matmul(w),
+            },
         };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
         };
         let y = match (&self.lora, adapter_input) {
-            (Some(lora), Some(x)) => y + lora.delta(x),
+            (Some(lora), Some(x)) => match self.compute {
+                Some(dtype) => y + lora.delta(x, Some(dtype)).cast(master),
+                None => y + lora.delta(x, None),
+            },
             _ => y,
         };
         dims[D - 1] = y.dims()[1];

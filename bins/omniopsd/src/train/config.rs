@@ -38,6 +38,8 @@ pub struct TrainConfig {
     pub device: String,
     /// Burn's activation checkpointing for every training phase.
     pub activation_checkpointing: ActivationCheckpointing,
+    /// The type the trained model's projections compute in.
+    pub precision: Precision,
     pub seeds: Vec<u64>,
     pub methods: Vec<Method>,
     pub data: DataConfig,
@@ -62,6 +64,31 @@ pub enum ActivationCheckpointing {
     /// reshapes, norms) are recomputed in the backward pass, compute-bound ones (products)
     /// kept. Same numbers, less activation memory, a little more time.
     Balanced,
+}
+
+/// Mixed precision: the type the decoder's projections (attention q/k/v/o, MLP, LoRA
+/// adapters) compute in. The weights stay f32 (master weights, updated by AdamW in f32, with
+/// f32 moments); embeddings, norms, rotary, attention softmax, the residual stream and the
+/// loss stay f32 too ([`omniopsd_decoder::Qwen2Model::with_compute`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    #[serde(rename = "f32")]
+    F32,
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    #[serde(rename = "f16-mixed")]
+    F16Mixed,
+}
+
+impl Precision {
+    /// The compute type of the projections; `None` for f32.
+    pub fn compute(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16Mixed => Some(burn::tensor::FloatDType::BF16),
+            Precision::F16Mixed => Some(burn::tensor::FloatDType::F16),
+        }
+    }
 }
 
 /// `[lora]`: PEFT's `LoraConfig` keys. The adapters are new in every method phase (PEFT's
@@ -122,6 +149,7 @@ impl Default for TrainConfig {
             runs_dir: "runs".into(),
             device: "cpu".into(),
             activation_checkpointing: ActivationCheckpointing::None,
+            precision: Precision::F32,
             seeds: vec![0, 1, 2],
             methods: vec![
                 Method::Opsd,
@@ -462,6 +490,12 @@ pub const KNOBS: &[Knob] = &[
         "",
         "none | balanced: recompute memory-bound operations in the backward pass (same \
          numbers, less activation memory)",
+    ),
+    knob(
+        "precision",
+        "",
+        "f32 | bf16-mixed: the projections compute in bf16 on casts of f32 master weights \
+         (AdamW, norms, softmax and the loss stay f32); needs device flex or cuda",
     ),
     knob(
         "seeds",
@@ -989,9 +1023,23 @@ impl TrainConfig {
         )?;
         need(!self.seeds.is_empty(), "seeds", "a non-empty list")?;
         need(!self.methods.is_empty(), "methods", "a non-empty list")?;
-        self.device
+        let device = self
+            .device
             .parse::<omniopsd_backends::DeviceSpec>()
             .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
+        match (self.precision, device) {
+            (Precision::F16Mixed, _) => bail!(
+                "precision: \"f16-mixed\" needs dynamic loss scaling, which this version does \
+                 not have; use \"bf16-mixed\" (f32's exponent range, no scaling needed)"
+            ),
+            (Precision::Bf16Mixed, omniopsd_backends::DeviceSpec::NdArray) => bail!(
+                "precision: \"bf16-mixed\" needs a backend with bf16 tensors, and device \
+                 \"{}\" (Burn's NdArray) has none; use device \"flex\" (a build with \
+                 --features flex) or \"cuda\"",
+                self.device
+            ),
+            _ => {}
+        }
         need(self.data.synth_n >= 10, "data.synth_n", ">= 10")?;
         need(
             self.data.max_audio_seconds > 0.0,

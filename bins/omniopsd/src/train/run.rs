@@ -115,7 +115,8 @@ pub fn train<B: AutodiffBackend>(
         Some(k) => heldout.into_iter().take(k).collect(),
         None => heldout,
     };
-    let base_model = omniopsd_thinker::load_decoder::<B>(&ckpt, device)?;
+    let base_model =
+        omniopsd_thinker::load_decoder::<B>(&ckpt, device)?.with_compute(cfg.precision.compute());
     let (warm, mut results) = warmup::<B>(&ctx, base_model, &train, &heldout, device)?;
     let mut notes = std::mem::take(&mut corpus.notes);
     for &seed in &cfg.seeds {
