@@ -35,7 +35,8 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use crate::fused::lm_logits;
 use crate::model::PolicyModel;
 use crate::update::{
-    AdamWOptimizer, AdamWSettings, ConfigError, LrSchedule, OptimizerRecord, UpdateConfig, Updater,
+    AdamWOptimizer, AdamWSettings, ConfigError, LossScaleState, LossScaling, LrSchedule,
+    OptimizerRecord, UpdateConfig, Updater,
 };
 
 /// The optimizer of an SFT phase.
@@ -76,6 +77,9 @@ pub struct SftConfig {
     /// one backward pass; a [`SftTrainer::step`] accumulates its batch's micro-batches into
     /// one update. `1` (the default) holds one example at a time.
     pub micro_batch: usize,
+    /// Dynamic loss scaling, for half-precision (f16) compute; `None` (the default) for
+    /// f32 and bf16.
+    pub loss_scaling: Option<LossScaling>,
 }
 
 impl Default for SftConfig {
@@ -87,6 +91,7 @@ impl Default for SftConfig {
             adamw: AdamWSettings::default(),
             max_grad_norm: Some(1.0),
             micro_batch: 1,
+            loss_scaling: None,
         }
     }
 }
@@ -99,6 +104,7 @@ impl SftConfig {
             schedule: self.schedule,
             adamw: self.adamw,
             max_grad_norm: self.max_grad_norm,
+            loss_scaling: self.loss_scaling,
         }
     }
 
@@ -266,6 +272,16 @@ where
         self.updater.record()
     }
 
+    /// The loss scaling state to save with the step count (`None` without loss scaling).
+    pub fn loss_scale_state(&self) -> Option<LossScaleState> {
+        self.updater.loss_scale_state()
+    }
+
+    /// Restores a saved loss scaling state after [`Self::resume`].
+    pub fn set_loss_scale_state(&mut self, state: Option<LossScaleState>) {
+        self.updater.set_loss_scale_state(state);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &SftConfig {
         &self.config
@@ -362,6 +378,13 @@ where
                     skipped: true,
                 });
             }
+            // Times the loss scale (1 without loss scaling), divided out in the update.
+            let scale = self.updater.loss_scale();
+            let nll = if scale == 1.0 {
+                nll
+            } else {
+                nll.mul_scalar(scale)
+            };
             pending = Some(match pending {
                 Some(sum) => sum.add(nll),
                 None => nll,

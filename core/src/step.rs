@@ -25,7 +25,8 @@ use crate::update::{AdamWOptimizer, ConfigError, UpdateConfig, Updater};
 // The update knobs and helpers live in `update` (shared with the SFT trainer); they keep
 // their paths here.
 pub use crate::update::{
-    clip_global_grad_norm, AdamWSettings, LrDecay, LrSchedule, OptimizerRecord, SkipReason,
+    clip_global_grad_norm, AdamWSettings, LossScaleState, LossScaling, LrDecay, LrSchedule,
+    OptimizerRecord, SkipReason,
 };
 
 /// One training example: the student's context and the privileged teacher's context.
@@ -82,6 +83,9 @@ pub struct OpsdConfig {
     pub micro_batch: usize,
     /// Key of the counter-based sampler.
     pub seed: u64,
+    /// Dynamic loss scaling, for half-precision (f16) compute; `None` (the default) for
+    /// f32 and bf16.
+    pub loss_scaling: Option<LossScaling>,
 }
 
 impl Default for OpsdConfig {
@@ -98,6 +102,7 @@ impl Default for OpsdConfig {
             chunk_rows: 1024,
             micro_batch: 1,
             seed: 0,
+            loss_scaling: None,
         }
     }
 }
@@ -110,6 +115,7 @@ impl OpsdConfig {
             schedule: self.schedule,
             adamw: self.adamw,
             max_grad_norm: self.max_grad_norm,
+            loss_scaling: self.loss_scaling,
         }
     }
 
@@ -334,6 +340,8 @@ pub struct TrainerState<B: AutodiffBackend, M: AutodiffModule<B>> {
     pub episodes_seen: u64,
     /// The sampler key the run used.
     pub seed: u64,
+    /// Where dynamic loss scaling stands (`None` without it).
+    pub loss_scale: Option<LossScaleState>,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Clone for TrainerState<B, M> {
@@ -344,6 +352,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Clone for TrainerState<B, M> {
             optimizer_steps: self.optimizer_steps,
             episodes_seen: self.episodes_seen,
             seed: self.seed,
+            loss_scale: self.loss_scale,
         }
     }
 }
@@ -497,8 +506,10 @@ where
             });
         }
         let teacher = Teacher::from_snapshot(config.teacher, state.teacher)?;
+        let mut updater = Updater::resume(config.update(), state.optimizer);
+        updater.set_loss_scale_state(state.loss_scale);
         Ok(Self {
-            updater: Updater::resume(config.update(), state.optimizer),
+            updater,
             config,
             model,
             teacher,
@@ -515,6 +526,7 @@ where
             optimizer_steps: self.optimizer_steps,
             episodes_seen: self.episodes_seen,
             seed: self.config.seed,
+            loss_scale: self.updater.loss_scale_state(),
         }
     }
 
@@ -747,7 +759,8 @@ where
                     non_finite_loss = true;
                     break 'micro_batches;
                 }
-                let weighted = fused.surrogate.mul_scalar(w);
+                // Times the loss scale (1 without loss scaling), divided out in the update.
+                let weighted = fused.surrogate.mul_scalar(w * self.updater.loss_scale());
                 surrogate = Some(match surrogate {
                     Some(sum) => sum.add(weighted),
                     None => weighted,

@@ -197,18 +197,106 @@ pub struct UpdateConfig {
     /// Clip the global L2 norm of the gradient (over all parameters) to this value;
     /// `None` disables clipping.
     pub max_grad_norm: Option<f32>,
+    /// Dynamic loss scaling (for f16 compute); `None`: the loss is differentiated as it is.
+    pub loss_scaling: Option<LossScaling>,
 }
 
 impl Default for UpdateConfig {
-    /// Learning rate `1e-6`, constant schedule, [`AdamWSettings::default`], clipping at 1.
+    /// Learning rate `1e-6`, constant schedule, [`AdamWSettings::default`], clipping at 1,
+    /// no loss scaling.
     fn default() -> Self {
         Self {
             learning_rate: 1e-6,
             schedule: LrSchedule::default(),
             adamw: AdamWSettings::default(),
             max_grad_norm: Some(1.0),
+            loss_scaling: None,
         }
     }
+}
+
+/// Dynamic loss scaling, the rule of PyTorch's `torch.amp.GradScaler` (Micikevicius et al.
+/// 2018, "Mixed Precision Training"): the loss is multiplied by a scale `S` before the
+/// backward pass, so small gradients of a half-precision backward do not flush to zero, and
+/// the gradients are multiplied by `1/S` before clipping and the update. A non-finite
+/// gradient skips the update and multiplies `S` by `backoff_factor`; after
+/// `growth_interval` applied updates in a row, `S` is multiplied by `growth_factor`. With
+/// powers of two for `S` and both factors, scaling and unscaling are exact, so where nothing
+/// overflows the update equals an unscaled one bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaling {
+    /// `S` at the first update.
+    pub init_scale: f64,
+    /// Factor on `S` after `growth_interval` applied updates in a row (> 1).
+    pub growth_factor: f64,
+    /// Factor on `S` after a non-finite gradient (in (0, 1)).
+    pub backoff_factor: f64,
+    /// Applied updates in a row before `S` grows (≥ 1).
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaling {
+    /// `GradScaler`'s defaults: `S = 2¹⁶`, ×2 every 2,000 applied updates, ×½ on overflow.
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaling {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, expected, found: f64| {
+            Err(ConfigError {
+                field,
+                expected,
+                found: format!("{found}"),
+            })
+        };
+        if !(self.init_scale > 0.0 && self.init_scale.is_finite()) {
+            return bad(
+                "loss_scaling.init_scale",
+                "a finite number > 0",
+                self.init_scale,
+            );
+        }
+        if !(self.growth_factor > 1.0 && self.growth_factor.is_finite()) {
+            return bad(
+                "loss_scaling.growth_factor",
+                "a finite number > 1",
+                self.growth_factor,
+            );
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return bad(
+                "loss_scaling.backoff_factor",
+                "a number in (0, 1)",
+                self.backoff_factor,
+            );
+        }
+        if self.growth_interval == 0 {
+            return bad(
+                "loss_scaling.growth_interval",
+                "at least 1",
+                f64::from(self.growth_interval),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where dynamic loss scaling stands: a trainer saves it with its counters so a resumed run
+/// goes on with the same scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaleState {
+    /// The current scale `S`.
+    pub scale: f64,
+    /// Applied updates since `S` last changed.
+    pub good_steps: u32,
 }
 
 impl UpdateConfig {
@@ -253,6 +341,9 @@ impl UpdateConfig {
                 });
             }
         }
+        if let Some(scaling) = &self.loss_scaling {
+            scaling.validate()?;
+        }
         Ok(())
     }
 
@@ -283,6 +374,8 @@ pub struct UpdateOutcome {
 pub struct Updater<B: AutodiffBackend, M: AutodiffModule<B>> {
     config: UpdateConfig,
     optimizer: AdamWOptimizer<B, M>,
+    /// `Some` exactly when the config asks for loss scaling.
+    scale: Option<LossScaleState>,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> core::fmt::Debug for Updater<B, M> {
@@ -298,15 +391,37 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
     pub fn new(config: UpdateConfig) -> Self {
         Self {
             optimizer: config.adamw.init(),
+            scale: initial_scale(&config),
             config,
         }
     }
 
-    /// Continues with the moments saved by [`Updater::record`].
+    /// Continues with the moments saved by [`Updater::record`] (and the loss scale at its
+    /// initial value; [`Updater::set_loss_scale_state`] restores a saved one).
     pub fn resume(config: UpdateConfig, record: OptimizerRecord<B, M>) -> Self {
         Self {
             optimizer: config.adamw.init().load_record(record),
+            scale: initial_scale(&config),
             config,
+        }
+    }
+
+    /// The factor the loss is multiplied by before the backward pass: the current loss
+    /// scale, or 1 without loss scaling.
+    pub fn loss_scale(&self) -> f64 {
+        self.scale.map_or(1.0, |s| s.scale)
+    }
+
+    /// The loss scaling state to save with the trainer's counters (`None` without loss
+    /// scaling).
+    pub fn loss_scale_state(&self) -> Option<LossScaleState> {
+        self.scale
+    }
+
+    /// Restores a saved loss scaling state; ignored without loss scaling in the config.
+    pub fn set_loss_scale_state(&mut self, state: Option<LossScaleState>) {
+        if let (Some(current), Some(saved)) = (self.scale.as_mut(), state) {
+            *current = saved;
         }
     }
 
@@ -325,10 +440,12 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
         self.config.lr(steps)
     }
 
-    /// One update of `model` from `grads`, the gradients of the loss, after `steps` applied
-    /// updates: clip the global gradient norm ([`clip_global_grad_norm`]); when it is finite,
-    /// apply AdamW at [`Updater::lr`]`(steps)` and count the update in `steps`; otherwise
-    /// leave `model`, the optimizer state and `steps` untouched.
+    /// One update of `model` from `grads`, the gradients of the loss (times
+    /// [`Updater::loss_scale`], which is divided out first), after `steps` applied updates:
+    /// clip the global gradient norm ([`clip_global_grad_norm`]); when it is finite, apply
+    /// AdamW at [`Updater::lr`]`(steps)` and count the update in `steps`; otherwise leave
+    /// `model`, the optimizer state and `steps` untouched. With loss scaling the scale then
+    /// moves as [`LossScaling`] says.
     pub fn apply(
         &mut self,
         model: &mut M,
@@ -336,8 +453,24 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
         steps: &mut u64,
     ) -> UpdateOutcome {
         let lr = self.lr(*steps);
+        let grads = match self.scale {
+            Some(state) => scale_grads::<B, M>(model, grads, (1.0 / state.scale) as f32),
+            None => grads,
+        };
         let (grads, grad_norm) =
             clip_global_grad_norm::<B, M>(model, grads, self.config.max_grad_norm);
+        if let (Some(state), Some(rule)) = (self.scale.as_mut(), self.config.loss_scaling) {
+            if grad_norm.is_finite() {
+                state.good_steps += 1;
+                if state.good_steps >= rule.growth_interval {
+                    state.scale *= rule.growth_factor;
+                    state.good_steps = 0;
+                }
+            } else {
+                state.scale *= rule.backoff_factor;
+                state.good_steps = 0;
+            }
+        }
         if !grad_norm.is_finite() {
             return UpdateOutcome {
                 lr,
@@ -400,6 +533,29 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<B> {
     }
 }
 
+/// The first loss scaling state of `config` (`None` without loss scaling).
+fn initial_scale(config: &UpdateConfig) -> Option<LossScaleState> {
+    config.loss_scaling.map(|rule| LossScaleState {
+        scale: rule.init_scale,
+        good_steps: 0,
+    })
+}
+
+/// Every gradient of `model`'s parameters times `factor`.
+fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: GradientsParams,
+    factor: f32,
+) -> GradientsParams {
+    let mut visitor = ScaleGrads::<B> {
+        grads,
+        factor,
+        _backend: core::marker::PhantomData,
+    };
+    model.visit(&mut visitor);
+    visitor.grads
+}
+
 /// Global gradient-norm clipping, as `torch.nn.utils.clip_grad_norm_`: with
 /// `‖g‖ = sqrt(Σ_p ‖g_p‖²)` over every parameter of `model`, scales every gradient by
 /// `c / (‖g‖ + 1e-6)` when `‖g‖ > c`. Returns the gradients and the pre-clip `‖g‖` (NaN or
@@ -413,13 +569,7 @@ pub fn clip_global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     let norm = global_grad_norm::<B, M>(model, &grads);
     match max_norm {
         Some(max) if norm.is_finite() && norm > max => {
-            let mut visitor = ScaleGrads::<B> {
-                grads,
-                factor: max / (norm + 1e-6),
-                _backend: core::marker::PhantomData,
-            };
-            model.visit(&mut visitor);
-            (visitor.grads, norm)
+            (scale_grads::<B, M>(model, grads, max / (norm + 1e-6)), norm)
         }
         _ => (grads, norm),
     }

@@ -13,8 +13,8 @@ use omniopsd_core::divergence::{Divergence, LossConfig, Reduction};
 use omniopsd_core::rollout::RolloutConfig;
 use omniopsd_core::sampling::SamplingConfig;
 use omniopsd_core::step::{
-    clip_global_grad_norm, Episode, LrDecay, LrSchedule, OpsdConfig, OpsdTrainer, SkipReason,
-    StepError, TrainerState,
+    clip_global_grad_norm, Episode, LossScaling, LrDecay, LrSchedule, OpsdConfig, OpsdTrainer,
+    SkipReason, StepError, TrainerState,
 };
 use omniopsd_core::teacher::TeacherMode;
 use omniopsd_core::PolicyModel;
@@ -376,6 +376,11 @@ fn resumed_trainer_continues_bit_identically_from_a_serialized_checkpoint() {
             total_steps: 8,
             min_lr_ratio: 0.0,
         },
+        // The scale grows after every update, so a resumed run must carry it.
+        loss_scaling: Some(LossScaling {
+            growth_interval: 1,
+            ..LossScaling::default()
+        }),
         ..config()
     };
     let mut straight = Trainer::new(model(7), cfg.clone()).unwrap();
@@ -400,6 +405,7 @@ fn resumed_trainer_continues_bit_identically_from_a_serialized_checkpoint() {
         optimizer_steps: state.optimizer_steps,
         episodes_seen: state.episodes_seen,
         seed: state.seed,
+        loss_scale: state.loss_scale,
     };
     let model = model(0).load_record(model_record);
     let mut resumed = Trainer::resume(model, cfg, restored).unwrap();
@@ -419,6 +425,113 @@ fn resumed_trainer_continues_bit_identically_from_a_serialized_checkpoint() {
     );
     assert_eq!(straight.optimizer_steps(), 8);
     assert_eq!(resumed.optimizer_steps(), 8);
+    let scale = straight.state().loss_scale.unwrap();
+    assert_eq!(resumed.state().loss_scale, Some(scale));
+    assert_eq!(
+        scale.scale,
+        65536.0 * 256.0,
+        "doubled after each of 8 updates"
+    );
+}
+
+#[test]
+fn loss_scaling_without_overflow_trains_bit_identically_to_none() {
+    // Power-of-two scales: scaling the loss and unscaling the gradients are exact.
+    for init_scale in [1024.0, 65536.0, 2f64.powi(40)] {
+        let scaled = OpsdConfig {
+            loss_scaling: Some(LossScaling {
+                init_scale,
+                growth_interval: 1,
+                ..LossScaling::default()
+            }),
+            ..config()
+        };
+        let mut a = Trainer::new(model(3), config()).unwrap();
+        let mut b = Trainer::new(model(3), scaled).unwrap();
+        for _ in 0..3 {
+            assert_eq!(a.step(&episodes()).unwrap(), b.step(&episodes()).unwrap());
+        }
+        assert_eq!(
+            param_bits(&a.model().valid()),
+            param_bits(&b.model().valid())
+        );
+        assert_eq!(a.state().loss_scale, None);
+        let state = b.state().loss_scale.unwrap();
+        assert_eq!(state.scale, init_scale * 8.0, "grew after each update");
+    }
+}
+
+#[test]
+fn an_overflowing_loss_scale_skips_the_update_backs_off_and_then_trains() {
+    let cfg = OpsdConfig {
+        loss_scaling: Some(LossScaling {
+            // The scaled loss overflows f32: every gradient is non-finite.
+            init_scale: 1e300,
+            backoff_factor: 1e-296,
+            growth_factor: 2.0,
+            growth_interval: 2,
+        }),
+        ..config()
+    };
+    let mut t = Trainer::new(model(5), cfg).unwrap();
+    let before = param_bits(&t.model().valid());
+    let m = t.step(&episodes()).unwrap();
+    assert_eq!(m.updates[0].skipped, Some(SkipReason::NonFiniteGradient));
+    assert!(m.loss.is_finite(), "the loss itself is finite");
+    assert_eq!(param_bits(&t.model().valid()), before, "weights untouched");
+    assert_eq!(t.optimizer_steps(), 0);
+    let state = t.state().loss_scale.unwrap();
+    assert!((state.scale - 1e4).abs() < 1e-6, "{state:?}");
+    assert_eq!(state.good_steps, 0);
+    // Now finite: two applied updates, then the scale grows.
+    for expected in [1, 0] {
+        let m = t.step(&episodes()).unwrap();
+        assert_eq!(m.updates_applied, 1);
+        assert_eq!(t.state().loss_scale.unwrap().good_steps, expected);
+    }
+    assert!((t.state().loss_scale.unwrap().scale - 2e4).abs() < 1e-6);
+    assert_ne!(param_bits(&t.model().valid()), before);
+}
+
+#[test]
+fn bad_loss_scaling_is_rejected_naming_the_field() {
+    for (bad, field) in [
+        (
+            LossScaling {
+                init_scale: 0.0,
+                ..LossScaling::default()
+            },
+            "loss_scaling.init_scale",
+        ),
+        (
+            LossScaling {
+                growth_factor: 1.0,
+                ..LossScaling::default()
+            },
+            "loss_scaling.growth_factor",
+        ),
+        (
+            LossScaling {
+                backoff_factor: 1.0,
+                ..LossScaling::default()
+            },
+            "loss_scaling.backoff_factor",
+        ),
+        (
+            LossScaling {
+                growth_interval: 0,
+                ..LossScaling::default()
+            },
+            "loss_scaling.growth_interval",
+        ),
+    ] {
+        let cfg = OpsdConfig {
+            loss_scaling: Some(bad),
+            ..config()
+        };
+        let err = Trainer::new(model(0), cfg).unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
 }
 
 #[test]

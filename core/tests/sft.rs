@@ -13,7 +13,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use common::{param_bits, Toy, Train};
 use omniopsd_core::fused::lm_logits;
 use omniopsd_core::sft::{Example, SftConfig, SftError, SftTrainer};
-use omniopsd_core::step::{clip_global_grad_norm, LrDecay, LrSchedule};
+use omniopsd_core::step::{clip_global_grad_norm, LossScaling, LrDecay, LrSchedule};
 use omniopsd_core::PolicyModel;
 
 const VOCAB: usize = 12;
@@ -210,6 +210,37 @@ fn resumed_trainer_continues_bit_identically_from_a_serialized_record() {
         param_bits(&resumed.model.valid())
     );
     assert_eq!((straight.steps, resumed.steps), (6, 6));
+}
+
+#[test]
+fn loss_scaling_trains_bit_identically_and_its_state_resumes() {
+    let data = data();
+    let batch = batch(&data);
+    let scaled = SftConfig {
+        loss_scaling: Some(LossScaling {
+            growth_interval: 2,
+            ..LossScaling::default()
+        }),
+        ..config()
+    };
+    let mut plain = Trainer::new(model(3), config());
+    let mut a = Trainer::new(model(3), scaled.clone());
+    for _ in 0..3 {
+        assert_eq!(plain.step(&batch).unwrap(), a.step(&batch).unwrap());
+    }
+    assert_eq!(
+        param_bits(&plain.model.valid()),
+        param_bits(&a.model.valid())
+    );
+    let state = a.loss_scale_state().unwrap();
+    assert_eq!((state.scale, state.good_steps), (131072.0, 1));
+    assert_eq!(plain.loss_scale_state(), None);
+    let mut b = Trainer::resume(a.model.clone(), scaled, a.optimizer_record(), a.steps);
+    b.set_loss_scale_state(Some(state));
+    a.step(&batch).unwrap();
+    b.step(&batch).unwrap();
+    assert_eq!(a.loss_scale_state(), b.loss_scale_state());
+    assert_eq!(a.loss_scale_state().unwrap().scale, 262144.0);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use omniopsd_core::divergence::{Divergence, LossConfig, Reduction, TopK};
 use omniopsd_core::rollout::RolloutConfig;
 use omniopsd_core::sampling::SamplingConfig;
-use omniopsd_core::step::{AdamWSettings, LrDecay, LrSchedule, OpsdConfig, StepError};
+use omniopsd_core::step::{AdamWSettings, LossScaling, LrDecay, LrSchedule, OpsdConfig, StepError};
 use omniopsd_core::teacher::TeacherMode;
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +81,21 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::F16Mixed => "f16-mixed",
+        }
+    }
+
+    /// Dynamic loss scaling (PyTorch `GradScaler`'s defaults) for f16, whose narrow
+    /// exponent range flushes small gradients to zero; `None` for f32 and bf16.
+    pub fn loss_scaling(self) -> Option<LossScaling> {
+        (self == Precision::F16Mixed).then(LossScaling::default)
+    }
+
     /// The compute type of the projections; `None` for f32.
     pub fn compute(self) -> Option<burn::tensor::FloatDType> {
         match self {
@@ -494,8 +509,9 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "precision",
         "",
-        "f32 | bf16-mixed: the projections compute in bf16 on casts of f32 master weights \
-         (AdamW, norms, softmax and the loss stay f32); needs device flex or cuda",
+        "f32 | bf16-mixed | f16-mixed: the projections compute in bf16 / f16 on casts of f32 \
+         master weights (AdamW, norms, softmax and the loss stay f32; f16 with dynamic loss \
+         scaling); needs device flex or cuda",
     ),
     knob(
         "seeds",
@@ -927,6 +943,8 @@ impl OpsdSection {
             chunk_rows: self.chunk_rows,
             micro_batch: self.batch_size,
             seed,
+            // Set from the top-level `precision` (TrainConfig::opsd_trainer).
+            loss_scaling: None,
         }
     }
 
@@ -947,6 +965,7 @@ impl OpsdSection {
             adamw: self.adamw(),
             max_grad_norm: self.max_grad_norm,
             micro_batch: 1,
+            loss_scaling: None,
         }
     }
 
@@ -992,7 +1011,28 @@ impl TrainConfig {
     /// The warm-up's configuration: `[warmup]`'s budget and peak rate, with OPSD's schedule
     /// shape, optimizer and clipping.
     pub fn warmup_sft(&self) -> SftConfig {
-        self.opsd.sft(self.warmup.learning_rate, self.warmup.steps)
+        SftConfig {
+            loss_scaling: self.precision.loss_scaling(),
+            ..self.opsd.sft(self.warmup.learning_rate, self.warmup.steps)
+        }
+    }
+
+    /// The `label-sft` ablation's configuration ([`OpsdSection::label_sft`] with the loss
+    /// scaling `precision` asks for).
+    pub fn label_sft(&self) -> SftConfig {
+        SftConfig {
+            loss_scaling: self.precision.loss_scaling(),
+            ..self.opsd.label_sft()
+        }
+    }
+
+    /// The OPSD trainer's configuration ([`OpsdSection::trainer`] with the loss scaling
+    /// `precision` asks for).
+    pub fn opsd_trainer(&self, stop_token: u32, seed: u64) -> OpsdConfig {
+        OpsdConfig {
+            loss_scaling: self.precision.loss_scaling(),
+            ..self.opsd.trainer(stop_token, seed)
+        }
     }
 
     /// The resolved configuration as TOML (re-parses to the same value).
@@ -1027,18 +1067,14 @@ impl TrainConfig {
             .device
             .parse::<omniopsd_backends::DeviceSpec>()
             .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
-        match (self.precision, device) {
-            (Precision::F16Mixed, _) => bail!(
-                "precision: \"f16-mixed\" needs dynamic loss scaling, which this version does \
-                 not have; use \"bf16-mixed\" (f32's exponent range, no scaling needed)"
-            ),
-            (Precision::Bf16Mixed, omniopsd_backends::DeviceSpec::NdArray) => bail!(
-                "precision: \"bf16-mixed\" needs a backend with bf16 tensors, and device \
+        if self.precision != Precision::F32 && device == omniopsd_backends::DeviceSpec::NdArray {
+            bail!(
+                "precision: \"{}\" needs a backend with half-precision tensors, and device \
                  \"{}\" (Burn's NdArray) has none; use device \"flex\" (a build with \
                  --features flex) or \"cuda\"",
+                self.precision.name(),
                 self.device
-            ),
-            _ => {}
+            );
         }
         need(self.data.synth_n >= 10, "data.synth_n", ">= 10")?;
         need(

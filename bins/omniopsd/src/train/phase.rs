@@ -20,6 +20,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use burn::module::{AutodiffModule, Module};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use omniopsd_core::step::LossScaleState;
 use omniopsd_decoder::Qwen2Model;
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,33 @@ pub struct Saved {
     pub optimizer_steps: u64,
     /// Episodes consumed (OPSD; 0 for SFT).
     pub episodes_seen: u64,
+    /// Where dynamic loss scaling stands (`precision = "f16-mixed"`; `None` otherwise).
+    pub loss_scale: Option<LossScaleState>,
+}
+
+/// [`LossScaleState`] as a checkpoint's meta stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedScale {
+    pub scale: f64,
+    pub good_steps: u32,
+}
+
+impl From<LossScaleState> for SavedScale {
+    fn from(s: LossScaleState) -> Self {
+        Self {
+            scale: s.scale,
+            good_steps: s.good_steps,
+        }
+    }
+}
+
+impl From<SavedScale> for LossScaleState {
+    fn from(s: SavedScale) -> Self {
+        Self {
+            scale: s.scale,
+            good_steps: s.good_steps,
+        }
+    }
 }
 
 /// What a phase checkpoint holds besides the records.
@@ -123,6 +151,9 @@ pub struct Meta {
     pub optimizer_steps: u64,
     /// Episodes consumed.
     pub episodes_seen: u64,
+    /// The dynamic loss scale (only with loss scaling; absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<SavedScale>,
     /// The phase's seed.
     pub seed: u64,
     /// Identifies the model shape, so a checkpoint never loads into another model.
@@ -345,6 +376,7 @@ fn save(
         step,
         optimizer_steps: saved.optimizer_steps,
         episodes_seen: saved.episodes_seen,
+        loss_scale: saved.loss_scale.map(SavedScale::from),
         seed: phase.seed(),
         fingerprint: fingerprint.into(),
         done,

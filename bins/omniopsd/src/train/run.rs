@@ -257,7 +257,7 @@ fn method_phase<B: AutodiffBackend>(
                 .iter()
                 .map(|s| (&s.student, s.target.as_slice()))
                 .collect();
-            let config = o.label_sft();
+            let config = ctx.cfg.label_sft();
             let done = phase::drive(ctx, &plan, start, |m, resumed| {
                 Sft::start(m, config, examples, resumed, device)
             })?;
@@ -292,7 +292,7 @@ fn method_phase<B: AutodiffBackend>(
                 method.name()
             );
             plan.examples = episodes.len();
-            let config = o.trainer(ctx.stop_token, seed);
+            let config = ctx.cfg.opsd_trainer(ctx.stop_token, seed);
             let done = phase::drive(ctx, &plan, start, |m, resumed| {
                 Opsd::start(m, config, &episodes, resumed, device)
             })?;

@@ -37,7 +37,9 @@ impl<'a, B: AutodiffBackend> Sft<'a, B> {
             Some(r) => {
                 let model = model.load_record(r.record::<B, _>("model", device)?);
                 let optim = r.record::<B, _>("optimizer", device)?;
-                SftTrainer::resume(model, config, optim, r.meta.optimizer_steps)
+                let mut trainer = SftTrainer::resume(model, config, optim, r.meta.optimizer_steps);
+                trainer.set_loss_scale_state(r.meta.loss_scale.map(Into::into));
+                trainer
             }
             None => SftTrainer::new(model, config),
         };
@@ -86,6 +88,7 @@ impl<B: AutodiffBackend> Stepper<B> for Sft<'_, B> {
             sections,
             optimizer_steps: self.trainer.steps,
             episodes_seen: 0,
+            loss_scale: self.trainer.loss_scale_state(),
         })
     }
 }
@@ -130,6 +133,7 @@ impl<'a, B: AutodiffBackend> Opsd<'a, B> {
                     optimizer_steps: r.meta.optimizer_steps,
                     episodes_seen: r.meta.episodes_seen,
                     seed: r.meta.seed,
+                    loss_scale: r.meta.loss_scale.map(Into::into),
                 };
                 let model = model.load_record(r.record::<B, _>("model", device)?);
                 OpsdTrainer::resume(model, config, state)?
@@ -188,6 +192,7 @@ impl<B: AutodiffBackend> Stepper<B> for Opsd<'_, B> {
             sections,
             optimizer_steps: state.optimizer_steps,
             episodes_seen: state.episodes_seen,
+            loss_scale: state.loss_scale,
         })
     }
 }
