@@ -92,6 +92,36 @@ impl<B: Backend> KvCache<B> {
         Self { layers }
     }
 
+    /// One cache for a batch from caches of single sequences of different lengths, each
+    /// left-padded with zero keys and values to the longest (the padding
+    /// [`Qwen2Model::forward_padded`] masks); the batch in the order given.
+    pub fn stack_left_padded(caches: Vec<KvCache<B>>) -> Self {
+        let len = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let layers = caches.first().map_or(0, |c| c.layers.len());
+        let mut per_layer: Vec<(Vec<Tensor<B, 4>>, Vec<Tensor<B, 4>>)> =
+            (0..layers).map(|_| (Vec::new(), Vec::new())).collect();
+        for cache in caches {
+            let pad = len - cache.len();
+            for (i, (k, v)) in cache.layers.into_iter().enumerate() {
+                let padded = |t: Tensor<B, 4>| {
+                    if pad == 0 {
+                        return t;
+                    }
+                    let [b, h, _, d] = t.dims();
+                    Tensor::cat(vec![Tensor::zeros([b, h, pad, d], &t.device()), t], 2)
+                };
+                per_layer[i].0.push(padded(k));
+                per_layer[i].1.push(padded(v));
+            }
+        }
+        Self {
+            layers: per_layer
+                .into_iter()
+                .map(|(k, v)| (Tensor::cat(k, 0), Tensor::cat(v, 0)))
+                .collect(),
+        }
+    }
+
     /// Keeps the sequences `rows` (indices into the batch, in that order): a batch whose
     /// finished sequences are dropped.
     pub fn select_rows(self, rows: &[usize]) -> Self {

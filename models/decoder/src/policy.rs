@@ -255,8 +255,8 @@ impl<B: Backend> Qwen2Model<B> {
         Ok(out)
     }
 
-    /// Decodes up to `max_new_tokens` after each of `prompts` in one batch: the prompts
-    /// left-padded to the longest and run as one forward, then one decode step per token for
+    /// Decodes up to `max_new_tokens` after each of `prompts` in one batch: each prompt
+    /// prefilled, their caches left-padded to the longest, then one decode step per token for
     /// every unfinished sequence together (a sequence is finished after a `stop` token and
     /// leaves the batch). `pick(sequence, position, logits)` chooses each token from that
     /// sequence's next-token logits `[V]` (argmax for greedy, a draw for sampling). Each
@@ -307,39 +307,28 @@ impl<B: Backend> Qwen2Model<B> {
         Ok(out)
     }
 
-    /// Runs `prompts` as one left-padded batch: the last prompt position's hidden state of
-    /// each, `[n, H]`, and the cache to decode from. Positions come from each prompt's own
-    /// rows; padding gets position 0 and is masked.
+    /// Prefills each of `prompts` on its own (no compute spent on padding, and each row's
+    /// state exactly the one [`PolicyModel::prefill`] gives it) and stacks the caches
+    /// left-padded to the longest for batched decoding: the last prompt position's hidden
+    /// state of each, `[n, H]`, and the cache to decode from.
     pub fn prefill_batch(&self, prompts: &[&TokenPrompt]) -> (Tensor<B, 2>, BatchCache<B>) {
-        let device = self.device();
-        let n = prompts.len();
         let len = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = prompts.iter().map(|p| len - p.ids.len()).collect();
-        let mut embeds = Vec::with_capacity(n);
-        let mut rows: [Vec<i64>; 3] = Default::default();
-        for (prompt, &pad) in prompts.iter().zip(&pads) {
-            let e = self.prompt_embeds(prompt);
-            let h = e.dims()[2];
-            embeds.push(if pad == 0 {
-                e
-            } else {
-                Tensor::cat(vec![Tensor::zeros([1, pad, h], &device), e], 1)
-            });
-            for (k, row) in prompt.position_rows(0).into_iter().enumerate() {
-                rows[k].extend(std::iter::repeat_n(0, pad).chain(row));
-            }
+        let mut last = Vec::with_capacity(prompts.len());
+        let mut caches = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let (h, cache) = PolicyModel::prefill(self, *prompt, 1);
+            last.push(h);
+            caches.push(cache.kv);
         }
-        let data: Vec<i64> = rows.into_iter().flatten().collect();
-        let pos = Tensor::from_data(TensorData::new(data, [3, n, len]), &device);
-        let mut kv = KvCache::new();
-        let hidden = self.forward_padded(Tensor::cat(embeds, 0), pos, Some(&mut kv), &pads);
-        let h = hidden.dims()[2];
-        let last = hidden.narrow(1, len - 1, 1).reshape([n, h]);
-        let next = prompts
-            .iter()
-            .map(|p| (p.ids.len() as i64).saturating_add(p.delta()))
-            .collect();
-        (last, BatchCache { kv, pads, next })
+        let cache = BatchCache {
+            kv: KvCache::stack_left_padded(caches),
+            pads: prompts.iter().map(|p| len - p.ids.len()).collect(),
+            next: prompts
+                .iter()
+                .map(|p| (p.ids.len() as i64).saturating_add(p.delta()))
+                .collect(),
+        };
+        (Tensor::cat(last, 0), cache)
     }
 
     /// One decode step of a [`Self::prefill_batch`] batch: `tokens: [n]`, one per sequence
