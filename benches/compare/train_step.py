@@ -85,11 +85,20 @@ def with_lora(model, rank):
     return get_peft_model(model, config)
 
 
-def torch_steps(model, vocab, steps, shape=None, device="cpu"):
+def torch_steps(model, vocab, steps, shape=None, device="cpu", autocast=None):
     """Seconds of each of `steps` PyTorch steps; `shape` = (prompt, privileged, group, new),
     default the module's; on a CUDA `device` each step ends with a synchronize. AdamW takes
-    the parameters that need gradients (all of them, or the adapters under PEFT)."""
+    the parameters that need gradients (all of them, or the adapters under PEFT). `autocast`
+    (a torch dtype) runs the forward passes under `torch.autocast` in it, the mixed precision
+    of an f32 model; the loss is taken on f32 logits."""
+    import contextlib
+
     import torch
+
+    def mixed():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=autocast)
 
     prompt, privileged, group, new = shape or (PROMPT, PRIVILEGED, GROUP, NEW)
     model.train()
@@ -100,14 +109,15 @@ def torch_steps(model, vocab, steps, shape=None, device="cpu"):
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), mixed():
             out = model.generate(student, attention_mask=torch.ones_like(student), do_sample=True,
                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
                                  min_new_tokens=new, pad_token_id=0)
             response = out[:, prompt:]
             t_logits = model(torch.cat([teacher, response], 1)).logits[:, prompt + privileged - 1:-1]
-        s_logits = model(torch.cat([student, response], 1)).logits[:, prompt - 1:-1]
-        loss = generalized_jsd(s_logits, t_logits)
+        with mixed():
+            s_logits = model(torch.cat([student, response], 1)).logits[:, prompt - 1:-1]
+        loss = generalized_jsd(s_logits.float(), t_logits.float())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -24,10 +24,16 @@
 //!
 //! `cargo run --release -p omniopsd-benches --example train_step -- (--model DIR | --random
 //! CONFIG) [--steps 4] [--prompt 64] [--privileged 64] [--group 4] [--new 32] [--lora R]
-//! [--episodes 1] [--micro-batch 1] [--checkpointing none|balanced]`
+//! [--episodes 1] [--micro-batch 1] [--checkpointing none|balanced]
+//! [--precision native|bf16-mixed]`
 //!
 //! `--checkpointing balanced` runs on `Autodiff<_, BalancedCheckpointing>`: Burn recomputes
 //! memory-bound operations in the backward pass instead of keeping their outputs.
+//!
+//! `--precision bf16-mixed` is the trainer's `precision = "bf16-mixed"`: f32 master weights
+//! (`omniopsd_benches::BenchMaster`, `Cuda<f32>` on CUDA) with every projection's products in
+//! bf16; the default, `native`, runs in the benchmark backend's own float type (bf16 on
+//! CUDA, f32 on the CPU). NdArray has no bf16: use Flex or CUDA.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +55,8 @@ use serde_json::json;
 
 type Plain = Autodiff<omniopsd_benches::Bench>;
 type Balanced = Autodiff<omniopsd_benches::Bench, BalancedCheckpointing>;
+type MixedPlain = Autodiff<omniopsd_benches::BenchMaster>;
+type MixedBalanced = Autodiff<omniopsd_benches::BenchMaster, BalancedCheckpointing>;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
@@ -65,6 +73,7 @@ struct Args {
     episodes: usize,
     micro_batch: usize,
     checkpointing: bool,
+    mixed: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
         episodes: 1,
         micro_batch: 1,
         checkpointing: false,
+        mixed: false,
     };
     for (flag, value) in flag_values()? {
         match flag.as_str() {
@@ -100,6 +110,13 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--checkpointing: none or balanced, not {other}")),
                 }
             }
+            "--precision" => {
+                args.mixed = match value.as_str() {
+                    "native" => false,
+                    "bf16-mixed" => true,
+                    other => return Err(format!("--precision: native or bf16-mixed, not {other}")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -116,9 +133,18 @@ fn ids(start: usize, len: usize, vocab: usize) -> Vec<u32> {
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
-    match args.checkpointing {
-        false => bench::<Plain>(args),
-        true => bench::<Balanced>(args),
+    if args.mixed && !cfg!(any(feature = "flex", feature = "cuda")) {
+        return Err(
+            "--precision bf16-mixed needs bf16 tensors: build with --features flex or \
+                    cuda (NdArray has none)"
+                .into(),
+        );
+    }
+    match (args.checkpointing, args.mixed) {
+        (false, false) => bench::<Plain>(args),
+        (true, false) => bench::<Balanced>(args),
+        (false, true) => bench::<MixedPlain>(args),
+        (true, true) => bench::<MixedBalanced>(args),
     }
 }
 
@@ -141,6 +167,10 @@ fn bench<B: AutodiffBackend>(args: Args) -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&dir);
             model.map_err(|e| format!("{}: {e}", config.display()))?
         }
+    };
+    let model = match args.mixed {
+        true => model.with_compute(Some(burn::tensor::FloatDType::BF16)),
+        false => model,
     };
     let model = match args.lora {
         0 => model,
@@ -224,6 +254,7 @@ fn bench<B: AutodiffBackend>(args: Args) -> Result<(), String> {
             "episodes": args.episodes,
             "micro_batch": args.micro_batch,
             "checkpointing": if args.checkpointing { "balanced" } else { "none" },
+            "precision": if args.mixed { "bf16-mixed" } else { "native" },
             "tokens_per_second": tokens as f64 / median,
             "model_flops_per_second": e * flops.total() / median,
             "step_flops": {

@@ -19,6 +19,11 @@ builds the binaries here and calls this there.
    card use above its idle level while `train_step` ran (sampled every 0.2 s: the allocator's
    hold, since Burn's CUDA pool keeps what it frees).
 
+`--precision bf16-mixed` runs both sides in mixed precision instead of pure bf16: f32 master
+weights (the bf16 checkpoint upcast), products in bf16 (PyTorch: `torch.autocast`; ours:
+`train_step --precision bf16-mixed`, Burn's `Cuda<f32>` with the projections computing in
+bf16), AdamW in f32.
+
 `--lora R` runs the LoRA step instead of the full one: rank-R adapters (alpha 2R) on all seven
 projections, base frozen, AdamW on the adapters; PyTorch's side through PEFT. `--config` takes
 the model shapes (`qwen2.5-omni-3b.json`, `qwen2.5-omni-7b.json`: the Qwen2.5-Omni thinkers'
@@ -183,10 +188,11 @@ def markdown(result, steps):
     flops = ours["step_flops"]["total"] if "step_flops" in ours else None
     if flops is not None:
         o = statistics.median(ours["step_seconds"][1:])
-        rows.append(("ours (Burn CUDA, bf16)", tokens / o, flops / o))
+        rows.append((f"ours (Burn CUDA, {result.get('precision', 'bf16')})", tokens / o, flops / o))
     if "torch_step_seconds" in result:
         t = statistics.median(result["torch_step_seconds"][1:])
-        rows.append((f"PyTorch {result.get('torch')} eager (bf16)", tokens / t,
+        rows.append((f"PyTorch {result.get('torch')} eager ({result.get('precision', 'bf16')})",
+                     tokens / t,
                      None if flops is None else flops / t))
     what = f"LoRA r={result['lora']} (base frozen)" if result.get("lora") else "full fine-tune"
     md = [f"OPSD train step ({what}) on {result['card']}; {result['model']}, G={shape['group']} x "
@@ -239,6 +245,8 @@ def main():
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--lora", type=int, default=0, help="adapter rank (0: full fine-tune)")
+    parser.add_argument("--precision", choices=("bf16", "bf16-mixed"), default="bf16",
+                        help="pure bf16, or f32 master weights with bf16 products")
     parser.add_argument("--skip-peak", action="store_true", help="leave out the matmul peaks")
     parser.add_argument("--burn-peak-limit", type=float, default=120,
                         help="seconds for Burn's matmul peak (its kernels are tuned on first use)")
@@ -249,7 +257,8 @@ def main():
     args.steps = max(1, args.steps)
     shape = (args.prompt, args.privileged, args.group, args.new)
     result = {"card": card(), "model": os.path.basename(args.config),
-              "shape": dict(zip(("prompt", "privileged", "group", "new"), shape)), "lora": args.lora}
+              "shape": dict(zip(("prompt", "privileged", "group", "new"), shape)), "lora": args.lora,
+              "precision": args.precision}
     print("card:", result["card"], flush=True)
 
     try:
@@ -289,12 +298,14 @@ def main():
                       torch.bfloat16)
         result["build_seconds"] = time.perf_counter() - start
         weights = ["--model", work]
-        model = model.to("cuda", dtype=torch.bfloat16)
+        mixed = args.precision == "bf16-mixed"
+        model = model.to("cuda", dtype=torch.float32 if mixed else torch.bfloat16)
         if args.lora:
             model = with_lora(model, args.lora)
         torch.cuda.reset_peak_memory_stats()
         result["torch_step_seconds"] = torch_steps(model, config["vocab_size"], args.steps + 1,
-                                                   shape, "cuda")
+                                                   shape, "cuda",
+                                                   torch.bfloat16 if mixed else None)
         result["torch_peak_allocated"] = torch.cuda.max_memory_allocated()
         result["torch_peak_reserved"] = torch.cuda.max_memory_reserved()
     except Exception as e:  # the Rust side still runs, on its own weights if need be
@@ -310,7 +321,9 @@ def main():
         result["ours"] = run([os.path.join(args.bin, "train_step"), *weights,
                               "--steps", str(args.steps + 1), "--prompt", str(args.prompt),
                               "--privileged", str(args.privileged), "--group", str(args.group),
-                              "--new", str(args.new), "--lora", str(args.lora)], 380)[0]
+                              "--new", str(args.new), "--lora", str(args.lora),
+                              "--precision", "bf16-mixed" if args.precision == "bf16-mixed"
+                              else "native"], 380)[0]
     result["ours"]["peak_memory_bytes"] = watch.bytes()
     print("ours:", result["ours"], flush=True)
     save(result, args.out)

@@ -42,15 +42,17 @@ run)
     ;;
 suite)
     # One device call of under 10 minutes: the 0.5B full step with the matmul peaks, then the
-    # LoRA r=64 step at the Qwen2.5-Omni-3B thinker's shapes (MFU against the first run's
-    # peak); each writes its own folder under OUT_DIR. The 7B LoRA step takes a call of its
-    # own:  bash benches/gpu/run.sh run OUT --config benches/gpu/qwen2.5-omni-7b.json --lora 64
+    # LoRA r=64 bf16-mixed step at the Qwen2.5-Omni-3B thinker's shapes (MFU against the first
+    # run's peak); each writes its own folder under OUT_DIR. The 7B LoRA step takes a call of
+    # its own:  bash benches/gpu/run.sh run OUT --config benches/gpu/qwen2.5-omni-7b.json \
+    #   --lora 64 --precision bf16-mixed
     out="${2:-.gpu/out}"
     bash "$0" run "$out/full" --steps 2 --budget "${FULL_BUDGET:-250}" --burn-peak-limit 60 || true
     peak=$("${OMNIOPSD_PYTHON:-python3}" -c 'import json, sys
 print(json.load(open(sys.argv[1]))["torch_peak"].get("tflops", ""))' "$out/full/gpu.json" 2>/dev/null || true)
     bash "$0" run "$out/lora3b" --config benches/gpu/qwen2.5-omni-3b.json --lora 64 --steps 2 \
-        --skip-peak ${peak:+--peak-tflops "$peak"} --budget "${LORA_BUDGET:-290}"
+        --precision bf16-mixed --skip-peak ${peak:+--peak-tflops "$peak"} \
+        --budget "${LORA_BUDGET:-290}"
     ;;
 *)
     echo "usage: bash benches/gpu/run.sh build | run [OUT_DIR [GPU.PY FLAGS]] | suite [OUT_DIR]" >&2

@@ -34,6 +34,17 @@ pub type Bench = burn::backend::Flex<f32>;
 #[cfg(not(any(feature = "flex", feature = "cuda")))]
 pub type Bench = Cpu;
 
+/// The backend of mixed-precision runs (`train_step --precision bf16-mixed`): f32 master
+/// weights, products in bf16 by the models' compute type. On CUDA that is `Cuda<f32>`; the
+/// CPU backends are f32 already.
+#[cfg(feature = "cuda")]
+pub type BenchMaster = burn::backend::Cuda<f32>;
+/// The backend of mixed-precision runs (`train_step --precision bf16-mixed`): f32 master
+/// weights, products in bf16 by the models' compute type. On CUDA that is `Cuda<f32>`; the
+/// CPU backends are f32 already.
+#[cfg(not(feature = "cuda"))]
+pub type BenchMaster = Bench;
+
 /// Wraps the system allocator, tracking live bytes and their high-water mark.
 pub struct CountingAllocator {
     live: AtomicUsize,
