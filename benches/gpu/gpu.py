@@ -281,7 +281,7 @@ def main():
     if not args.skip_peak:
         result["burn_peak"] = run([os.path.join(args.bin, "peak"), "--sizes", "4096,8192",
                                    "--repeats", "20"], args.burn_peak_limit)
-    print("burn peak:", result["burn_peak"], flush=True)
+        print("burn peak:", result["burn_peak"], flush=True)
     save(result, args.out)
 
     config = json.load(open(args.config))
