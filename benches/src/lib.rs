@@ -7,6 +7,7 @@
 
 pub mod flops;
 pub mod init;
+pub mod plan;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 mod config;
 mod lora;
+pub mod memory;
 mod model;
 mod policy;
 
