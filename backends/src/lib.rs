@@ -161,6 +161,40 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Bytes a training could use on `device` now: the kernel's `MemAvailable` for the CPU
+/// devices (Linux), the driver's free memory for a CUDA device. `None` where it cannot be
+/// known (another OS, no driver, no such GPU); the caller then asks the user to say.
+pub fn device_memory(device: DeviceSpec) -> Option<u64> {
+    match device {
+        DeviceSpec::NdArray | DeviceSpec::Flex => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            meminfo_available(&meminfo)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            let count = cudarc::driver::CudaContext::device_count().ok()?;
+            if i >= count.max(0) as usize {
+                return None;
+            }
+            let ctx = cudarc::driver::CudaContext::new(i).ok()?;
+            ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => None,
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn meminfo_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
 /// The families compiled into this build, for `--help` texts and reports.
 pub fn compiled_families() -> Vec<Family> {
     [Family::NdArray, Family::Flex, Family::Cuda]
@@ -202,6 +236,14 @@ pub fn keep_freed_memory() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn meminfo_available_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  1 kB\nMemAvailable:   22000000 kB\n";
+        assert_eq!(super::meminfo_available(text), Some(22_000_000 * 1024));
+        assert_eq!(super::meminfo_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(super::meminfo_available("MemAvailable: x kB\n"), None);
+    }
+
     use super::*;
 
     #[test]

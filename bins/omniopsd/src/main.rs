@@ -36,6 +36,9 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Merge a LoRA adapter into its base model and write the result as a plain checkpoint.
     Export(export::ExportArgs),
+    /// The memory one OPSD update of a config needs (weights, gradients, AdamW, teacher,
+    /// activations, loss, rollout), against the device's memory; exit 1 when it does not fit.
+    Plan(train::plan::PlanArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => infer::run_generate(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Plan(args) => train::plan::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

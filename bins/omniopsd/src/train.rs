@@ -25,6 +25,7 @@ pub mod config;
 pub mod eval;
 pub mod outputs;
 pub mod phase;
+pub mod plan;
 pub mod plot;
 pub mod progress;
 pub mod prompt;
@@ -82,6 +83,14 @@ pub struct Args {
     /// cuda need the build's `--features flex` / `--features cuda`).
     #[arg(long, conflicts_with = "resume")]
     pub device: Option<String>,
+    /// The device's usable memory in GiB for the memory plan's check, instead of what the
+    /// device reports (free GPU memory, or the CPU's available memory).
+    #[arg(long, value_name = "GIB")]
+    pub device_memory: Option<f64>,
+    /// Train even when the memory plan (`omniopsd plan`) exceeds the device's memory; the
+    /// table is then printed as a warning.
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 /// Runs `omniopsd train`.
@@ -175,6 +184,10 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
     let device: DeviceSpec = cfg.device.parse().map_err(|e| anyhow!("`device`: {e}"))?;
+    let memory = plan::MemoryCheck {
+        limit: plan::gib_to_bytes(args.device_memory)?,
+        enforce: !args.no_memory_check,
+    };
     if !out.quiet {
         eprintln!("run directory: {}", run.root.display());
     }
@@ -183,11 +196,13 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
         ($inner:ty, $device:expr) => {
             match cfg.activation_checkpointing {
                 ActivationCheckpointing::None => {
-                    run::train::<Autodiff<$inner>>(cfg, run, $device, out, stop)?
+                    run::train::<Autodiff<$inner>>(cfg, run, $device, out, memory, stop)?
                 }
-                ActivationCheckpointing::Balanced => run::train::<
-                    Autodiff<$inner, BalancedCheckpointing>,
-                >(cfg, run, $device, out, stop)?,
+                ActivationCheckpointing::Balanced => {
+                    run::train::<Autodiff<$inner, BalancedCheckpointing>>(
+                        cfg, run, $device, out, memory, stop,
+                    )?
+                }
             }
         };
     }

@@ -18,7 +18,7 @@ mod model;
 
 pub use config::ThinkerConfig;
 pub use layout::{audio_tokens, expand_prompt, rope_index, Media, Positions};
-pub use model::{load_decoder, EncodedMedia, MediaInput, ModelError, Thinker};
+pub use model::{decoder_config, load_decoder, EncodedMedia, MediaInput, ModelError, Thinker};
 
 /// Errors from laying out a multimodal prompt.
 #[derive(Debug, thiserror::Error)]

@@ -143,6 +143,20 @@ pub fn load_decoder<B: Backend>(
     load_text_decoder(&weights, &config, &thinker, device)
 }
 
+/// The config of the text decoder [`load_decoder`] would load, read without any weight (for
+/// memory plans): a `Qwen2ForCausalLM`'s root config, or the thinker's `text_config` with the
+/// thinker's own `tie_word_embeddings`.
+pub fn decoder_config(ckpt: &Checkpoint) -> Result<Qwen2Config, ModelError> {
+    if !ckpt.layout().is_multimodal() {
+        return Ok(Qwen2Config::from_config(&ckpt.model_config())?);
+    }
+    let (_, config) = thinker_level(ckpt)?;
+    let thinker = read_thinker_config(&config)?;
+    let mut text = Qwen2Config::from_config(&config.get("text_config")?)?;
+    text.tie_word_embeddings = thinker.tie_word_embeddings;
+    Ok(text)
+}
+
 impl<B: Backend> Thinker<B> {
     /// Loads a Qwen2.5-Omni checkpoint, full-model layout (`thinker.*`, talker and token2wav
     /// ignored) or a bare thinker.

@@ -73,6 +73,7 @@ pub fn train<B: AutodiffBackend>(
     run: &RunDir,
     device: &B::Device,
     out: Output,
+    memory: super::plan::MemoryCheck,
     stop: Arc<AtomicBool>,
 ) -> Result<Report> {
     let started = Instant::now();
@@ -115,6 +116,21 @@ pub fn train<B: AutodiffBackend>(
         Some(k) => heldout.into_iter().take(k).collect(),
         None => heldout,
     };
+    // The memory plan with the longest prompts of the run, before the decoder is loaded.
+    let prompt = samples
+        .iter()
+        .map(|s| s.student.ids.len())
+        .max()
+        .unwrap_or(0);
+    let privileged = samples
+        .iter()
+        .flat_map(|s| [s.rationale.as_ref(), Some(&s.label)].into_iter().flatten())
+        .map(|t| t.ids.len())
+        .max()
+        .unwrap_or(0)
+        .saturating_sub(prompt);
+    let decoder = omniopsd_thinker::decoder_config(&ckpt)?;
+    super::plan::check_before_loading(cfg, &decoder, prompt, privileged, memory, out.quiet)?;
     let base_model =
         omniopsd_thinker::load_decoder::<B>(&ckpt, device)?.with_compute(cfg.precision.compute());
     let (warm, mut results) = warmup::<B>(&ctx, base_model, &train, &heldout, device)?;

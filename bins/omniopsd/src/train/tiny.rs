@@ -274,6 +274,12 @@ fn thinker_config(cfg: &ModelConfig, vocab: usize, user_token: u32) -> serde_jso
     })
 }
 
+/// The embedded model's decoder config from `[model]` (for memory plans).
+pub fn decoder_config(cfg: &ModelConfig) -> Result<Qwen2Config> {
+    serde_json::from_value(text_config(cfg, cfg.vocab_size))
+        .context("the embedded model's text_config")
+}
+
 /// Checks `[model]` for the embedded model: its decoder config through the decoder's own
 /// `validate` (errors name the `model.*` key), plus what only the embedded model needs.
 pub fn check(cfg: &ModelConfig) -> Result<()> {
