@@ -135,6 +135,22 @@ impl FromStr for DeviceSpec {
     /// Parses `cpu` (ndarray, or flex when ndarray is not compiled in), `ndarray`, `flex`,
     /// `cuda` (= `cuda:0`) and `cuda:N`, case-insensitively.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let spec = Self::parse_name(name)?;
+        let family = spec.family();
+        if !family.compiled() {
+            return Err(DeviceError::NotCompiled {
+                name: name.to_string(),
+                feature: family.feature(),
+            });
+        }
+        Ok(spec)
+    }
+}
+
+impl DeviceSpec {
+    /// The device a name means, whether or not this build contains its backend (for plans
+    /// made on one machine for another); [`FromStr`] also checks that it is compiled in.
+    pub fn parse_name(name: &str) -> Result<Self, DeviceError> {
         let lower = name.trim().to_ascii_lowercase();
         let spec = match lower.as_str() {
             "cpu" if !Family::NdArray.compiled() && Family::Flex.compiled() => DeviceSpec::Flex,
@@ -150,13 +166,6 @@ impl FromStr for DeviceSpec {
                 None => return Err(DeviceError::Unknown(name.to_string())),
             },
         };
-        let family = spec.family();
-        if !family.compiled() {
-            return Err(DeviceError::NotCompiled {
-                name: name.to_string(),
-                feature: family.feature(),
-            });
-        }
         Ok(spec)
     }
 }

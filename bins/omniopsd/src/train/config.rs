@@ -1003,9 +1003,18 @@ impl TrainConfig {
 
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Self> {
+        let cfg = Self::read(path)?;
+        cfg.validate()
+            .with_context(|| format!("config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML file without [`Self::validate`] (for a caller that changes
+    /// keys first and validates after).
+    pub fn read(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string())
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
     /// The warm-up's configuration: `[warmup]`'s budget and peak rate, with OPSD's schedule
@@ -1043,6 +1052,32 @@ impl TrainConfig {
     /// Checks ranges the types cannot express; names the offending key. `[opsd]` and
     /// `[model]` are checked by the core's and the decoder's own `validate`.
     pub fn validate(&self) -> Result<()> {
+        self.validate_knobs()?;
+        let device = self
+            .device
+            .parse::<omniopsd_backends::DeviceSpec>()
+            .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
+        self.check_precision(device)
+    }
+
+    /// Whether `device` computes in the configured precision.
+    pub fn check_precision(&self, device: omniopsd_backends::DeviceSpec) -> Result<()> {
+        if self.precision != Precision::F32 && device == omniopsd_backends::DeviceSpec::NdArray {
+            bail!(
+                "precision: \"{}\" needs a backend with half-precision tensors, and device \
+                 \"{}\" (Burn's NdArray) has none; use device \"flex\" (a build with \
+                 --features flex) or \"cuda\"",
+                self.precision.name(),
+                self.device
+            );
+        }
+        Ok(())
+    }
+
+    /// Every check of [`Self::validate`] but the device's: whether this build has it, and
+    /// whether it computes in the configured precision (`omniopsd plan` plans for devices
+    /// this build may not have).
+    pub fn validate_knobs(&self) -> Result<()> {
         fn need(ok: bool, key: &str, what: &str) -> Result<()> {
             if ok {
                 Ok(())
@@ -1063,19 +1098,6 @@ impl TrainConfig {
         )?;
         need(!self.seeds.is_empty(), "seeds", "a non-empty list")?;
         need(!self.methods.is_empty(), "methods", "a non-empty list")?;
-        let device = self
-            .device
-            .parse::<omniopsd_backends::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
-        if self.precision != Precision::F32 && device == omniopsd_backends::DeviceSpec::NdArray {
-            bail!(
-                "precision: \"{}\" needs a backend with half-precision tensors, and device \
-                 \"{}\" (Burn's NdArray) has none; use device \"flex\" (a build with \
-                 --features flex) or \"cuda\"",
-                self.precision.name(),
-                self.device
-            );
-        }
         need(self.data.synth_n >= 10, "data.synth_n", ">= 10")?;
         need(
             self.data.max_audio_seconds > 0.0,

@@ -53,15 +53,21 @@ pub struct MemoryCheck {
 /// Runs `omniopsd plan`: prints the plan; exit 1 when it does not fit.
 pub fn run(args: PlanArgs) -> Result<()> {
     let mut cfg = match &args.config {
-        Some(path) => TrainConfig::load(path)?,
+        Some(path) => TrainConfig::read(path)?,
         None => TrainConfig::default(),
     };
     if let Some(device) = &args.device {
         cfg.device = device.clone();
     }
-    cfg.validate().context("config")?;
-    let device: DeviceSpec = cfg.device.parse().map_err(|e| anyhow!("`device`: {e}"))?;
-    let limit = memory_limit(device, gib_to_bytes(args.device_memory)?);
+    // A plan may be made for a device this build does not have (a GPU run planned on a
+    // laptop): the device's name and its precision are checked, not its backend.
+    cfg.validate_knobs().context("config")?;
+    let device = DeviceSpec::parse_name(&cfg.device).map_err(|e| anyhow!("`device`: {e}"))?;
+    cfg.check_precision(device).context("config")?;
+    let limit = match device.family().compiled() {
+        true => memory_limit(device, gib_to_bytes(args.device_memory)?),
+        false => gib_to_bytes(args.device_memory)?,
+    };
     let decoder = decoder_config(&cfg)?;
     let shape = step_shape(&cfg, args.prompt_tokens, args.privileged_tokens);
     let plan = decoder.memory_plan(&shape);
@@ -141,13 +147,43 @@ pub fn check_before_loading(
 /// model's from `[model]`.
 pub fn decoder_config(cfg: &TrainConfig) -> Result<Qwen2Config> {
     match &cfg.model.dir {
-        Some(dir) => {
-            let ckpt = Checkpoint::open(dir)?;
-            Ok(omniopsd_thinker::decoder_config(&ckpt)
-                .with_context(|| format!("{}: the text decoder's config", dir.display()))?)
-        }
+        Some(dir) => match Checkpoint::open(dir) {
+            Ok(ckpt) => Ok(omniopsd_thinker::decoder_config(&ckpt)
+                .with_context(|| format!("{}: the text decoder's config", dir.display()))?),
+            // A plan needs no weights: a directory with only `config.json` (a model not yet
+            // downloaded) is planned from it.
+            Err(_) if dir.join("config.json").is_file() => config_only(&dir.join("config.json")),
+            Err(e) => Err(e.into()),
+        },
         None => super::tiny::decoder_config(&cfg.model),
     }
+}
+
+/// The text decoder's config from a `config.json` alone: a Qwen2.5-Omni config's thinker
+/// `text_config` (with the thinker's `tie_word_embeddings`), or a `Qwen2ForCausalLM`'s root.
+fn config_only(path: &std::path::Path) -> Result<Qwen2Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let thinker = json.get("thinker_config").unwrap_or(&json);
+    let mut decoder: Qwen2Config = match thinker.get("text_config") {
+        Some(t) => serde_json::from_value(t.clone())
+            .with_context(|| format!("{}: text_config", path.display()))?,
+        None => {
+            serde_json::from_value(json.clone()).with_context(|| format!("{}", path.display()))?
+        }
+    };
+    if thinker.get("text_config").is_some() {
+        decoder.tie_word_embeddings = thinker
+            .get("tie_word_embeddings")
+            .and_then(|t| t.as_bool())
+            .unwrap_or(false);
+    }
+    decoder
+        .validate()
+        .map_err(|(key, problem)| anyhow!("{}: {key}: {problem}", path.display()))?;
+    Ok(decoder)
 }
 
 /// One OPSD update of `cfg` with prompts of `prompt` tokens and `privileged` more for the
