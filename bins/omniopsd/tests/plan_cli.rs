@@ -153,3 +153,40 @@ fn train_stops_before_loading_when_the_plan_does_not_fit_and_leaves_nothing() {
     ok(&out);
     assert!(dir.path().join("runs/toobig/report.md").exists());
 }
+
+#[test]
+fn a_gpu_run_is_planned_from_a_config_json_alone_on_a_build_without_cuda() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("omni");
+    fs::create_dir(&model).unwrap();
+    // A Qwen2.5-Omni config whose weights are not here: its thinker's text_config is planned.
+    let config: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(Path::new(&reference("omni_full_untied")).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let toml = dir.path().join("gpu.toml");
+    fs::write(
+        &toml,
+        format!(
+            "device = \"cuda:0\"\nprecision = \"bf16-mixed\"\n[model]\ndir = \"{}\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let toml = toml.display().to_string();
+    let out = plan(&["--config", &toml, "--device-memory", "80"], dir.path());
+    ok(&out);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("on cuda:0"), "{stdout}");
+    assert!(stdout.contains("precision bf16-mixed"), "{stdout}");
+    let text_config = &config["thinker_config"]["text_config"];
+    assert!(
+        stdout.contains(&format!("hidden {},", text_config["hidden_size"])),
+        "{stdout}"
+    );
+    // Without --device-memory the memory of a device this build lacks is unknown: no verdict.
+    let out = plan(&["--config", &toml], dir.path());
+    ok(&out);
+    assert!(text(&out.stdout).contains("give --device-memory GIB"));
+}
