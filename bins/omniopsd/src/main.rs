@@ -36,6 +36,9 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Merge a LoRA adapter into its base model and write the result as a plain checkpoint.
     Export(export::ExportArgs),
+    /// The global orchestrator of a multi-node data-parallel run (burn-collective's): start
+    /// it once, then `train` on every node with a [cluster] table naming it.
+    Orchestrator(train::OrchestratorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => infer::run_generate(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Orchestrator(args) => train::run_orchestrator(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
