@@ -20,7 +20,7 @@
 //!
 //! [`SingleDevice`] is the one-device sync (every sum is the value itself); a trainer's plain
 //! `step` is `step_shard` with it, bit for bit the same. With the `collective` feature (which
-//! needs `std`), [`Collective`] is the sync over Burn's `burn-collective` all-reduce: one
+//! needs `std`), `Collective` is the sync over Burn's `burn-collective` all-reduce: one
 //! registered peer per device, in one process or, through its global orchestrator, across
 //! machines.
 

@@ -9,6 +9,10 @@
 //! counter-based sampler, and model, optimizer and teacher are saved at full precision, so a
 //! resumed phase reaches bit-identical weights.
 //!
+//! With several devices the driver is device 0's thread: it also starts one worker per other
+//! device ([`super::parallel`]), each with its own stepper, and hands each its share of every
+//! update; everything above stays the driver's alone.
+//!
 //! Every phase checkpoints into `checkpoints/{phase}/` and marks completion with
 //! `results/{phase}.json`, so `--resume` skips finished phases.
 
