@@ -221,6 +221,14 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
     let specs = cfg.device.specs()?;
+    if cfg.cluster.is_some() {
+        // Before burn-collective's websocket server installs its own (every transfer at INFO,
+        // on stdout, where `--json-logs` writes metric lines).
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if !out.quiet {
         eprintln!("run directory: {}", run.root.display());
         if let Some(c) = &cfg.cluster {
@@ -250,15 +258,17 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
             }
         };
     }
-    let n = specs.len();
     let report = match specs[0] {
         #[cfg(feature = "ndarray")]
         DeviceSpec::NdArray => train_on!(
             omniopsd_backends::NdArrayCpu,
-            vec![omniopsd_backends::NdArrayDevice::Cpu; n]
+            vec![omniopsd_backends::NdArrayDevice::Cpu; specs.len()]
         ),
         #[cfg(feature = "flex")]
-        DeviceSpec::Flex => train_on!(omniopsd_backends::FlexCpu, vec![Default::default(); n]),
+        DeviceSpec::Flex => train_on!(
+            omniopsd_backends::FlexCpu,
+            vec![Default::default(); specs.len()]
+        ),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(_) => train_on!(
             omniopsd_backends::CudaGpu,

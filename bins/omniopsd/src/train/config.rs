@@ -1263,7 +1263,7 @@ impl TrainConfig {
         let shares = devices.len().saturating_mul(nodes);
         if shares > 1 {
             let per_update = o.batch_size.saturating_mul(o.grad_accumulation);
-            if per_update % shares != 0 {
+            if !per_update.is_multiple_of(shares) {
                 bail!(
                     "opsd.batch_size × opsd.grad_accumulation: the {per_update} prompts of an \
                      update must split evenly over the {shares} devices{}",
@@ -1274,7 +1274,7 @@ impl TrainConfig {
                     }
                 );
             }
-            if self.warmup.steps > 0 && self.warmup.batch_size % shares != 0 {
+            if self.warmup.steps > 0 && !self.warmup.batch_size.is_multiple_of(shares) {
                 bail!(
                     "warmup.batch_size: the {} examples of a warm-up update must split evenly \
                      over the {shares} devices{}",
