@@ -127,6 +127,108 @@ pub enum DeviceError {
         /// The cargo feature to enable.
         feature: &'static str,
     },
+    /// The devices of one run on different backends.
+    #[error("the devices of one run must share a backend, found `{first}` and `{other}`")]
+    Mixed {
+        /// The first device.
+        first: DeviceSpec,
+        /// One on another backend.
+        other: DeviceSpec,
+    },
+    /// A GPU listed twice.
+    #[error("device `{0}` is listed twice (list each GPU once)")]
+    Duplicate(DeviceSpec),
+    /// A CUDA ordinal this machine does not have.
+    #[error(
+        "device `{device}` does not exist: this machine has {available} CUDA device(s){}",
+        if *.available == 0 { String::new() } else { format!(", cuda:0 to cuda:{}", .available - 1) }
+    )]
+    NoSuchGpu {
+        /// The device asked for.
+        device: DeviceSpec,
+        /// CUDA devices present.
+        available: usize,
+    },
+    /// More CPU devices than cores.
+    #[error(
+        "{asked} CPU devices asked for, this machine has {available} core(s): a CPU device of \
+         a data-parallel run is one thread holding a replica of the model, at most one per core"
+    )]
+    TooManyCpuDevices {
+        /// Devices listed.
+        asked: usize,
+        /// Cores available to this process.
+        available: usize,
+    },
+}
+
+/// How many devices of `family` a run can use on this machine: the CUDA devices the driver
+/// reports (0 without a driver or GPU), or for the CPU backends the cores available to this
+/// process (`std::thread::available_parallelism`), since a CPU device of a data-parallel run
+/// is one thread holding a replica and more replicas than cores would only take turns.
+pub fn available(family: Family) -> usize {
+    match family {
+        Family::NdArray | Family::Flex => {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+        Family::Cuda => cuda_devices(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_devices() -> usize {
+    use burn::tensor::backend::Backend;
+    // Without a driver the runtime panics while making its client: that is zero devices. The
+    // panic message is not for the user, so the hook is silenced around the probe.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let count = std::panic::catch_unwind(|| CudaGpu::device_count(0)).unwrap_or(0);
+    std::panic::set_hook(hook);
+    count
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices() -> usize {
+    0
+}
+
+/// Checks the devices of one run against each other and against this machine: one backend,
+/// each GPU once and present ([`available`]), no more CPU devices than cores. Call it before
+/// anything is registered or written: burn-collective waits forever for a peer that never
+/// comes.
+pub fn check_devices(devices: &[DeviceSpec]) -> Result<(), DeviceError> {
+    let Some(&first) = devices.first() else {
+        return Ok(());
+    };
+    if let Some(&other) = devices.iter().find(|d| d.family() != first.family()) {
+        return Err(DeviceError::Mixed { first, other });
+    }
+    match first.family() {
+        Family::Cuda => {
+            for (i, d) in devices.iter().enumerate() {
+                if devices[..i].contains(d) {
+                    return Err(DeviceError::Duplicate(*d));
+                }
+            }
+            let available = available(Family::Cuda);
+            if let Some(&device) = devices
+                .iter()
+                .find(|d| matches!(d, DeviceSpec::Cuda(i) if *i >= available))
+            {
+                return Err(DeviceError::NoSuchGpu { device, available });
+            }
+        }
+        family => {
+            let available = available(family);
+            if devices.len() > available {
+                return Err(DeviceError::TooManyCpuDevices {
+                    asked: devices.len(),
+                    available,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 impl FromStr for DeviceSpec {
@@ -283,6 +385,40 @@ mod tests {
             "cuda:x".parse::<DeviceSpec>(),
             Err(DeviceError::BadOrdinal("cuda:x".into()))
         );
+    }
+
+    #[test]
+    fn device_lists_share_a_backend_and_exist() {
+        let cores = available(Family::NdArray);
+        assert_eq!(check_devices(&vec![DeviceSpec::NdArray; cores]), Ok(()));
+        assert_eq!(
+            check_devices(&vec![DeviceSpec::NdArray; cores + 1]),
+            Err(DeviceError::TooManyCpuDevices {
+                asked: cores + 1,
+                available: cores
+            })
+        );
+        assert_eq!(
+            check_devices(&[DeviceSpec::NdArray, DeviceSpec::Cuda(0)]),
+            Err(DeviceError::Mixed {
+                first: DeviceSpec::NdArray,
+                other: DeviceSpec::Cuda(0)
+            })
+        );
+        assert_eq!(
+            check_devices(&[DeviceSpec::Cuda(0), DeviceSpec::Cuda(0)]),
+            Err(DeviceError::Duplicate(DeviceSpec::Cuda(0)))
+        );
+        let gpus = available(Family::Cuda);
+        let err = check_devices(&[DeviceSpec::Cuda(gpus)]).unwrap_err();
+        assert_eq!(
+            err,
+            DeviceError::NoSuchGpu {
+                device: DeviceSpec::Cuda(gpus),
+                available: gpus
+            }
+        );
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
     #[cfg(feature = "ndarray")]

@@ -23,6 +23,9 @@
 //! - [`step`]: one OPSD update: rollout, teacher scoring, student loss, backward, AdamW.
 //! - [`sft`]: supervised fine-tuning on target tokens (the warm-up and the label-SFT
 //!   baseline).
+//! - [`sync`]: data parallelism: the points where the devices of a step agree (the
+//!   [`sync::GradientSync`] trait), one device alone, and with the `collective` feature the
+//!   sync over `burn-collective`.
 //! - [`update`]: what both trainers share: AdamW at a scheduled learning rate, global
 //!   gradient-norm clipping, skipping non-finite updates, resumable optimizer records.
 //! - [`rng`]: the SplitMix64 generator and FNV-1a hash for everything outside the sampler
@@ -46,6 +49,7 @@ pub mod rollout;
 pub mod sampling;
 pub mod sft;
 pub mod step;
+pub mod sync;
 pub mod teacher;
 pub mod update;
 

@@ -34,6 +34,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::fused::lm_logits;
 use crate::model::PolicyModel;
+use crate::sync::{align_gradients, GradientSync, SingleDevice, SyncError};
 use crate::update::{
     AdamWOptimizer, AdamWSettings, ConfigError, LossScaleState, LossScaling, LrSchedule,
     OptimizerRecord, UpdateConfig, Updater,
@@ -164,6 +165,9 @@ pub enum SftError {
         /// What the model returned.
         found: [usize; 3],
     },
+    /// The devices of a data-parallel step could not agree (see [`crate::sync`]).
+    #[error("data parallel: {0}")]
+    Sync(#[from] SyncError),
 }
 
 impl SftError {
@@ -300,7 +304,23 @@ where
     ///
     /// A non-finite loss or gradient norm skips the update and is reported in the metrics;
     /// it is not an error.
+    ///
+    /// This is [`Self::step_shard`] of the whole batch on one device ([`SingleDevice`]).
     pub fn step(&mut self, batch: &[Example<'_, M::Prompt>]) -> Result<SftMetrics, SftError> {
+        self.step_shard(batch, &mut SingleDevice)
+    }
+
+    /// One device's share of a data-parallel [`Self::step`]: `batch` is this device's part of
+    /// the update's examples and `sync` joins it to the devices holding the others (see
+    /// [`crate::sync`]). `N` is the target tokens of every device's share together, so the
+    /// devices' gradient sum is the one-device gradient up to the order of its floating-point
+    /// additions, every device applies that same update, and the loss is the whole batch's.
+    /// Each device's share holds at least one example.
+    pub fn step_shard(
+        &mut self,
+        batch: &[Example<'_, M::Prompt>],
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<SftMetrics, SftError> {
         if batch.is_empty() {
             return Err(SftError::NoExamples);
         }
@@ -313,14 +333,13 @@ where
                 found: "0".into(),
             });
         }
-        let total: usize = batch.iter().map(|e| e.target.len()).sum();
-        if total == 0 {
-            return Err(SftError::EmptyTargets);
-        }
         let head = self.model.lm_head();
         let device = head.device();
         let [vocab, hidden_size] = head.dims();
         drop(head);
+        // A failure is kept until the next sync point, so that every device learns of it
+        // there and none waits for a device that has returned.
+        let mut failure = None;
         for (example, e) in batch.iter().enumerate() {
             if let Some((position, &token)) = e
                 .target
@@ -328,17 +347,32 @@ where
                 .enumerate()
                 .find(|(_, t)| **t as usize >= vocab)
             {
-                return Err(SftError::TokenOutOfRange {
+                failure = Some(SftError::TokenOutOfRange {
                     example,
                     position,
                     token,
                     vocab,
                 });
+                break;
             }
+        }
+        let local: usize = batch.iter().map(|e| e.target.len()).sum();
+        let mut counts = [f64::from(u8::from(failure.is_some())), local as f64];
+        sync.sum(&mut counts)?;
+        let total = counts[1] as usize;
+        if total == 0 {
+            return Err(SftError::EmptyTargets);
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if counts[0] > 0.0 {
+            return Err(SyncError::PeerFailed.into());
         }
         let lr = self.current_lr();
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut loss_sum = 0.0f64;
+        let mut non_finite: Option<f32> = None;
         let mut pending: Option<Tensor<B, 1>> = None;
         for (example, e) in batch.iter().enumerate() {
             if example % micro == 0 {
@@ -356,11 +390,13 @@ where
             let hidden = self.model.response_hidden(e.prompt, target.clone());
             let expected = [1, r, hidden_size];
             if hidden.dims() != expected {
-                return Err(SftError::StudentShape {
+                failure = Some(SftError::StudentShape {
                     example,
                     expected,
                     found: hidden.dims(),
                 });
+                pending = None;
+                break;
             }
             let logits = lm_logits(hidden.reshape([r, hidden_size]), self.model.lm_head());
             let nll = log_softmax(logits, 1)
@@ -371,12 +407,9 @@ where
             let value: f32 = nll.clone().into_scalar().elem();
             loss_sum += f64::from(value);
             if !value.is_finite() {
-                return Ok(SftMetrics {
-                    loss: value,
-                    grad_norm: f32::NAN,
-                    lr,
-                    skipped: true,
-                });
+                non_finite = Some(value);
+                pending = None;
+                break;
             }
             // Times the loss scale (1 without loss scaling), divided out in the update.
             let scale = self.updater.loss_scale();
@@ -390,15 +423,40 @@ where
                 None => nll,
             });
         }
+        let mut sums = [
+            f64::from(u8::from(failure.is_some())),
+            f64::from(u8::from(non_finite.is_some())),
+            loss_sum,
+        ];
+        sync.sum(&mut sums)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if sums[0] > 0.0 {
+            return Err(SyncError::PeerFailed.into());
+        }
+        if sums[1] > 0.0 {
+            return Ok(SftMetrics {
+                // The first non-finite value this device met, or the sum over the devices
+                // (non-finite too) when it met none.
+                loss: non_finite.unwrap_or(sums[2] as f32),
+                grad_norm: f32::NAN,
+                lr,
+                skipped: true,
+            });
+        }
         if let Some(sum) = pending {
             let grads = GradientsParams::from_grads(sum.backward(), &self.model);
             accumulator.accumulate(&self.model, grads);
         }
-        let outcome = self
-            .updater
-            .apply(&mut self.model, accumulator.grads(), &mut self.steps);
+        let mut grads = accumulator.grads();
+        if sync.devices() > 1 {
+            grads = align_gradients::<B, M>(&self.model, grads, sync)?;
+            grads = sync.sum_gradients(grads)?;
+        }
+        let outcome = self.updater.apply(&mut self.model, grads, &mut self.steps);
         Ok(SftMetrics {
-            loss: loss_sum as f32,
+            loss: sums[2] as f32,
             grad_norm: outcome.grad_norm,
             lr: outcome.lr,
             skipped: !outcome.applied,

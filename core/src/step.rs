@@ -3,7 +3,8 @@
 //!
 //! [`OpsdTrainer`] owns the model, the optimizer, the teacher weights and the random stream
 //! position; users drive it with [`OpsdTrainer::step`] from their own loop and checkpoint it
-//! with [`OpsdTrainer::state`] / [`OpsdTrainer::resume`].
+//! with [`OpsdTrainer::state`] / [`OpsdTrainer::resume`]. [`OpsdTrainer::step_shard`] is one
+//! device's share of a data-parallel step ([`crate::sync`]).
 //!
 //! [`OpsdTrainer`] has a runnable example; `core/examples/own_model` is a complete one.
 
@@ -20,6 +21,7 @@ use crate::divergence::{Divergence, LossConfig, LossConfigError, Reduction};
 use crate::fused::{try_fused_distillation_with_head, FusedLossError, ResponseBatch};
 use crate::model::PolicyModel;
 use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutError};
+use crate::sync::{align_gradients, GradientSync, SingleDevice, SyncError};
 use crate::teacher::{self, PrivilegedTemplate, Teacher, TeacherError, TeacherMode, TeacherScores};
 use crate::update::{AdamWOptimizer, ConfigError, UpdateConfig, Updater};
 // The update knobs and helpers live in `update` (shared with the SFT trainer); they keep
@@ -197,10 +199,23 @@ pub enum StepError {
     /// `step` was called with no episodes.
     #[error("step called with no episodes")]
     NoEpisodes,
+    /// `step_shard` was given a share that does not lie inside its step.
+    #[error("shard of {len} episodes from episode {first} does not fit a step of {total}")]
+    Shard {
+        /// Index of the shard's first episode in the step.
+        first: usize,
+        /// Episodes in the shard.
+        len: usize,
+        /// Episodes in the step, over every device.
+        total: usize,
+    },
+    /// The devices of a data-parallel step could not agree (see [`crate::sync`]).
+    #[error("data parallel: {0}")]
+    Sync(#[from] SyncError),
     /// Rolling out an episode failed.
     #[error("episode {episode}: rollout: {source}")]
     Rollout {
-        /// Index in the slice passed to `step`.
+        /// Index in the slice passed to `step` (in the whole step, for `step_shard`).
         episode: usize,
         /// The failure.
         source: RolloutError,
@@ -208,7 +223,7 @@ pub enum StepError {
     /// Scoring an episode with the teacher failed.
     #[error("episode {episode}: teacher: {source}")]
     Scoring {
-        /// Index in the slice passed to `step`.
+        /// Index in the slice passed to `step` (in the whole step, for `step_shard`).
         episode: usize,
         /// The failure.
         source: TeacherError,
@@ -217,7 +232,7 @@ pub enum StepError {
     /// the head's vocabulary, mismatched shapes).
     #[error("episode {episode}: loss: {source}")]
     LossEvaluation {
-        /// Index in the slice passed to `step`.
+        /// Index in the slice passed to `step` (in the whole step, for `step_shard`).
         episode: usize,
         /// The failure.
         source: FusedLossError,
@@ -227,7 +242,7 @@ pub enum StepError {
         "episode {episode}: student response_hidden: expected shape {expected:?}, found {found:?}"
     )]
     StudentShape {
-        /// Index in the slice passed to `step`.
+        /// Index in the slice passed to `step` (in the whole step, for `step_shard`).
         episode: usize,
         /// `[G, R, H]`.
         expected: [usize; 3],
@@ -442,12 +457,12 @@ enum Scores<'p, B: Backend, M> {
     PerMicroBatch(&'p M),
 }
 
-/// The gradients of one update, accumulated over its micro-batches, with its measurements
-/// (`grad_norm` not yet known); `grads` is `None` when a loss was not finite.
-struct Accumulated<B: AutodiffBackend, M: AutodiffModule<B>> {
-    grads: Option<GradientsAccumulator<M>>,
+/// The gradient of one update, accumulated over its micro-batches and summed over the
+/// devices, with its measurements (`grad_norm` not yet known); `grads` is `None` when a loss
+/// was not finite on some device.
+struct Accumulated {
+    grads: Option<GradientsParams>,
     metrics: UpdateMetrics,
-    _backend: core::marker::PhantomData<B>,
 }
 
 impl<B, M> OpsdTrainer<B, M>
@@ -592,30 +607,79 @@ where
     ///
     /// A non-finite loss or gradient norm skips that update (weights, optimizer state and
     /// teacher untouched) and is reported in the metrics; it is not an error.
+    ///
+    /// This is [`Self::step_shard`] of the whole step on one device ([`SingleDevice`]).
     pub fn step(
         &mut self,
         episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
     ) -> Result<StepMetrics, StepError> {
+        self.step_shard(episodes, 0, episodes.len(), &mut SingleDevice)
+    }
+
+    /// One device's share of a data-parallel [`Self::step`]: `episodes` are the step's
+    /// episodes `first .. first + episodes.len()` of `total` over all devices, and `sync`
+    /// joins this device to the others (see [`crate::sync`]), which call it with the other
+    /// shares of the same step at the same time.
+    ///
+    /// Episode `first + i` rolls out on sampler stream `episodes_seen + first + i`, as it
+    /// would in the whole step on one device, and the loss weights use the whole step's
+    /// valid tokens (`Σ T` over every device) or episodes (`total`), so the devices' gradient
+    /// sum is the one-device gradient up to the order of its floating-point additions; every
+    /// device then applies that same update, and the metrics, summed over the devices, are
+    /// the one-device step's. Every device must call this with the same `total` and shares
+    /// that partition the step, each at least one episode; `episodes_seen` advances by
+    /// `total`.
+    pub fn step_shard(
+        &mut self,
+        episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
+        first: usize,
+        total: usize,
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<StepMetrics, StepError> {
         if episodes.is_empty() {
             return Err(StepError::NoEpisodes);
         }
+        if first
+            .checked_add(episodes.len())
+            .is_none_or(|end| end > total)
+        {
+            return Err(StepError::Shard {
+                first,
+                len: episodes.len(),
+                total,
+            });
+        }
         let policy = self.model.valid();
+        // A failure is kept until the next sync point, so that every device learns of it
+        // there and none waits for a device that has returned.
+        let mut failure = None;
         let mut rollouts = Vec::with_capacity(episodes.len());
-        for (episode, ep) in episodes.iter().enumerate() {
-            let ro = rollout(
+        for (i, ep) in episodes.iter().enumerate() {
+            let episode = first + i;
+            match rollout(
                 &policy,
                 &ep.student,
                 &self.config.rollout,
                 self.config.seed,
                 self.episodes_seen + episode as u64,
-            )
-            .map_err(|source| StepError::Rollout { episode, source })?;
-            rollouts.push(ro);
+            ) {
+                Ok(ro) => rollouts.push(ro),
+                Err(source) => {
+                    failure = Some(StepError::Rollout { episode, source });
+                    break;
+                }
+            }
         }
-        let kept = if self.config.updates_per_rollout > 1 {
+        let kept = if self.config.updates_per_rollout > 1 && failure.is_none() {
             let mut kept = Vec::with_capacity(episodes.len());
-            for (episode, (ep, ro)) in episodes.iter().zip(&rollouts).enumerate() {
-                kept.push(self.score(&policy, episode, ep, ro)?);
+            for (i, (ep, ro)) in episodes.iter().zip(&rollouts).enumerate() {
+                match self.score(&policy, first + i, ep, ro) {
+                    Ok(scores) => kept.push(scores),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
             }
             Some(kept)
         } else {
@@ -623,45 +687,59 @@ where
         };
 
         let valid: Vec<usize> = rollouts.iter().map(|r| r.valid_tokens()).collect();
-        let total_valid: usize = valid.iter().sum();
+        let sequences: usize = rollouts.iter().map(|r| r.responses.len()).sum();
+        let stopped: usize = rollouts
+            .iter()
+            .map(|r| r.stopped.iter().filter(|x| **x).count())
+            .sum();
+        // Counts of the whole step: exact in f64 (integers far below 2^53).
+        let mut counts = [
+            f64::from(u8::from(failure.is_some())),
+            valid.iter().sum::<usize>() as f64,
+            sequences as f64,
+            stopped as f64,
+        ];
+        sync.sum(&mut counts)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if counts[0] > 0.0 {
+            return Err(SyncError::PeerFailed.into());
+        }
+        let [_, total_valid, sequences, stopped] = counts.map(|c| c as usize);
         let weights: Vec<f64> = match self.config.loss.reduction {
             Reduction::Token => valid
                 .iter()
                 .map(|v| *v as f64 / total_valid as f64)
                 .collect(),
-            Reduction::Sequence => vec![1.0 / episodes.len() as f64; episodes.len()],
+            Reduction::Sequence => vec![1.0 / total as f64; episodes.len()],
         };
 
         let mut updates = Vec::with_capacity(self.config.updates_per_rollout);
+        let shard = Shard {
+            episodes,
+            first,
+            rollouts: &rollouts,
+            weights: &weights,
+        };
         match kept {
             Some(kept) => {
                 // The sampling weights are no longer needed: dropping them before the updates
                 // lets the optimizer update the parameters in place.
                 drop(policy);
                 for _ in 0..self.config.updates_per_rollout {
-                    let grads =
-                        self.accumulate(episodes, &rollouts, &Scores::Kept(&kept), &weights)?;
+                    let grads = self.accumulate(&shard, &Scores::Kept(&kept), sync)?;
                     updates.push(self.apply(grads)?);
                 }
             }
             None => {
-                let grads = self.accumulate(
-                    episodes,
-                    &rollouts,
-                    &Scores::PerMicroBatch(&policy),
-                    &weights,
-                )?;
+                let grads = self.accumulate(&shard, &Scores::PerMicroBatch(&policy), sync)?;
                 drop(policy);
                 updates.push(self.apply(grads)?);
             }
         }
-        self.episodes_seen += episodes.len() as u64;
+        self.episodes_seen += total as u64;
 
-        let sequences: usize = rollouts.iter().map(|r| r.responses.len()).sum();
-        let stopped: usize = rollouts
-            .iter()
-            .map(|r| r.stopped.iter().filter(|x| **x).count())
-            .sum();
         let first = updates[0];
         Ok(StepMetrics {
             loss: first.loss,
@@ -692,34 +770,44 @@ where
             .map_err(|source| StepError::Scoring { episode, source })
     }
 
-    /// Forward and backward over every micro-batch of one update, gradients accumulated.
+    /// Forward and backward over every micro-batch of one update of this device's shard,
+    /// gradients accumulated; then the metric sums, the non-finite flag and the gradient
+    /// summed over the devices.
     fn accumulate(
         &self,
-        episodes: &[Episode<<M as PolicyModel<B>>::Prompt>],
-        rollouts: &[Rollout<B::InnerBackend>],
+        shard: &Shard<'_, B::InnerBackend, <M as PolicyModel<B>>::Prompt>,
         scores: &Scores<'_, B::InnerBackend, M::InnerModule>,
-        weights: &[f64],
-    ) -> Result<Accumulated<B, M>, StepError> {
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<Accumulated, StepError> {
         let lr = self.current_lr();
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut loss = 0.0f64;
         let (mut divergence, mut entropy, mut clipped, mut tokens) =
             (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         let mut non_finite_loss = false;
+        let mut failure = None;
 
+        let (episodes, rollouts, weights) = (shard.episodes, shard.rollouts, shard.weights);
         let micro = self.config.micro_batch;
         'micro_batches: for start in (0..episodes.len()).step_by(micro) {
             let end = (start + micro).min(episodes.len());
             let mut surrogate: Option<Tensor<B, 1>> = None;
-            for episode in start..end {
-                let (ep, ro, w) = (&episodes[episode], &rollouts[episode], weights[episode]);
+            for i in start..end {
+                let episode = shard.first + i;
+                let (ep, ro, w) = (&episodes[i], &rollouts[i], weights[i]);
                 let scored;
                 let teacher = match scores {
-                    Scores::Kept(all) => &all[episode],
-                    Scores::PerMicroBatch(policy) => {
-                        scored = self.score(policy, episode, ep, ro)?;
-                        &scored
-                    }
+                    Scores::Kept(all) => &all[i],
+                    Scores::PerMicroBatch(policy) => match self.score(policy, episode, ep, ro) {
+                        Ok(s) => {
+                            scored = s;
+                            &scored
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break 'micro_batches;
+                        }
+                    },
                 };
                 let response = Tensor::<B, 2, Int>::from_inner(ro.tokens.clone());
                 let [g, r] = ro.tokens.dims();
@@ -727,18 +815,19 @@ where
                 let head = self.model.lm_head();
                 let expected = [g, r, head.dims()[1]];
                 if hidden.dims() != expected {
-                    return Err(StepError::StudentShape {
+                    failure = Some(StepError::StudentShape {
                         episode,
                         expected,
                         found: hidden.dims(),
                     });
+                    break 'micro_batches;
                 }
                 let batch = ResponseBatch {
                     tokens: ro.tokens.clone(),
                     mask: ro.mask.clone(),
                     behaviour_logp: ro.behaviour_logp.clone(),
                 };
-                let fused = try_fused_distillation_with_head::<B>(
+                let fused = match try_fused_distillation_with_head::<B>(
                     hidden,
                     head,
                     self.model.lm_head_trainable(),
@@ -746,8 +835,13 @@ where
                     &batch,
                     &self.config.loss,
                     self.config.chunk_rows,
-                )
-                .map_err(|source| StepError::LossEvaluation { episode, source })?;
+                ) {
+                    Ok(fused) => fused,
+                    Err(source) => {
+                        failure = Some(StepError::LossEvaluation { episode, source });
+                        break 'micro_batches;
+                    }
+                };
                 let stats = fused.stats;
                 let n = stats.valid_tokens as f64;
                 loss += w * f64::from(stats.loss);
@@ -773,6 +867,23 @@ where
             }
         }
 
+        let mut sums = [
+            f64::from(u8::from(failure.is_some())),
+            f64::from(u8::from(non_finite_loss)),
+            loss,
+            divergence,
+            entropy,
+            clipped,
+            tokens,
+        ];
+        sync.sum(&mut sums)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if sums[0] > 0.0 {
+            return Err(SyncError::PeerFailed.into());
+        }
+        let [_, non_finite, loss, divergence, entropy, clipped, tokens] = sums;
         let per_token = |x: f64| {
             if tokens > 0.0 {
                 (x / tokens) as f32
@@ -789,28 +900,34 @@ where
             lr,
             skipped: None,
         };
-        if non_finite_loss {
+        if non_finite > 0.0 {
             metrics.skipped = Some(SkipReason::NonFiniteLoss);
+            return Ok(Accumulated {
+                grads: None,
+                metrics,
+            });
+        }
+        let mut grads = accumulator.grads();
+        if sync.devices() > 1 {
+            grads = align_gradients::<B, M>(&self.model, grads, sync)?;
+            grads = sync.sum_gradients(grads)?;
         }
         Ok(Accumulated {
-            grads: (!non_finite_loss).then_some(accumulator),
+            grads: Some(grads),
             metrics,
-            _backend: core::marker::PhantomData,
         })
     }
 
     /// Clips and applies accumulated gradients (none: the update is skipped), then moves an
     /// EMA or frozen teacher along.
-    fn apply(&mut self, accumulated: Accumulated<B, M>) -> Result<UpdateMetrics, StepError> {
+    fn apply(&mut self, accumulated: Accumulated) -> Result<UpdateMetrics, StepError> {
         let mut metrics = accumulated.metrics;
-        let Some(mut accumulator) = accumulated.grads else {
+        let Some(grads) = accumulated.grads else {
             return Ok(metrics);
         };
-        let outcome = self.updater.apply(
-            &mut self.model,
-            accumulator.grads(),
-            &mut self.optimizer_steps,
-        );
+        let outcome = self
+            .updater
+            .apply(&mut self.model, grads, &mut self.optimizer_steps);
         metrics.grad_norm = outcome.grad_norm;
         if !outcome.applied {
             metrics.skipped = Some(SkipReason::NonFiniteGradient);
@@ -823,4 +940,13 @@ where
         }
         Ok(metrics)
     }
+}
+
+/// One device's episodes of a step with their rollouts and loss weights; episode `i` here is
+/// episode `first + i` of the step.
+struct Shard<'a, B: Backend, P> {
+    episodes: &'a [Episode<P>],
+    first: usize,
+    rollouts: &'a [Rollout<B>],
+    weights: &'a [f64],
 }

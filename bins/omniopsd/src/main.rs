@@ -39,6 +39,9 @@ enum Command {
     /// The memory one OPSD update of a config needs (weights, gradients, AdamW, teacher,
     /// activations, loss, rollout), against the device's memory; exit 1 when it does not fit.
     Plan(train::plan::PlanArgs),
+    /// The global orchestrator of a multi-node data-parallel run (burn-collective's): start
+    /// it once, then `train` on every node with a [cluster] table naming it.
+    Orchestrator(train::OrchestratorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Plan(args) => train::plan::run(args),
+        Command::Orchestrator(args) => train::run_orchestrator(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

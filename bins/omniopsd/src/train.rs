@@ -11,6 +11,7 @@
 //! | [`prompt`] | the chat template, the views, the privileged block, the answer format |
 //! | [`tiny`] | the embedded tiny model: its tokenizer, checkpoint, size rules |
 //! | [`phase`] | the phase driver: resume, data order, metrics, eval, checkpoints, Ctrl-C |
+//! | [`parallel`] | data parallelism: devices as burn-collective peers, worker threads |
 //! | [`steps`] | the updates a phase runs: SFT and OPSD |
 //! | [`eval`] | held-out scoring with the MER-UniBench metrics |
 //! | [`outputs`] | predictions, exported students, plots, report |
@@ -24,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod outputs;
+pub mod parallel;
 pub mod phase;
 pub mod plan;
 pub mod plot;
@@ -46,7 +48,8 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use omniopsd_backends::DeviceSpec;
 
-use config::{ActivationCheckpointing, Method, TrainConfig};
+use config::{ActivationCheckpointing, DeviceNames, Method, TrainConfig};
+use parallel::Devices;
 use run_dir::RunDir;
 
 /// Arguments of `omniopsd train`.
@@ -80,7 +83,8 @@ pub struct Args {
     #[arg(long)]
     pub json_logs: bool,
     /// Device, overriding the config's `device`: cpu, ndarray, flex, cuda, cuda:N (flex and
-    /// cuda need the build's `--features flex` / `--features cuda`).
+    /// cuda need the build's `--features flex` / `--features cuda`); several, separated by
+    /// commas, for data parallelism (cuda:0,cuda:1; cpu,cpu).
     #[arg(long, conflicts_with = "resume")]
     pub device: Option<String>,
     /// The device's usable memory in GiB for the memory plan's check, instead of what the
@@ -91,6 +95,33 @@ pub struct Args {
     /// table is then printed as a warning.
     #[arg(long)]
     pub no_memory_check: bool,
+    /// This machine's index in a multi-node run, overriding the config's `cluster.rank`.
+    #[arg(long, conflicts_with = "resume")]
+    pub node_rank: Option<u32>,
+    /// This machine as the other nodes reach it (ws://HOST:PORT), overriding the config's
+    /// `cluster.address`.
+    #[arg(long, conflicts_with = "resume")]
+    pub node_address: Option<String>,
+}
+
+/// Arguments of `omniopsd orchestrator`.
+#[derive(Debug, clap::Args)]
+pub struct OrchestratorArgs {
+    /// Port to listen on (the `cluster.orchestrator` address of every node's config).
+    #[arg(long, default_value_t = 3000)]
+    pub port: u16,
+}
+
+/// Runs `omniopsd orchestrator`: burn-collective's global orchestrator, which introduces the
+/// nodes of a multi-node run to each other, until Ctrl-C.
+pub fn run_orchestrator(args: OrchestratorArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    eprintln!(
+        "orchestrator listening on ws://0.0.0.0:{} (Ctrl-C stops it)",
+        args.port
+    );
+    runtime.block_on(burn_collective::start_global_orchestrator(args.port));
+    Ok(())
 }
 
 /// Runs `omniopsd train`.
@@ -101,6 +132,7 @@ pub fn run_cli(args: Args) -> Result<()> {
         Some(dir) => {
             let run = RunDir::open(dir)?;
             let cfg = TrainConfig::load(&dir.join("config.toml"))?;
+            cfg.device.specs()?;
             (cfg, run, None)
         }
         None => {
@@ -127,9 +159,23 @@ pub fn run_cli(args: Args) -> Result<()> {
                 cfg.seeds = args.seeds.clone();
             }
             if let Some(device) = &args.device {
-                cfg.device = device.clone();
+                cfg.device = DeviceNames::from_flag(device);
+            }
+            if args.node_rank.is_some() || args.node_address.is_some() {
+                let cluster = cfg.cluster.as_mut().ok_or_else(|| {
+                    anyhow!("--node-rank and --node-address need a [cluster] table in the config")
+                })?;
+                if let Some(rank) = args.node_rank {
+                    cluster.rank = rank;
+                }
+                if let Some(address) = &args.node_address {
+                    cluster.address = address.clone();
+                }
             }
             cfg.validate().context("config")?;
+            // Devices are counted before anything is written: burn-collective would wait
+            // forever for a device that does not exist.
+            cfg.device.specs()?;
             // A new run never reuses a directory that holds one: NAME, then NAME-2, NAME-3…
             if cfg.runs_dir.join(&cfg.name).join("config.toml").exists() {
                 let mut k = 2;
@@ -183,41 +229,69 @@ fn train_on_device(args: &Args, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
         // write is atomic and quick, and the run exits right after it.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let device: DeviceSpec = cfg.device.parse().map_err(|e| anyhow!("`device`: {e}"))?;
     let memory = plan::MemoryCheck {
         limit: plan::gib_to_bytes(args.device_memory)?,
         enforce: !args.no_memory_check,
     };
+    let specs = cfg.device.specs()?;
+    if cfg.cluster.is_some() {
+        // Before burn-collective's websocket server installs its own (every transfer at INFO,
+        // on stdout, where `--json-logs` writes metric lines).
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if !out.quiet {
         eprintln!("run directory: {}", run.root.display());
+        if let Some(c) = &cfg.cluster {
+            eprintln!(
+                "node {} of {}: waiting for every node to join through {}",
+                c.rank, c.nodes, c.orchestrator
+            );
+        }
     }
-    // The backend's autodiff wrapper with the configured checkpointing strategy.
+    // The backend's autodiff wrapper with the configured checkpointing strategy, on every
+    // device of the list, registered as data-parallel peers when there are several.
     macro_rules! train_on {
-        ($inner:ty, $device:expr) => {
+        ($inner:ty, $devices:expr) => {
             match cfg.activation_checkpointing {
                 ActivationCheckpointing::None => {
-                    run::train::<Autodiff<$inner>>(cfg, run, $device, out, memory, stop)?
+                    let devices =
+                        Devices::<Autodiff<$inner>>::register($devices, cfg.cluster.as_ref())?;
+                    run::train(cfg, run, &devices, out, memory, stop)?
                 }
                 ActivationCheckpointing::Balanced => {
-                    run::train::<Autodiff<$inner, BalancedCheckpointing>>(
-                        cfg, run, $device, out, memory, stop,
-                    )?
+                    let devices = Devices::<Autodiff<$inner, BalancedCheckpointing>>::register(
+                        $devices,
+                        cfg.cluster.as_ref(),
+                    )?;
+                    run::train(cfg, run, &devices, out, memory, stop)?
                 }
             }
         };
     }
-    let report = match device {
+    let report = match specs[0] {
         #[cfg(feature = "ndarray")]
         DeviceSpec::NdArray => train_on!(
             omniopsd_backends::NdArrayCpu,
-            &omniopsd_backends::NdArrayDevice::Cpu
+            vec![omniopsd_backends::NdArrayDevice::Cpu; specs.len()]
         ),
         #[cfg(feature = "flex")]
-        DeviceSpec::Flex => train_on!(omniopsd_backends::FlexCpu, &Default::default()),
+        DeviceSpec::Flex => train_on!(
+            omniopsd_backends::FlexCpu,
+            vec![Default::default(); specs.len()]
+        ),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => train_on!(
+        DeviceSpec::Cuda(_) => train_on!(
             omniopsd_backends::CudaGpu,
-            &omniopsd_backends::CudaDevice::new(i)
+            specs
+                .iter()
+                .map(|s| match s {
+                    DeviceSpec::Cuda(i) => omniopsd_backends::CudaDevice::new(*i),
+                    other => unreachable!("check_devices keeps one backend, found {other}"),
+                })
+                .collect::<Vec<_>>()
         ),
         #[allow(unreachable_patterns)]
         other => bail!("device {other} is not compiled into this build"),

@@ -35,7 +35,7 @@ use omniopsd_decoder::LoraConfig;
 pub struct TrainConfig {
     pub name: String,
     pub runs_dir: PathBuf,
-    pub device: String,
+    pub device: DeviceNames,
     /// Burn's activation checkpointing for every training phase.
     pub activation_checkpointing: ActivationCheckpointing,
     /// The type the trained model's projections compute in.
@@ -52,6 +52,113 @@ pub struct TrainConfig {
     /// weight (absent: full fine-tuning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+    /// `[cluster]`: this machine is one node of a multi-node data-parallel run (absent: it
+    /// trains alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `device`: one device, or a list for data parallelism (`["cuda:0", "cuda:1"]`, or
+/// `["cpu", "cpu"]` for two CPU replicas).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceNames {
+    /// `device = "cpu"`.
+    One(String),
+    /// `device = ["cuda:0", "cuda:1"]`.
+    Many(Vec<String>),
+}
+
+impl DeviceNames {
+    /// `--device`'s value: names separated by commas (`cuda:0,cuda:1`).
+    pub fn from_flag(value: &str) -> Self {
+        let names: Vec<String> = value.split(',').map(|n| n.trim().to_string()).collect();
+        match <[String; 1]>::try_from(names) {
+            Ok([one]) => DeviceNames::One(one),
+            Err(names) => DeviceNames::Many(names),
+        }
+    }
+
+    /// The names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            DeviceNames::One(name) => vec![name.as_str()],
+            DeviceNames::Many(names) => names.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// Each name as a device of this build, one backend for all, checked against this
+    /// machine (`omniopsd_backends::check_devices`); errors name the `device` key.
+    pub fn specs(&self) -> Result<Vec<omniopsd_backends::DeviceSpec>> {
+        let names = self.names();
+        if names.is_empty() {
+            bail!("device: must name at least one device");
+        }
+        let specs = names
+            .iter()
+            .map(|n| n.parse().map_err(|e| anyhow!("`device`: {e}")))
+            .collect::<Result<Vec<omniopsd_backends::DeviceSpec>>>()?;
+        omniopsd_backends::check_devices(&specs).map_err(|e| anyhow!("`device`: {e}"))?;
+        Ok(specs)
+    }
+}
+
+impl std::fmt::Display for DeviceNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names().join(","))
+    }
+}
+
+/// `[cluster]`: one node of a multi-node run, every key required. Every node runs
+/// `omniopsd train` with the same config but for `rank` and `address` (or the flags
+/// `--node-rank` / `--node-address`), after `omniopsd orchestrator --port P` has started on
+/// the host `orchestrator` names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Machines taking part, each with the same number of devices.
+    pub nodes: u32,
+    /// This machine's index, `0 .. nodes`.
+    pub rank: u32,
+    /// The orchestrator, `ws://HOST:PORT`.
+    pub orchestrator: String,
+    /// This machine as the others reach it, `ws://HOST:PORT`; the port is where it serves
+    /// its tensors to the other nodes.
+    pub address: String,
+}
+
+impl ClusterSection {
+    /// Checks the ranges and the addresses; returns this node's data-service port.
+    pub fn check(&self) -> Result<u16> {
+        if self.nodes < 2 {
+            bail!("cluster.nodes: must be >= 2 (a run on one machine needs no [cluster])");
+        }
+        if self.rank >= self.nodes {
+            bail!(
+                "cluster.rank: must be below cluster.nodes ({}), found {}",
+                self.nodes,
+                self.rank
+            );
+        }
+        ws_port("cluster.orchestrator", &self.orchestrator)?;
+        ws_port("cluster.address", &self.address)
+    }
+}
+
+/// The port of a `ws://HOST:PORT` address, or an error naming `key`.
+fn ws_port(key: &str, address: &str) -> Result<u16> {
+    let what = || {
+        anyhow!(
+            "{key}: must be ws://HOST:PORT (a WebSocket address with its port), found {address:?}"
+        )
+    };
+    let rest = address.strip_prefix("ws://").ok_or_else(what)?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = authority.rsplit_once(':').ok_or_else(what)?;
+    if host.is_empty() {
+        return Err(what());
+    }
+    port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(what)
 }
 
 /// What the autodiff graph keeps for the backward pass.
@@ -162,7 +269,7 @@ impl Default for TrainConfig {
         Self {
             name: "default".into(),
             runs_dir: "runs".into(),
-            device: "cpu".into(),
+            device: DeviceNames::One("cpu".into()),
             activation_checkpointing: ActivationCheckpointing::None,
             precision: Precision::F32,
             seeds: vec![0, 1, 2],
@@ -179,6 +286,7 @@ impl Default for TrainConfig {
             eval: EvalConfig::default(),
             checkpoint: CheckpointConfig::default(),
             lora: None,
+            cluster: None,
         }
     }
 }
@@ -498,7 +606,9 @@ pub const KNOBS: &[Knob] = &[
     knob(
         "device",
         "",
-        "cpu | ndarray | flex | cuda | cuda:N",
+        "cpu | ndarray | flex | cuda | cuda:N, or a list for data parallelism ([\"cuda:0\", \
+         \"cuda:1\"]; [\"cpu\", \"cpu\"]: CPU replicas, at most one per core): each device \
+         rolls out and scores its share of every update, gradients summed before AdamW",
     ),
     knob(
         "activation_checkpointing",
@@ -805,6 +915,27 @@ pub const KNOBS: &[Knob] = &[
         "rows per chunk of the fused loss (bounds the [rows, V] memory)",
     ),
     knob(
+        "cluster.nodes",
+        "",
+        "with a [cluster] table: machines of a multi-node run, each with the same device list",
+    ),
+    knob(
+        "cluster.rank",
+        "",
+        "this machine's index in 0..nodes (flag --node-rank)",
+    ),
+    knob(
+        "cluster.orchestrator",
+        "",
+        "ws://HOST:PORT of `omniopsd orchestrator --port PORT`",
+    ),
+    knob(
+        "cluster.address",
+        "",
+        "ws://HOST:PORT: this machine as the others reach it, PORT serving its tensors (flag \
+         --node-address)",
+    ),
+    knob(
         "eval.every",
         "",
         "held-out evaluation every N updates and at the end (HIT, WAF, F_s)",
@@ -1053,11 +1184,16 @@ impl TrainConfig {
     /// `[model]` are checked by the core's and the decoder's own `validate`.
     pub fn validate(&self) -> Result<()> {
         self.validate_knobs()?;
-        let device = self
+        let devices = self
             .device
-            .parse::<omniopsd_backends::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
-        self.check_precision(device)
+            .names()
+            .iter()
+            .map(|n| n.parse().map_err(|e| anyhow!("`device`: {e}")))
+            .collect::<Result<Vec<omniopsd_backends::DeviceSpec>>>()?;
+        if devices.is_empty() {
+            bail!("device: must be a name or a non-empty list");
+        }
+        self.check_precision(devices[0])
     }
 
     /// Whether `device` computes in the configured precision.
@@ -1139,6 +1275,41 @@ impl TrainConfig {
             "checkpoint.keep_last",
             ">= 1",
         )?;
+        let nodes = match &self.cluster {
+            Some(cluster) => {
+                cluster.check()?;
+                cluster.nodes as usize
+            }
+            None => 1,
+        };
+        // Every device gets the same share of an update's examples.
+        let shares = self.device.names().len().saturating_mul(nodes);
+        if shares > 1 {
+            let per_update = o.batch_size.saturating_mul(o.grad_accumulation);
+            if !per_update.is_multiple_of(shares) {
+                bail!(
+                    "opsd.batch_size × opsd.grad_accumulation: the {per_update} prompts of an \
+                     update must split evenly over the {shares} devices{}",
+                    if nodes > 1 {
+                        " (device list × cluster.nodes)"
+                    } else {
+                        " of `device`"
+                    }
+                );
+            }
+            if self.warmup.steps > 0 && !self.warmup.batch_size.is_multiple_of(shares) {
+                bail!(
+                    "warmup.batch_size: the {} examples of a warm-up update must split evenly \
+                     over the {shares} devices{}",
+                    self.warmup.batch_size,
+                    if nodes > 1 {
+                        " (device list × cluster.nodes)"
+                    } else {
+                        " of `device`"
+                    }
+                );
+            }
+        }
         if let Some(lora) = &self.lora {
             lora.config()
                 .validate()
@@ -1310,6 +1481,12 @@ batch_size = 0
         cfg.eval.max_samples = Some(3);
         cfg.eval.mer_data = Some("mer".into());
         cfg.lora = Some(LoraSection::default());
+        cfg.cluster = Some(ClusterSection {
+            nodes: 2,
+            rank: 1,
+            orchestrator: "ws://10.0.0.1:3000".into(),
+            address: "ws://10.0.0.2:3001".into(),
+        });
         let value: toml::Value = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         let mut found = Vec::new();
         keys(&value, "", &mut found);
@@ -1318,6 +1495,66 @@ batch_size = 0
         listed.sort();
         assert_eq!(found, listed);
         assert!(TrainConfig::from_toml(&cfg.to_toml().unwrap(), "t").is_ok());
+    }
+
+    #[test]
+    fn device_is_a_name_or_a_list_and_round_trips() {
+        let one = TrainConfig::from_toml("device = \"cpu\"\n", "t").unwrap();
+        assert_eq!(one.device, DeviceNames::One("cpu".into()));
+        let two = TrainConfig::from_toml("device = [\"cpu\", \"cpu\"]\n", "t").unwrap();
+        assert_eq!(two.device.names(), ["cpu", "cpu"]);
+        assert_eq!(
+            TrainConfig::from_toml(&two.to_toml().unwrap(), "t").unwrap(),
+            two
+        );
+        assert_eq!(
+            DeviceNames::from_flag("cuda:0, cuda:1").names(),
+            ["cuda:0", "cuda:1"]
+        );
+        assert_eq!(
+            DeviceNames::from_flag("flex"),
+            DeviceNames::One("flex".into())
+        );
+        assert!(error("device = []\n").contains("device"));
+        assert!(error("device = [\"cpu\", \"tpu\"]\n").contains("tpu"));
+        assert!(error("device = 3\n").contains("device"));
+    }
+
+    #[test]
+    fn an_update_must_split_evenly_over_the_devices() {
+        let two = "device = [\"cpu\", \"cpu\"]\n";
+        let msg = error(&format!(
+            "{two}[opsd]\nbatch_size = 3\ngrad_accumulation = 1\n"
+        ));
+        assert!(
+            msg.contains("opsd.batch_size × opsd.grad_accumulation") && msg.contains("2 devices"),
+            "{msg}"
+        );
+        let msg = error(&format!("{two}[warmup]\nbatch_size = 3\n"));
+        assert!(msg.contains("warmup.batch_size"), "{msg}");
+        // A skipped warm-up has no batch to split.
+        assert!(TrainConfig::from_toml(
+            &format!("{two}[warmup]\nsteps = 0\nbatch_size = 3\n"),
+            "t"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn cluster_keys_are_all_required_and_checked() {
+        let table = |body: &str| format!("[cluster]\n{body}");
+        let full =
+            "nodes = 2\nrank = 1\norchestrator = \"ws://h:3000\"\naddress = \"ws://g:3001\"\n";
+        let cfg = TrainConfig::from_toml(&table(full), "t").unwrap();
+        assert_eq!(cfg.cluster.as_ref().unwrap().check().unwrap(), 3001);
+        assert!(error(&table("nodes = 2\nrank = 0\n")).contains("orchestrator"));
+        let bad = |from: &str, to: &str| error(&table(&full.replace(from, to)));
+        assert!(bad("nodes = 2", "nodes = 1").contains("cluster.nodes"));
+        assert!(bad("rank = 1", "rank = 2").contains("cluster.rank"));
+        assert!(bad("ws://h:3000", "http://h:3000").contains("cluster.orchestrator"));
+        assert!(bad("ws://g:3001", "ws://g").contains("cluster.address"));
+        // Two nodes of one CPU device: a warm-up batch of 8 and updates of 4 split in two.
+        assert!(bad("nodes = 2", "nodes = 3").contains("split evenly"));
     }
 
     #[test]

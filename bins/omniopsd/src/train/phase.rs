@@ -9,6 +9,10 @@
 //! counter-based sampler, and model, optimizer and teacher are saved at full precision, so a
 //! resumed phase reaches bit-identical weights.
 //!
+//! With several devices the driver is device 0's thread: it also starts one worker per other
+//! device ([`super::parallel`]), each with its own stepper, and hands each its share of every
+//! update; everything above stays the driver's alone.
+//!
 //! Every phase checkpoints into `checkpoints/{phase}/` and marks completion with
 //! `results/{phase}.json`, so `--resume` skips finished phases.
 
@@ -21,12 +25,14 @@ use burn::module::{AutodiffModule, Module};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use omniopsd_core::step::LossScaleState;
+use omniopsd_core::sync::{GradientSync, SingleDevice};
 use omniopsd_decoder::Qwen2Model;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Sections};
 use super::config::{Method, TrainConfig};
 use super::eval;
+use super::parallel::{self, Devices, ExitOnPanic, Workers};
 use super::progress;
 use super::report::RunResult;
 use super::run::Ctx;
@@ -94,9 +100,17 @@ pub struct Interrupted(pub PathBuf);
 
 /// What a phase supplies: one update, and the state to checkpoint.
 pub trait Stepper<B: AutodiffBackend> {
-    /// One update on the phase's examples at `batch`; the metric values it measured, `loss`
-    /// first.
-    fn step(&mut self, batch: &[usize]) -> Result<Vec<(&'static str, f64)>>;
+    /// One update on the phase's examples at `batch`, this device's share of the update: the
+    /// update's examples `first .. first + batch.len()` of `total`, the other shares stepped
+    /// at the same time by the devices `sync` joins (the whole update, with
+    /// `SingleDevice`). The metric values it measured, over the whole update, `loss` first.
+    fn step(
+        &mut self,
+        batch: &[usize],
+        first: usize,
+        total: usize,
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<Vec<(&'static str, f64)>>;
     /// The current weights.
     fn model(&self) -> &Qwen2Model<B>;
     /// Record sections to checkpoint (`model`, `optimizer`, …) and the trainer's counters.
@@ -230,12 +244,72 @@ fn from_bytes<B: Backend, R: burn::record::Record<B>>(
         .map_err(|e| anyhow!("deserializing: {e:?}"))
 }
 
-/// Runs `plan` from `model`: `start` builds the stepper, fresh or from the checkpoint found.
-pub fn drive<B, S>(
+/// Runs `plan` from `model` on `devices`: `start` builds a device's stepper, fresh or from
+/// the checkpoint found; with several devices, each of this machine's other devices gets a
+/// worker thread with its own stepper ([`parallel`]), and every update is split between them.
+pub fn drive<B, S, F>(
     ctx: &Ctx<'_>,
     plan: &Plan<'_>,
     model: Qwen2Model<B>,
-    start: impl FnOnce(Qwen2Model<B>, Option<&Resumed>) -> Result<S>,
+    devices: &Devices<B>,
+    start: F,
+) -> Result<Finished<S>>
+where
+    B: AutodiffBackend,
+    S: Stepper<B>,
+    F: Fn(Qwen2Model<B>, Option<&Resumed>, &B::Device) -> Result<S> + Sync,
+{
+    let name = plan.phase.name();
+    let print = fingerprint(&model, ctx.cfg);
+    let resumed = load(ctx, &name, &print)?;
+    let step = resumed.as_ref().map_or(0, |r| r.meta.step);
+    if devices.total() == 1 {
+        let stepper = start(model, resumed.as_ref(), devices.first())?;
+        return steps(
+            ctx,
+            plan,
+            &print,
+            stepper,
+            resumed.as_ref(),
+            |stepper, batch| stepper.step(batch, 0, batch.len(), &mut SingleDevice),
+        );
+    }
+    let model = match devices.cluster() {
+        true => parallel::renumber(model),
+        false => model,
+    };
+    let (resumed, start) = (&resumed, &start);
+    std::thread::scope(|scope| {
+        let _exit = ExitOnPanic;
+        let workers = Workers::spawn(scope, devices, &model, resumed.as_ref(), start);
+        let stepper = start(model, resumed.as_ref(), devices.first());
+        workers.ready()?;
+        let stepper = stepper?;
+        let mut sync = devices.sync(0);
+        workers.agree(step, || parallel::agree_on_step(&mut *sync, step))?;
+        steps(
+            ctx,
+            plan,
+            &print,
+            stepper,
+            resumed.as_ref(),
+            |stepper, batch| {
+                workers.step(devices, batch, |share| {
+                    stepper.step(&batch[share.clone()], share.start, batch.len(), &mut *sync)
+                })
+            },
+        )
+    })
+}
+
+/// The phase's loop from where `resumed` left it: `update` makes one update of the stepper.
+fn steps<B, S>(
+    ctx: &Ctx<'_>,
+    plan: &Plan<'_>,
+    print: &str,
+    mut stepper: S,
+    resumed: Option<&Resumed>,
+    mut update: impl FnMut(&mut S, &[usize]) -> Result<Vec<(&'static str, f64)>>,
 ) -> Result<Finished<S>>
 where
     B: AutodiffBackend,
@@ -243,12 +317,9 @@ where
 {
     let phase = plan.phase;
     let name = phase.name();
-    let print = fingerprint(&model, ctx.cfg);
-    let resumed = load(ctx, &name, &print)?;
-    let mut stepper = start(model, resumed.as_ref())?;
-    let mut step = resumed.as_ref().map_or(0, |r| r.meta.step);
-    forget_after(ctx.run, phase, resumed.as_ref().map(|r| r.meta.step))?;
-    if resumed.as_ref().is_some_and(|r| r.meta.done) {
+    let mut step = resumed.map_or(0, |r| r.meta.step);
+    forget_after(ctx.run, phase, resumed.map(|r| r.meta.step))?;
+    if resumed.is_some_and(|r| r.meta.done) {
         let last = ctx
             .run
             .read_metrics()?
@@ -263,7 +334,7 @@ where
     let mut last = None;
     while step < plan.steps {
         let idx = batch_indices(phase.seed(), &name, step, plan.examples, plan.per_step);
-        let measured = stepper.step(&idx)?;
+        let measured = update(&mut stepper, &idx)?;
         step += 1;
         bar.set_position(step);
         bar.set_message(
@@ -312,7 +383,7 @@ where
         let every_ckpt = ctx.cfg.checkpoint.every;
         let done = step == plan.steps;
         if interrupted || done || (every_ckpt > 0 && step % every_ckpt == 0) {
-            save(ctx, phase, &print, step, done, stepper.save()?)?;
+            save(ctx, phase, print, step, done, stepper.save()?)?;
         }
         if interrupted {
             bar.abandon();

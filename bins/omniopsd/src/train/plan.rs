@@ -13,7 +13,7 @@ use omniopsd_checkpoint::Checkpoint;
 use omniopsd_decoder::memory::{MemoryPlan, StepShape, TeacherWeights};
 use omniopsd_decoder::Qwen2Config;
 
-use super::config::{ActivationCheckpointing, Precision, TeacherName, TrainConfig};
+use super::config::{ActivationCheckpointing, DeviceNames, Precision, TeacherName, TrainConfig};
 
 /// `omniopsd plan`.
 #[derive(Debug, clap::Args)]
@@ -57,12 +57,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => TrainConfig::default(),
     };
     if let Some(device) = &args.device {
-        cfg.device = device.clone();
+        cfg.device = DeviceNames::from_flag(device);
     }
     // A plan may be made for a device this build does not have (a GPU run planned on a
     // laptop): the device's name and its precision are checked, not its backend.
     cfg.validate_knobs().context("config")?;
-    let device = DeviceSpec::parse_name(&cfg.device).map_err(|e| anyhow!("`device`: {e}"))?;
+    let device = first_device(&cfg)?;
     cfg.check_precision(device).context("config")?;
     let limit = match device.family().compiled() {
         true => memory_limit(device, gib_to_bytes(args.device_memory)?),
@@ -100,6 +100,16 @@ pub fn gib_to_bytes(gib: Option<f64>) -> Result<Option<u64>> {
     }
 }
 
+/// The first of the config's devices (each of several holds the same replica and the same
+/// share of an update), whether or not this build has its backend.
+fn first_device(cfg: &TrainConfig) -> Result<DeviceSpec> {
+    let names = cfg.device.names();
+    let first = names
+        .first()
+        .ok_or_else(|| anyhow!("device: must name at least one device"))?;
+    DeviceSpec::parse_name(first).map_err(|e| anyhow!("`device`: {e}"))
+}
+
 /// The memory to plan against: the override, or what the device reports.
 fn memory_limit(device: DeviceSpec, limit: Option<u64>) -> Option<u64> {
     limit.or_else(|| omniopsd_backends::device_memory(device))
@@ -116,7 +126,7 @@ pub fn check_before_loading(
     check: MemoryCheck,
     quiet: bool,
 ) -> Result<()> {
-    let device: DeviceSpec = cfg.device.parse().map_err(|e| anyhow!("`device`: {e}"))?;
+    let device = first_device(cfg)?;
     let limit = memory_limit(device, check.limit);
     let shape = step_shape(cfg, prompt, privileged);
     let plan = decoder.memory_plan(&shape);
@@ -186,17 +196,21 @@ fn config_only(path: &std::path::Path) -> Result<Qwen2Config> {
     Ok(decoder)
 }
 
-/// One OPSD update of `cfg` with prompts of `prompt` tokens and `privileged` more for the
-/// teacher.
+/// One device's part of an OPSD update of `cfg` with prompts of `prompt` tokens and
+/// `privileged` more for the teacher: with data parallelism each device takes an equal share
+/// of the update's prompts, `opsd.batch_size` of them in memory at once.
 pub fn step_shape(cfg: &TrainConfig, prompt: usize, privileged: usize) -> StepShape {
     let o = &cfg.opsd;
+    let nodes = cfg.cluster.as_ref().map_or(1, |c| c.nodes as usize);
+    let devices = cfg.device.names().len().max(1) * nodes.max(1);
+    let per_device = (o.batch_size * o.grad_accumulation).div_ceil(devices);
     StepShape {
         prompt,
         privileged,
         group: o.samples_per_prompt,
         new_tokens: o.max_new_tokens,
         micro_batch: o.batch_size,
-        grad_accumulation: o.grad_accumulation,
+        grad_accumulation: per_device.div_ceil(o.batch_size.max(1)),
         chunk_rows: o.chunk_rows,
         lora: cfg.lora.as_ref().map(|l| l.config()),
         teacher: match o.teacher {
@@ -246,7 +260,11 @@ pub fn table(
     };
     let mut out = vec![
         format!(
-            "Memory plan of one OPSD update on {device}: {model} (hidden {}, {} layers, vocabulary {}), {training}, {} teacher, precision {}, activation checkpointing {}",
+            "Memory plan of one OPSD update on {device}{}: {model} (hidden {}, {} layers, vocabulary {}), {training}, {} teacher, precision {}, activation checkpointing {}",
+            match cfg.device.names().len() {
+                1 => String::new(),
+                n => format!(" (each of {n} data-parallel devices)"),
+            },
             decoder.hidden_size,
             decoder.num_hidden_layers,
             decoder.vocab_size,

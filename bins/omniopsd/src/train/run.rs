@@ -23,6 +23,7 @@ use tokenizers::Tokenizer;
 use super::config::{Method, TrainConfig};
 use super::eval;
 use super::outputs;
+use super::parallel::Devices;
 use super::phase::{self, Phase, Plan};
 use super::prompt::{self, Privileged};
 use super::report::{Report, RunResult};
@@ -71,12 +72,13 @@ pub struct Ctx<'a> {
 pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
     run: &RunDir,
-    device: &B::Device,
+    devices: &Devices<B>,
     out: Output,
     memory: super::plan::MemoryCheck,
     stop: Arc<AtomicBool>,
 ) -> Result<Report> {
     let started = Instant::now();
+    let device = devices.first();
     let limits = Limits {
         max_audio_seconds: cfg.data.max_audio_seconds,
         max_frames: cfg.data.max_frames,
@@ -133,13 +135,13 @@ pub fn train<B: AutodiffBackend>(
     super::plan::check_before_loading(cfg, &decoder, prompt, privileged, memory, out.quiet)?;
     let base_model =
         omniopsd_thinker::load_decoder::<B>(&ckpt, device)?.with_compute(cfg.precision.compute());
-    let (warm, mut results) = warmup::<B>(&ctx, base_model, &train, &heldout, device)?;
+    let (warm, mut results) = warmup::<B>(&ctx, base_model, &train, &heldout, devices)?;
     let mut notes = std::mem::take(&mut corpus.notes);
     for &seed in &cfg.seeds {
         for &method in &cfg.methods {
             let phase = Phase::Method { method, seed };
             results.push(method_phase::<B>(
-                &mut ctx, phase, &warm, &train, &heldout, &ckpt, device,
+                &mut ctx, phase, &warm, &train, &heldout, &ckpt, devices,
             )?);
             outputs::write_outputs(&ctx, &results, &notes, started)?;
         }
@@ -158,7 +160,7 @@ fn warmup<B: AutodiffBackend>(
     model: Qwen2Model<B>,
     train: &[&Sample],
     heldout: &[&Sample],
-    device: &B::Device,
+    devices: &Devices<B>,
 ) -> Result<(Qwen2Model<B>, Vec<RunResult>)> {
     let phase = Phase::Warmup {
         seed: ctx.cfg.model.init_seed,
@@ -186,8 +188,8 @@ fn warmup<B: AutodiffBackend>(
             heldout: &[],
         };
         let config = ctx.cfg.warmup_sft();
-        phase::drive(ctx, &plan, model, |m, resumed| {
-            Sft::start(m, config, examples, resumed, device)
+        phase::drive(ctx, &plan, model, devices, |m, resumed, device| {
+            Sft::start(m, config.clone(), examples.clone(), resumed, device)
         })?
         .stepper
         .into_model()
@@ -243,7 +245,7 @@ fn method_phase<B: AutodiffBackend>(
     train: &[&Sample],
     heldout: &[&Sample],
     init: &Checkpoint,
-    device: &B::Device,
+    devices: &Devices<B>,
 ) -> Result<RunResult> {
     let Phase::Method { method, seed } = phase else {
         unreachable!("method_phase runs the methods");
@@ -274,8 +276,8 @@ fn method_phase<B: AutodiffBackend>(
                 .map(|s| (&s.student, s.target.as_slice()))
                 .collect();
             let config = ctx.cfg.label_sft();
-            let done = phase::drive(ctx, &plan, start, |m, resumed| {
-                Sft::start(m, config, examples, resumed, device)
+            let done = phase::drive(ctx, &plan, start, devices, |m, resumed, device| {
+                Sft::start(m, config.clone(), examples.clone(), resumed, device)
             })?;
             (done.stepper.into_model(), None)
         }
@@ -309,8 +311,8 @@ fn method_phase<B: AutodiffBackend>(
             );
             plan.examples = episodes.len();
             let config = ctx.cfg.opsd_trainer(ctx.stop_token, seed);
-            let done = phase::drive(ctx, &plan, start, |m, resumed| {
-                Opsd::start(m, config, &episodes, resumed, device)
+            let done = phase::drive(ctx, &plan, start, devices, |m, resumed, device| {
+                Opsd::start(m, config.clone(), &episodes, resumed, device)
             })?;
             let divergence = done
                 .last

@@ -9,6 +9,7 @@ use anyhow::Result;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer, TrainerState};
+use omniopsd_core::sync::GradientSync;
 use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::{Qwen2Model, TokenPrompt};
 
@@ -53,7 +54,13 @@ impl<'a, B: AutodiffBackend> Sft<'a, B> {
 }
 
 impl<B: AutodiffBackend> Stepper<B> for Sft<'_, B> {
-    fn step(&mut self, batch: &[usize]) -> Result<Vec<(&'static str, f64)>> {
+    fn step(
+        &mut self,
+        batch: &[usize],
+        _first: usize,
+        _total: usize,
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<Vec<(&'static str, f64)>> {
         let batch: Vec<Example<'_, TokenPrompt>> = batch
             .iter()
             .map(|&i| Example {
@@ -61,7 +68,7 @@ impl<B: AutodiffBackend> Stepper<B> for Sft<'_, B> {
                 target: self.examples[i].1,
             })
             .collect();
-        let m = self.trainer.step(&batch)?;
+        let m = self.trainer.step_shard(&batch, sync)?;
         Ok(vec![
             ("loss", f64::from(m.loss)),
             ("grad_norm", f64::from(m.grad_norm)),
@@ -154,10 +161,16 @@ impl<'a, B: AutodiffBackend> Opsd<'a, B> {
 }
 
 impl<B: AutodiffBackend> Stepper<B> for Opsd<'_, B> {
-    fn step(&mut self, batch: &[usize]) -> Result<Vec<(&'static str, f64)>> {
+    fn step(
+        &mut self,
+        batch: &[usize],
+        first: usize,
+        total: usize,
+        sync: &mut dyn GradientSync<B>,
+    ) -> Result<Vec<(&'static str, f64)>> {
         let batch: Vec<Episode<TokenPrompt>> =
             batch.iter().map(|&i| self.episodes[i].clone()).collect();
-        let m = self.trainer.step(&batch)?;
+        let m = self.trainer.step_shard(&batch, first, total, sync)?;
         Ok(vec![
             ("loss", f64::from(m.loss)),
             ("divergence", f64::from(m.mean_divergence)),
