@@ -2,7 +2,8 @@
 //! `collective`): two devices (two registered peers, one thread each, both NdArray CPU) with
 //! `b` episodes each reach the weights and metrics of one device with `2b`, to f32 rounding,
 //! and stay bit-identical to each other; a failure or a non-finite loss on one device stops
-//! or skips the step on both, without leaving either waiting.
+//! or skips the step on both, without leaving either waiting; a parameter only some devices
+//! reached gets a zero gradient on the others, one no device reached stays without.
 
 mod common;
 
@@ -379,4 +380,34 @@ fn a_shard_outside_its_step_is_refused() {
             total: 4
         }
     );
+}
+
+#[test]
+fn a_parameter_no_episode_reached_on_one_device_gets_a_zero_gradient_there() {
+    use burn::optim::GradientsParams;
+    use burn::tensor::Tensor;
+    use omniopsd_core::sync::{align_gradients, GradientSync};
+
+    let toy = Toy::<Train>::new(VOCAB, HIDDEN, 3, &Default::default());
+    let (embed, head, wq) = (toy.embed.id, toy.head.id, toy.wq.id);
+    let sums = on_devices(vec![toy.clone(), toy], |d, toy, sync| {
+        let ones = |dims: [usize; 2]| Tensor::<Cpu, 2>::ones(dims, &NdArrayDevice::Cpu);
+        let mut grads = GradientsParams::new();
+        // Both devices reached the head; only device 0 reached the embedding; nobody `wq`.
+        grads.register::<Cpu, 2>(head, ones([VOCAB, HIDDEN]).mul_scalar(d as f32 + 1.0));
+        if d == 0 {
+            grads.register::<Cpu, 2>(embed, ones([VOCAB, HIDDEN]));
+        }
+        let grads = align_gradients::<Train, _>(&toy, grads, sync).unwrap();
+        let grads = GradientSync::<Train>::sum_gradients(sync, grads).unwrap();
+        let read = |id| {
+            grads
+                .get::<Cpu, 2>(id)
+                .map(|t| t.into_data().to_vec::<f32>().unwrap()[0])
+        };
+        (read(head), read(embed), read(wq))
+    });
+    for (d, sum) in sums.iter().enumerate() {
+        assert_eq!(*sum, (Some(3.0), Some(1.0), None), "device {d}");
+    }
 }
