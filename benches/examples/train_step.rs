@@ -48,9 +48,9 @@ use omniopsd_benches::{count, flag_values, CountingAllocator};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
-use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer};
+use omniopsd_core::step::{OpsdConfig, OpsdTrainer};
 use omniopsd_core::teacher::TeacherMode;
-use omniopsd_decoder::{LoraConfig, Qwen2Model, TokenPrompt, LORA_TARGETS};
+use omniopsd_decoder::{LoraConfig, Qwen2Model, LORA_TARGETS};
 use serde_json::json;
 
 type Plain = Autodiff<omniopsd_benches::Bench>;
@@ -123,13 +123,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Deterministic token ids in `1..vocab` (the same formula as the Python side).
-fn ids(start: usize, len: usize, vocab: usize) -> Vec<u32> {
-    (start..start + len)
-        .map(|i| (1 + (i * 7919) % (vocab - 1)) as u32)
-        .collect()
-}
-
 fn main() -> Result<(), String> {
     omniopsd_backends::keep_freed_memory();
     let args = parse_args()?;
@@ -189,18 +182,7 @@ fn bench<B: AutodiffBackend>(args: Args) -> Result<(), String> {
     };
     let decoder = model.config().clone();
     let vocab = decoder.vocab_size;
-    let episodes: Vec<Episode<TokenPrompt>> = (0..args.episodes)
-        .map(|e| {
-            let start = e * (args.prompt + args.privileged);
-            let student = ids(start, args.prompt, vocab);
-            let mut teacher = student.clone();
-            teacher.extend(ids(start + args.prompt, args.privileged, vocab));
-            Episode {
-                student: TokenPrompt::new(student),
-                teacher: TokenPrompt::new(teacher),
-            }
-        })
-        .collect();
+    let episodes = omniopsd_benches::episodes(args.episodes, args.prompt, args.privileged, vocab);
     let config = OpsdConfig {
         rollout: RolloutConfig {
             samples_per_prompt: args.group,

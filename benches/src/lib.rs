@@ -121,6 +121,35 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 }
 
+/// `n` OPSD episodes with distinct deterministic prompts: a student prompt of `prompt` token
+/// ids and a teacher prompt of that plus `privileged` more, ids in `1..vocab` by the formula
+/// `benches/compare/train_step.py` uses (`1 + (i · 7919) mod (vocab − 1)`, `i` counting on
+/// from episode to episode), so both sides score the same tokens.
+pub fn episodes(
+    n: usize,
+    prompt: usize,
+    privileged: usize,
+    vocab: usize,
+) -> Vec<omniopsd_core::step::Episode<omniopsd_decoder::TokenPrompt>> {
+    let ids = |start: usize, len: usize| -> Vec<u32> {
+        (start..start + len)
+            .map(|i| (1 + (i * 7919) % (vocab - 1)) as u32)
+            .collect()
+    };
+    (0..n)
+        .map(|e| {
+            let start = e * (prompt + privileged);
+            let student = ids(start, prompt);
+            let mut teacher = student.clone();
+            teacher.extend(ids(start + prompt, privileged));
+            omniopsd_core::step::Episode {
+                student: omniopsd_decoder::TokenPrompt::new(student),
+                teacher: omniopsd_decoder::TokenPrompt::new(teacher),
+            }
+        })
+        .collect()
+}
+
 /// The `--flag value` pairs of this process's command line, in order (the examples' syntax).
 pub fn flag_values() -> Result<Vec<(String, String)>, String> {
     let mut it = std::env::args().skip(1);

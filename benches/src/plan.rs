@@ -8,10 +8,10 @@ use burn::tensor::backend::AutodiffBackend;
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::divergence::{Divergence, LossConfig};
 use omniopsd_core::rollout::RolloutConfig;
-use omniopsd_core::step::{Episode, OpsdConfig, OpsdTrainer};
+use omniopsd_core::step::{OpsdConfig, OpsdTrainer};
 use omniopsd_core::teacher::TeacherMode;
 use omniopsd_decoder::memory::{MemoryPlan, StepShape, TeacherWeights};
-use omniopsd_decoder::{Qwen2Config, Qwen2Model, TokenPrompt};
+use omniopsd_decoder::{Qwen2Config, Qwen2Model};
 
 use crate::CountingAllocator;
 
@@ -54,25 +54,12 @@ pub fn check_plan<B: AutodiffBackend>(
     if shape.compute_bytes == 2 {
         model = model.with_compute(Some(burn::tensor::FloatDType::BF16));
     }
-    let vocab = config.vocab_size;
-    let ids = |start: usize, len: usize| -> Vec<u32> {
-        (start..start + len)
-            .map(|i| (1 + (i * 7919) % (vocab - 1)) as u32)
-            .collect()
-    };
-    let per_update = shape.micro_batch * shape.grad_accumulation;
-    let episodes: Vec<Episode<TokenPrompt>> = (0..per_update)
-        .map(|e| {
-            let start = e * (shape.prompt + shape.privileged);
-            let student = ids(start, shape.prompt);
-            let mut teacher = student.clone();
-            teacher.extend(ids(start + shape.prompt, shape.privileged));
-            Episode {
-                student: TokenPrompt::new(student),
-                teacher: TokenPrompt::new(teacher),
-            }
-        })
-        .collect();
+    let episodes = crate::episodes(
+        shape.micro_batch * shape.grad_accumulation,
+        shape.prompt,
+        shape.privileged,
+        config.vocab_size,
+    );
     let teacher = match shape.teacher {
         TeacherWeights::Live => TeacherMode::Live,
         TeacherWeights::Frozen => TeacherMode::Frozen,
