@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{ok, spawn, tiny_run_config, train, wait_for};
+use common::{kill_when, ok, spawn, tiny_run_config, train};
 
 /// The shared tiny run (warm-up batch 2, OPSD and label-SFT updates of 2 prompts) on `device`.
 fn config(dir: &Path, name: &str, device: &str) -> PathBuf {
@@ -130,13 +130,10 @@ fn a_two_device_run_killed_in_opsd_resumes_to_bit_identical_students() {
 
     let killed = config(dir.path(), "killed", devices);
     let run = dir.path().join("runs/killed");
-    let mut child = spawn(&["--config", killed.to_str().unwrap()]);
-    wait_for(
-        &mut child,
+    kill_when(
+        spawn(&["--config", killed.to_str().unwrap()]),
         &run.join("checkpoints/opsd-seed0/step-0000000002.ckpt"),
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
     assert!(
         !run.join("results/opsd-seed0.json").exists(),
         "killed inside the OPSD phase"

@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{ok, spawn, train, wait_for};
+use common::{kill_when, ok, spawn, train};
 
 const LORA: &str =
     "[lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
@@ -90,13 +90,10 @@ fn killed_run_resumes_bit_identically(opsd: &str) {
 
     let killed = config(dir.path(), "killed", &cache, opsd, LORA);
     let run = dir.path().join("runs/killed");
-    let mut child = spawn(&["--config", killed.to_str().unwrap()]);
-    wait_for(
-        &mut child,
+    kill_when(
+        spawn(&["--config", killed.to_str().unwrap()]),
         &run.join("checkpoints/opsd-seed0/step-0000000002.ckpt"),
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
     ok(&train(&["--resume", run.to_str().unwrap()]));
     let resumed = outcome(&run);
     assert_eq!(resumed.1, reference.1, "same scores and divergences");

@@ -6,7 +6,7 @@
 mod common;
 mod ffmpeg;
 
-use common::{ok, spawn, tiny_run_config as config, train, wait_for, BIN};
+use common::{kill_when, ok, spawn, tiny_run_config as config, train, wait_for, BIN};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -61,14 +61,12 @@ fn run_killed_mid_training_resumes_to_bit_identical_students() {
         "checkpoints/warmup/step-0000000002.ckpt",
         "checkpoints/opsd-seed0/step-0000000002.ckpt",
     ] {
-        let mut child = if run.join("config.toml").exists() {
+        let child = if run.join("config.toml").exists() {
             spawn(&["--resume", run.to_str().unwrap()])
         } else {
             spawn(&["--config", killed.to_str().unwrap()])
         };
-        wait_for(&mut child, &run.join(marker));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        kill_when(child, &run.join(marker));
     }
     ok(&train(&["--resume", run.to_str().unwrap()]));
     let resumed = outcome(&run);

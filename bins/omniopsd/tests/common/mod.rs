@@ -96,6 +96,13 @@ pub fn ok(out: &Output) {
     );
 }
 
+/// Kills the child with SIGKILL once `path` exists (a checkpoint it wrote), and reaps it.
+pub fn kill_when(mut child: Child, path: &Path) {
+    wait_for(&mut child, path);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// Waits until `path` exists (the child is making progress) or the child exits.
 pub fn wait_for(child: &mut Child, path: &Path) {
     let start = Instant::now();
