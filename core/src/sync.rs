@@ -159,7 +159,10 @@ mod collective {
     /// counts, and no coarser than the trainers' own `f64` accumulation), the gradients
     /// parameter by parameter in sorted [`burn::module::ParamId`] order
     /// (`GradientsParams::all_reduce`), so replicas must share their parameter ids (clone one
-    /// model, or load the same record).
+    /// model, or load the same record). Over several nodes, register with a global strategy
+    /// that takes any shape (`CollectiveConfig::with_global_all_reduce_strategy(Tree(2))`):
+    /// burn-collective's default, Ring, refuses a tensor whose largest dimension is below the
+    /// node count, such as the few scalar sums.
     ///
     /// ```no_run
     /// use burn::collective::{register, CollectiveConfig, PeerId};

@@ -2,7 +2,9 @@
 //! built binary: the students equal one device's with the same global batch to f32 rounding;
 //! a two-device run killed with SIGKILL inside the OPSD phase resumes to students
 //! bit-identical to an uninterrupted two-device run; more devices than the machine has, or a
-//! batch that does not split over the devices, stop the run before anything is written.
+//! batch that does not split over the devices, stop the run before anything is written; two
+//! nodes on one host either train the same students or stop at their start with the error that
+//! names burn-collective 0.21.0's multi-node bug, never hang.
 
 mod common;
 
@@ -236,4 +238,115 @@ fn an_update_that_does_not_split_over_the_devices_is_refused_naming_the_keys() {
         "{stderr}"
     );
     assert!(!dir.path().join("runs").exists(), "nothing written");
+}
+
+/// A port nothing listens on now (the OS's pick, released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped (the orchestrator serves until stopped).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_nodes_on_one_host_train_or_stop_with_the_named_error_never_hang() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let orchestrator = free_port();
+    let orch = KillOnDrop(
+        Command::new(common::BIN)
+            .args(["orchestrator", "--port", &orchestrator.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", orchestrator)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(60), "orchestrator up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Two nodes of one CPU device each: an update of 2 prompts splits one per node.
+    let nodes: Vec<_> = (0..2)
+        .map(|rank| {
+            let name = format!("node{rank}");
+            let cluster = format!(
+                "[cluster]\nnodes = 2\nrank = {rank}\norchestrator = \
+                 \"ws://127.0.0.1:{orchestrator}\"\naddress = \"ws://127.0.0.1:{}\"\ntimeout = 5\n",
+                free_port()
+            );
+            // Each node its own data cache, as on separate machines.
+            let cache = dir.path().join(format!("cache{rank}"));
+            let cfg = common::tiny_run_config(dir.path(), &name, &cache, &cluster);
+            let text = fs::read_to_string(&cfg).unwrap();
+            fs::write(&cfg, format!("device = \"cpu\"\n{text}")).unwrap();
+            let log = dir.path().join(format!("{name}.stderr"));
+            let child = Command::new(common::BIN)
+                .args(["train", "--config", cfg.to_str().unwrap(), "--quiet"])
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (KillOnDrop(child), log, dir.path().join("runs").join(&name))
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for (mut child, log, run) in nodes {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "a node still runs after 600 s: {}",
+                fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        outcomes.push((status.success(), fs::read_to_string(&log).unwrap(), run));
+    }
+    drop(orch);
+    if outcomes.iter().all(|(ok, _, _)| *ok) {
+        // A burn-collective whose global all-reduce completes: the nodes train the same
+        // students, bit for bit.
+        let (a, b) = (students(&outcomes[0].2), students(&outcomes[1].2));
+        eprintln!("both nodes trained: {} student tensors each", a.len());
+        assert!(!a.is_empty() && a.len() == b.len());
+        for (name, x) in &a {
+            assert!(
+                x.iter()
+                    .map(|v| v.to_bits())
+                    .eq(b[name].iter().map(|v| v.to_bits())),
+                "{name} differs between the nodes"
+            );
+        }
+    } else {
+        // The published burn-collective 0.21.0: both nodes stop with the error that names
+        // the cause and the key, and leave no run directory.
+        for (ok, stderr, run) in &outcomes {
+            eprintln!("a node stopped: {}", stderr.trim());
+            assert!(!ok, "one node trained, the other did not: {outcomes:?}");
+            assert!(
+                stderr.contains("cluster.timeout")
+                    && stderr.contains("burn-collective")
+                    && stderr.contains("2 devices"),
+                "{stderr}"
+            );
+            assert!(!run.exists(), "{} was left behind", run.display());
+        }
+    }
 }

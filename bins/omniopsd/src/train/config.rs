@@ -125,6 +125,14 @@ pub struct ClusterSection {
     /// This machine as the others reach it, `ws://HOST:PORT`; the port is where it serves
     /// its tensors to the other nodes.
     pub address: String,
+    /// Seconds the first all-reduces over every node may take once all have joined, before
+    /// the run stops with an error rather than wait forever.
+    #[serde(default = "default_cluster_timeout")]
+    pub timeout: u64,
+}
+
+fn default_cluster_timeout() -> u64 {
+    60
 }
 
 impl ClusterSection {
@@ -139,6 +147,9 @@ impl ClusterSection {
                 self.nodes,
                 self.rank
             );
+        }
+        if self.timeout == 0 {
+            bail!("cluster.timeout: must be at least 1 second");
         }
         ws_port("cluster.orchestrator", &self.orchestrator)?;
         ws_port("cluster.address", &self.address)
@@ -936,6 +947,12 @@ pub const KNOBS: &[Knob] = &[
          --node-address)",
     ),
     knob(
+        "cluster.timeout",
+        "",
+        "seconds the first all-reduces over all nodes may take once every node has joined \
+         (default 60); past it the run stops with an error instead of waiting forever",
+    ),
+    knob(
         "eval.every",
         "",
         "held-out evaluation every N updates and at the end (HIT, WAF, F_s)",
@@ -1486,6 +1503,7 @@ batch_size = 0
             rank: 1,
             orchestrator: "ws://10.0.0.1:3000".into(),
             address: "ws://10.0.0.2:3001".into(),
+            timeout: 60,
         });
         let value: toml::Value = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         let mut found = Vec::new();
@@ -1553,6 +1571,8 @@ batch_size = 0
         assert!(bad("rank = 1", "rank = 2").contains("cluster.rank"));
         assert!(bad("ws://h:3000", "http://h:3000").contains("cluster.orchestrator"));
         assert!(bad("ws://g:3001", "ws://g").contains("cluster.address"));
+        assert_eq!(cfg.cluster.as_ref().unwrap().timeout, 60, "the default");
+        assert!(error(&table(&format!("{full}timeout = 0\n"))).contains("cluster.timeout"));
         // Two nodes of one CPU device: a warm-up batch of 8 and updates of 4 split in two.
         assert!(bad("nodes = 2", "nodes = 3").contains("split evenly"));
     }

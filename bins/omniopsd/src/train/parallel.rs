@@ -16,12 +16,16 @@
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::collective::{finish_collective, register, CollectiveConfig, PeerId};
+use burn::collective::{
+    all_reduce, finish_collective, register, AllReduceStrategy, CollectiveConfig, PeerId,
+    ReduceOperation,
+};
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
 use omniopsd_core::sft::SftError;
 use omniopsd_core::step::StepError;
 use omniopsd_core::sync::{Collective, GradientSync, SingleDevice, SyncError};
@@ -78,7 +82,11 @@ impl<B: AutodiffBackend> Devices<B> {
                             .parse()
                             .map_err(|e| anyhow!("cluster.address: {e}"))?,
                     )
-                    .with_data_service_port(port);
+                    .with_data_service_port(port)
+                    // burn-collective's default global strategy, Ring, refuses a tensor whose
+                    // largest dimension is below the node count (the run's few metric sums,
+                    // a small parameter); a binary tree takes any shape.
+                    .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
                 (c.rank as usize * local, c.nodes as usize * local)
             }
             None => (0, local),
@@ -105,6 +113,9 @@ impl<B: AutodiffBackend> Devices<B> {
                 .collect::<Result<Vec<()>>>()
         })
         .context("starting data parallelism (burn-collective)")?;
+        if let Some(c) = cluster {
+            probe::<B::InnerBackend>(&devices, first, total, Duration::from_secs(c.timeout))?;
+        }
         Ok(Self {
             devices,
             first,
@@ -164,6 +175,61 @@ impl<B: AutodiffBackend> Drop for Devices<B> {
 
 fn peer(index: usize) -> PeerId {
     PeerId::from(index)
+}
+
+/// Two all-reduces of a 1 from every device of every node, each sum checked, all within
+/// `timeout`: a multi-node run that cannot complete them stops here with an error instead of
+/// hanging at its first update. The published burn-collective 0.21.0 never completes a
+/// process's second global all-reduce (its `SyncService::sync` clears a copy of the syncing
+/// peers, not the list itself), so this is where a multi-node run on it ends.
+fn probe<B: Backend>(
+    devices: &[B::Device],
+    first: usize,
+    total: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let (tx, rx) = channel();
+    for (d, device) in devices.iter().enumerate() {
+        let (tx, device) = (tx.clone(), device.clone());
+        // Detached: a blocked all-reduce cannot be cancelled, so the thread is left behind
+        // when the run ends with the error.
+        std::thread::spawn(move || {
+            let result = (1..=2).try_for_each(|round| {
+                let one = Tensor::<B, 1>::ones([1], &device).into_primitive().tensor();
+                let sum = all_reduce::<B>(peer(first + d), one, ReduceOperation::Sum)
+                    .map_err(|e| anyhow!("all-reduce {round}: {e:?}"))?;
+                let sum: f64 = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(sum))
+                    .into_scalar()
+                    .elem();
+                if sum != total as f64 {
+                    bail!("all-reduce {round}: {total} devices summed their 1s to {sum}");
+                }
+                Ok(())
+            });
+            let _ = tx.send((d, result));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    for _ in devices {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((_, Ok(()))) => {}
+            Ok((d, Err(e))) => {
+                return Err(e.context(format!("checking the nodes' all-reduce on device {d}")))
+            }
+            Err(_) => bail!(
+                "every node joined, but two all-reduces over all {total} devices did not complete \
+                 within {} s (cluster.timeout). With the published burn-collective 0.21.0 a \
+                 process's second global all-reduce never completes (global/node/sync.rs \
+                 clears a copy of its syncing peers, not the list), so multi-node training \
+                 needs a burn-collective with that fixed (README, \"Several machines\"). \
+                 Otherwise: a node stopped, or another node cannot reach this one's \
+                 cluster.address",
+                timeout.as_secs()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// `model` with its parameter ids numbered in visiting order: the same on every node, so
