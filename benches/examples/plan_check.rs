@@ -54,6 +54,7 @@ fn main() -> Result<(), String> {
                     lora_dropout: 0.0,
                     target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
                     use_rslora: false,
+                    placement: Default::default(),
                 });
             }
             "--teacher" => {

@@ -174,6 +174,7 @@ fn bench<B: AutodiffBackend>(args: Args) -> Result<(), String> {
                 lora_dropout: 0.0,
                 target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
                 use_rslora: false,
+                placement: Default::default(),
             };
             model
                 .with_new_adapters(&lora, 0)

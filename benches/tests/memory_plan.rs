@@ -52,6 +52,7 @@ fn shape(
             lora_dropout: 0.0,
             target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
             use_rslora: false,
+            placement: Default::default(),
         }),
         teacher,
         compute_bytes: 4,

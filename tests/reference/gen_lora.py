@@ -8,7 +8,12 @@ them (adapter_config.json + adapter_model.safetensors; the README model card is 
 * tests/reference/lora_qv/: r 4, lora_alpha 8 (scaling 2), lora_dropout 0.05, targets q_proj and
   v_proj;
 * tests/reference/lora_all_rslora/: r 4, lora_alpha 8, use_rslora (scaling 8 / sqrt(4) = 4),
-  lora_dropout 0, targets all seven projections.
+  lora_dropout 0, targets all seven projections;
+* tests/reference/lora_pattern/: PEFT's finer placement with a pattern: `target_modules` a
+  regular expression with a lookahead (q/o/up/down projections outside layer 2), an excluded
+  module, and `rank_pattern` / `alpha_pattern`;
+* tests/reference/lora_layers/: listed targets with a dotted suffix (`self_attn.k_proj`) on
+  layers 0 and 2 only (`layers_to_transform`, `layers_pattern`), rsLoRA with a per-module rank.
 
 tests/reference/lora_ref.safetensors holds, for each adapter (prefix `qv.` / `all.`), computed
 in f32 with eager attention by transformers + PEFT, adapter reloaded from its saved files with
@@ -81,6 +86,35 @@ ADAPTERS = [
                 "up_proj",
                 "down_proj",
             ],
+        ),
+    ),
+    (
+        "pattern",
+        "lora_pattern",
+        dict(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=r"^(?!.*layers\.2\.).*\.(?:q_proj|o_proj|up_proj|down_proj)$",
+            exclude_modules=["model.layers.0.mlp.up_proj"],
+            # No two keys match one module: PEFT writes the config with sorted keys, so the
+            # order a trainer gave them (the first match decides) does not survive a save.
+            rank_pattern={"o_proj": 2, r"layers\.1\.mlp\.up_proj": 6, r"mlp\.down_proj": 3},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3, "down_proj": 20},
+        ),
+    ),
+    (
+        "layers",
+        "lora_layers",
+        dict(
+            r=4,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            use_rslora=True,
+            target_modules=["self_attn.k_proj", "v_proj", "gate_proj"],
+            layers_to_transform=[0, 2],
+            layers_pattern="layers",
+            rank_pattern={"gate_proj": 8},
         ),
     ),
 ]

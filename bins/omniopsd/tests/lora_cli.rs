@@ -95,7 +95,12 @@ fn max_abs_vs(ours: &[f64], theirs: &[f32]) -> f64 {
 
 #[test]
 fn score_with_a_peft_adapter_matches_transformers_peft() {
-    for (key, dir) in [("qv", "lora_qv"), ("all", "lora_all_rslora")] {
+    for (key, dir) in [
+        ("qv", "lora_qv"),
+        ("all", "lora_all_rslora"),
+        ("pattern", "lora_pattern"),
+        ("layers", "lora_layers"),
+    ] {
         let adapter = path(dir);
         let out = score(&path("qwen2_tiny"), &["--adapter", &adapter]);
         let ids = numbers(&out["prompt_ids"]);

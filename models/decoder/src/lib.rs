@@ -16,6 +16,7 @@ mod config;
 mod lora;
 pub mod memory;
 mod model;
+mod placement;
 mod policy;
 
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
@@ -23,6 +24,7 @@ pub use lora::{
     peft_prefix, LoraConfig, PeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS,
 };
 pub use model::{text_positions, KvCache, Qwen2Model};
+pub use placement::{ModuleMatch, Placement};
 pub use policy::{
     argmax_first, check_tokenizer, load_tokenizer, BatchCache, DecoderCache, EmbeddingInserts,
     PromptPositions, TokenPrompt,

@@ -9,10 +9,12 @@
 //! `base_model.model.thinker.model.layers…` for a full Qwen2.5-Omni model. The decoder
 //! therefore names its adapters by its own tensor prefix in the base checkpoint.
 //!
-//! Only what this implementation computes exactly is accepted: plain LoRA (optionally rsLoRA)
-//! on the seven projections of every decoder layer. DoRA, per-module ranks or alphas, layer
-//! subsets, trained biases, `modules_to_save`, regex targets and the like are refused with the
-//! key that asks for them, rather than loaded into something PEFT would compute differently.
+//! Only what this implementation computes exactly is accepted: LoRA (optionally rsLoRA) on any
+//! of the seven projections of the decoder layers, placed as PEFT places it (a list of names,
+//! a pattern, excluded modules, a subset of layers, per-module ranks and alphas: see
+//! [`Placement`]). DoRA, trained biases, `modules_to_save`, adapters on other modules and the
+//! like are refused with the key that asks for them, rather than loaded into something PEFT
+//! would compute differently.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use omniopsd_core::rng::{fnv1a64, SplitMix64};
 use omniopsd_nn::LoraAdapter;
 use serde_json::{json, Map, Value};
 
+use crate::placement::{OrderedPatterns, Placement};
 use crate::{Error, Qwen2Model};
 
 /// The projections an adapter may wrap, in the order of a decoder layer.
@@ -52,19 +55,46 @@ pub struct LoraConfig {
     pub lora_alpha: f64,
     /// Dropout probability on each adapter's input during training, in `[0, 1)`.
     pub lora_dropout: f64,
-    /// Which projections get adapters (of [`LORA_TARGETS`]).
+    /// Which projections get adapters (of [`LORA_TARGETS`]; read from PEFT, also dotted
+    /// suffixes such as `mlp.down_proj`); empty when `placement` has a target pattern.
     pub target_modules: Vec<String>,
     /// Rank-stabilised scaling `α / √r` (Kalajdzievski 2023) instead of `α / r`.
     pub use_rslora: bool,
+    /// PEFT's finer placement (patterns, excluded modules, layers, per-module ranks and
+    /// alphas), as read from `adapter_config.json`; empty for adapters made here.
+    pub placement: Placement,
 }
 
 impl LoraConfig {
     /// `α / r`, or `α / √r` with rsLoRA (PEFT's `LoraLayer.update_layer`).
     pub fn scaling(&self) -> f64 {
+        self.scaling_of(self.r, self.lora_alpha)
+    }
+
+    fn scaling_of(&self, r: usize, alpha: f64) -> f64 {
         if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
+            alpha / (r as f64).sqrt()
         } else {
-            self.lora_alpha / self.r as f64
+            alpha / r as f64
+        }
+    }
+
+    /// The rank and scaling of the adapter on the module named `key` (its full name in the
+    /// base model, `model.layers.0.self_attn.q_proj`), or `None` when PEFT puts no adapter
+    /// there. The error names the config key whose pattern does not compile.
+    pub fn place(&self, key: &str) -> Result<Option<(usize, f64)>, (&'static str, String)> {
+        if !self.placement.targets(&self.target_modules, key)? {
+            return Ok(None);
+        }
+        let (r, alpha) = self.placement.rank_alpha(key, self.r, self.lora_alpha)?;
+        Ok(Some((r, self.scaling_of(r, alpha))))
+    }
+
+    /// The targets in words, for errors.
+    pub fn describe_targets(&self) -> String {
+        match &self.placement.target_pattern {
+            Some(p) => format!("pattern {p:?}"),
+            None => self.target_modules.join(", "),
         }
     }
 
@@ -73,23 +103,10 @@ impl LoraConfig {
         self.target_modules.iter().any(|t| t == module)
     }
 
-    /// Checks what this implementation can run; the error names the key.
+    /// Checks a config made here (the `[lora]` table): the settings, and targets that are
+    /// projection names; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.r == 0 {
-            return Err(("r", "the rank must be at least 1".into()));
-        }
-        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
-            return Err((
-                "lora_alpha",
-                format!("must be a positive number, found {}", self.lora_alpha),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err((
-                "lora_dropout",
-                format!("must be in [0, 1), found {}", self.lora_dropout),
-            ));
-        }
+        self.validate_settings()?;
         if self.target_modules.is_empty() {
             return Err((
                 "target_modules",
@@ -109,13 +126,100 @@ impl LoraConfig {
                 ),
             ));
         }
+        if !self.placement.is_plain() {
+            return Err((
+                "target_modules",
+                "patterns, excluded modules, layer subsets and per-module ranks are read from \
+                 PEFT adapters, not made here"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a config read from PEFT: the settings, listed targets that end in a projection
+    /// name (`q_proj`, `self_attn.q_proj`), and the placement's patterns.
+    fn validate_read(&self) -> Result<(), (&'static str, String)> {
+        self.validate_settings()?;
+        if self.target_modules.is_empty() && self.placement.target_pattern.is_none() {
+            return Err((
+                "target_modules",
+                format!("names no module; choose from {}", LORA_TARGETS.join(", ")),
+            ));
+        }
+        if let Some(unknown) = self.target_modules.iter().find(|t| {
+            let last = t.rsplit('.').next().unwrap_or_default();
+            !LORA_TARGETS.contains(&last)
+        }) {
+            return Err((
+                "target_modules",
+                format!(
+                    "`{unknown}` is not a projection of the decoder (adapters on other modules \
+                     are not supported); the decoder's are {}",
+                    LORA_TARGETS.join(", ")
+                ),
+            ));
+        }
+        self.placement.check_patterns()
+    }
+
+    /// Rank, alpha and dropout.
+    fn validate_settings(&self) -> Result<(), (&'static str, String)> {
+        if self.r == 0 {
+            return Err(("r", "the rank must be at least 1".into()));
+        }
+        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+            return Err((
+                "lora_alpha",
+                format!("must be a positive number, found {}", self.lora_alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err((
+                "lora_dropout",
+                format!("must be in [0, 1), found {}", self.lora_dropout),
+            ));
+        }
         Ok(())
     }
 
     /// Reads `adapter_config.json` as PEFT writes it; `file` names it in errors. Settings that
     /// would make PEFT compute something this implementation does not are refused naming
-    /// their key.
+    /// their key. `rank_pattern` and `alpha_pattern` are taken in the (sorted) order of the
+    /// parsed object; [`Self::from_peft_text`] keeps the file's order, which PEFT follows.
     pub fn from_peft_json(file: &Path, json: &Value) -> Result<Self, Error> {
+        Self::read_peft(file, json, None)
+    }
+
+    /// [`Self::from_peft_json`] of the file's text, with the patterns in the file's order.
+    pub fn from_peft_text(file: &Path, text: &str) -> Result<Self, Error> {
+        let invalid = |e: serde_json::Error| {
+            Error::Checkpoint(omniopsd_checkpoint::Error::InvalidJson {
+                file: file.to_path_buf(),
+                reason: e.to_string(),
+            })
+        };
+        let json: Value = serde_json::from_str(text).map_err(invalid)?;
+        // Only an object has patterns to order; anything else is refused by `read_peft`.
+        let ordered =
+            match json.is_object() {
+                true => Some(serde_json::from_str::<OrderedPatterns>(text).map_err(|e| {
+                    Error::Config {
+                        file: file.to_path_buf(),
+                        key: "rank_pattern".into(),
+                        reason: format!("expected objects of pattern: value ({e})"),
+                    }
+                })?),
+                false => None,
+            };
+        Self::read_peft(file, &json, ordered)
+    }
+
+    fn read_peft(
+        file: &Path,
+        json: &Value,
+        ordered: Option<OrderedPatterns>,
+    ) -> Result<Self, Error> {
         let err = |key: &str, reason: String| Error::Config {
             file: file.to_path_buf(),
             key: key.into(),
@@ -167,6 +271,8 @@ impl LoraConfig {
                 .as_bool()
                 .ok_or_else(|| err("use_rslora", format!("expected true or false, found {v}")))?,
         };
+        let mut placement =
+            Placement::from_json(obj, ordered).map_err(|(key, reason)| err(key, reason))?;
         let target_modules = match obj.get("target_modules") {
             Some(Value::Array(items)) => items
                 .iter()
@@ -179,15 +285,14 @@ impl LoraConfig {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
+            // PEFT's shorthand for every linear layer but the output head: of the decoder,
+            // its seven projections.
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
+                LORA_TARGETS.iter().map(|t| t.to_string()).collect()
+            }
             Some(Value::String(s)) => {
-                return Err(err(
-                    "target_modules",
-                    format!(
-                        "\"{s}\" is a pattern (PEFT matches a string as a regular expression or \
-                         `all-linear`); list the projections instead, from {}",
-                        LORA_TARGETS.join(", ")
-                    ),
-                ))
+                placement.target_pattern = Some(s.clone());
+                vec![]
             }
             other => {
                 return Err(err(
@@ -205,9 +310,10 @@ impl LoraConfig {
             lora_dropout,
             target_modules,
             use_rslora,
+            placement,
         };
         config
-            .validate()
+            .validate_read()
             .map_err(|(key, reason)| err(key, reason))?;
         Ok(config)
     }
@@ -216,13 +322,24 @@ impl LoraConfig {
     /// for everything this implementation does not use, so `PeftModel.from_pretrained` (and
     /// `LoraConfig.from_pretrained`) read it as the same adapter.
     pub fn to_peft_json(&self, base_model_name_or_path: Option<&str>) -> Value {
+        // Projections in layer order, then any dotted suffixes read from PEFT.
         let mut targets: Vec<&str> = LORA_TARGETS
             .iter()
             .copied()
             .filter(|t| self.targets(t))
             .collect();
+        targets.extend(
+            self.target_modules
+                .iter()
+                .map(String::as_str)
+                .filter(|t| !LORA_TARGETS.contains(t)),
+        );
         targets.dedup();
-        json!({
+        let targets = match &self.placement.target_pattern {
+            Some(p) => json!(p),
+            None => json!(targets),
+        };
+        let mut value = json!({
             "alpha_pattern": {},
             "auto_mapping": null,
             "base_model_name_or_path": base_model_name_or_path,
@@ -246,7 +363,11 @@ impl LoraConfig {
             "task_type": "CAUSAL_LM",
             "use_dora": false,
             "use_rslora": self.use_rslora,
-        })
+        });
+        if let Value::Object(obj) = &mut value {
+            self.placement.write_json(obj);
+        }
+        value
     }
 }
 
@@ -264,20 +385,16 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), (&'static str, Str
         Value::Array(a) => a.is_empty(),
         _ => false,
     };
-    const MUST_BE_OFF: [(&str, &str); 13] = [
+    const MUST_BE_OFF: [(&str, &str); 9] = [
         ("use_dora", "DoRA adapters"),
         ("use_qalora", "QA-LoRA adapters"),
         ("lora_bias", "trained LoRA biases"),
         ("fan_in_fan_out", "Conv1D-layout (fan_in_fan_out) weights"),
-        ("rank_pattern", "per-module ranks"),
-        ("alpha_pattern", "per-module alphas"),
-        ("layers_to_transform", "adapters on a subset of layers"),
         ("layer_replication", "layer replication"),
         (
             "modules_to_save",
             "fully trained extra modules (modules_to_save)",
         ),
-        ("exclude_modules", "excluded modules"),
         (
             "target_parameters",
             "adapters on parameters (target_parameters)",
@@ -328,13 +445,13 @@ impl PeftAdapter {
         }
         let config_path = dir.join(ADAPTER_CONFIG);
         let bytes = std::fs::read(&config_path).map_err(|e| io(config_path.clone(), e))?;
-        let json: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let text = String::from_utf8(bytes).map_err(|e| {
             Error::Checkpoint(omniopsd_checkpoint::Error::InvalidJson {
                 file: config_path.clone(),
                 reason: e.to_string(),
             })
         })?;
-        let config = LoraConfig::from_peft_json(&config_path, &json)?;
+        let config = LoraConfig::from_peft_text(&config_path, &text)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         if !weights_path.is_file() && dir.join("adapter_model.bin").is_file() {
             return Err(Error::Adapter {
@@ -469,10 +586,20 @@ impl<B: Backend> Qwen2Model<B> {
         let device = self.lm_head_weight().device();
         let root = adapter.weights().weights().pp(peft_prefix(base_prefix));
         let mut used = BTreeSet::new();
-        let mut model = self.no_grad().map_projections(|name, short, lin| {
-            if !config.targets(short) {
+        let mut model = self.no_grad().map_projections(|name, _, lin| {
+            // PEFT decides by the module's full name in the base model.
+            let key = match base_prefix {
+                "" => name.to_string(),
+                prefix => format!("{prefix}.{name}"),
+            };
+            let Some((r, scaling)) = config.place(&key).map_err(|(k, reason)| Error::Config {
+                file: adapter.dir().join(ADAPTER_CONFIG),
+                key: k.into(),
+                reason,
+            })?
+            else {
                 return Ok(lin);
-            }
+            };
             let view = root.pp(name);
             used.insert(format!("{}.lora_A.weight", view.prefix()));
             used.insert(format!("{}.lora_B.weight", view.prefix()));
@@ -480,8 +607,8 @@ impl<B: Backend> Qwen2Model<B> {
                 &view,
                 lin.d_in(),
                 lin.d_out(),
-                config.r,
-                config.scaling(),
+                r,
+                scaling,
                 config.lora_dropout,
                 &device,
             )?;
@@ -500,7 +627,7 @@ impl<B: Backend> Qwen2Model<B> {
                     } else {
                         String::new()
                     },
-                    config.target_modules.join(", "),
+                    config.describe_targets(),
                     peft_prefix(base_prefix),
                 ),
             });
@@ -642,6 +769,7 @@ mod tests {
             lora_dropout: 0.05,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             use_rslora: false,
+            placement: Placement::default(),
         }
         .to_peft_json(None);
         edit(&mut v);
@@ -663,6 +791,23 @@ mod tests {
     }
 
     #[test]
+    fn all_linear_is_every_projection_and_a_string_otherwise_a_pattern() {
+        let path = Path::new("a.json");
+        let all = peft_json(|v| v["target_modules"] = json!("all-linear"));
+        let c = LoraConfig::from_peft_json(path, &all).unwrap();
+        assert_eq!(c.target_modules, LORA_TARGETS.map(String::from).to_vec());
+        let pattern = peft_json(|v| v["target_modules"] = json!(r".*\.q_proj"));
+        let c = LoraConfig::from_peft_json(path, &pattern).unwrap();
+        assert!(c.target_modules.is_empty());
+        assert_eq!(
+            c.place("model.layers.0.self_attn.q_proj").unwrap(),
+            Some((4, 2.0))
+        );
+        assert_eq!(c.place("model.layers.0.self_attn.k_proj").unwrap(), None);
+        assert_eq!(c.to_peft_json(None)["target_modules"], json!(r".*\.q_proj"));
+    }
+
+    #[test]
     fn rslora_scales_by_the_square_root_of_the_rank() {
         let c = LoraConfig {
             r: 16,
@@ -670,6 +815,7 @@ mod tests {
             lora_dropout: 0.0,
             target_modules: vec!["q_proj".into()],
             use_rslora: true,
+            placement: Placement::default(),
         };
         assert_eq!(c.scaling(), 2.0);
     }
@@ -687,11 +833,15 @@ mod tests {
             e.contains("`target_modules`") && e.contains("lm_head"),
             "{e}"
         );
-        let e = parse_err(|v| v["target_modules"] = json!("all-linear"));
+        let e = parse_err(|v| v["target_modules"] = json!("(q_proj"));
         assert!(
-            e.contains("`target_modules`") && e.contains("pattern"),
+            e.contains("`target_modules`") && e.contains("not a regular expression"),
             "{e}"
         );
+        let e = parse_err(|v| v["rank_pattern"] = json!({"q_proj": 0}));
+        assert!(e.contains("`rank_pattern`") && e.contains("q_proj"), "{e}");
+        let e = parse_err(|v| v["alpha_pattern"] = json!({"q_proj": -1.0}));
+        assert!(e.contains("`alpha_pattern`"), "{e}");
         let e = parse_err(|v| v["lora_dropout"] = json!(1.0));
         assert!(e.contains("`lora_dropout`"), "{e}");
     }
@@ -700,8 +850,7 @@ mod tests {
     fn peft_features_computed_differently_are_refused_naming_the_key() {
         for (key, value) in [
             ("use_dora", json!(true)),
-            ("rank_pattern", json!({"q_proj": 8})),
-            ("layers_to_transform", json!([0])),
+            ("layer_replication", json!([[0, 1]])),
             ("modules_to_save", json!(["lm_head"])),
             ("bias", json!("all")),
             ("peft_type", json!("IA3")),

@@ -1,6 +1,9 @@
-//! LoRA parity with transformers 5.24 + PEFT 0.21 on the tiny checkpoint A
-//! (`tests/reference/gen_lora.py`): two PEFT-saved adapters with non-zero `lora_B`
-//! (`lora_qv`: q/v, α/r; `lora_all_rslora`: all seven projections, α/√r). Tolerances:
+//! LoRA parity with transformers 5.25 + PEFT 0.21.2 on the tiny checkpoint A
+//! (`tests/reference/gen_lora.py`): four PEFT-saved adapters with non-zero `lora_B`
+//! (`lora_qv`: q/v, α/r; `lora_all_rslora`: all seven projections, α/√r; `lora_pattern`: a
+//! regular-expression target with a lookahead, an excluded module, per-module ranks and alphas;
+//! `lora_layers`: a dotted-suffix target on layers 0 and 2 only, rsLoRA, a per-module rank).
+//! Tolerances:
 //! log-probs `max|Δ|` ≤ 1e-4, greedy ids identical, LoRA gradients `max|Δ| / max|ref|` ≤ 1e-5
 //! per tensor.
 
@@ -22,7 +25,12 @@ use common::{reference, rel_err};
 type B = NdArray<f32>;
 type A = Autodiff<B>;
 
-const ADAPTERS: [(&str, &str); 2] = [("qv", "lora_qv"), ("all", "lora_all_rslora")];
+const ADAPTERS: [(&str, &str); 4] = [
+    ("qv", "lora_qv"),
+    ("all", "lora_all_rslora"),
+    ("pattern", "lora_pattern"),
+    ("layers", "lora_layers"),
+];
 
 fn fixture(name: &str) -> Vec<f32> {
     Checkpoint::open_file(&reference().join("lora_ref.safetensors"))
@@ -164,6 +172,7 @@ fn new_adapters_change_nothing_until_trained_and_are_the_only_trainable_weights(
         lora_dropout: 0.0,
         target_modules: vec!["k_proj".into(), "down_proj".into()],
         use_rslora: false,
+        placement: Default::default(),
     };
     let m = base::<A>("qwen2_tiny")
         .with_new_adapters(&config, 7)
@@ -250,15 +259,26 @@ fn saved_adapter_has_peft_names_values_and_config() {
                 "{dir}: {field}"
             );
         }
-        let set = |v: &serde_json::Value| -> BTreeSet<String> {
-            v["target_modules"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s.as_str().unwrap().to_string())
-                .collect()
+        // Lists compare as sets (PEFT writes its target set in hash order), patterns and
+        // the placement keys as they are.
+        let set = |v: &serde_json::Value| -> serde_json::Value {
+            match v.as_array() {
+                Some(items) => {
+                    serde_json::json!(items.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>())
+                }
+                None => v.clone(),
+            }
         };
-        assert_eq!(set(&ours), set(&theirs), "{dir}: target_modules");
+        for field in [
+            "target_modules",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+        ] {
+            assert_eq!(set(&ours[field]), set(&theirs[field]), "{dir}: {field}");
+        }
         // And it loads back to the same model.
         let again = PeftAdapter::open(out.path()).unwrap();
         let m2 = base::<B>("qwen2_tiny").with_adapter(&again, "").unwrap();
@@ -466,4 +486,45 @@ fn adapter_names_follow_the_decoder_prefix_in_its_checkpoint() {
         json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
         serde_json::Value::Null
     );
+}
+
+/// The modules PEFT put adapters on, with their ranks, from the file's tensor shapes.
+fn ranks_in_file(dir: &str) -> Vec<(String, usize)> {
+    header_and_tensors(&reference().join(dir).join("adapter_model.safetensors"))
+        .into_iter()
+        .filter_map(|(name, _, shape)| {
+            let module = name.strip_suffix(".lora_A.weight")?;
+            let module = module.strip_prefix("base_model.model.").unwrap();
+            Some((module.to_string(), shape[0]))
+        })
+        .collect()
+}
+
+#[test]
+fn peft_placement_puts_each_adapter_where_peft_did_with_its_rank() {
+    for (_, dir) in ADAPTERS {
+        let m = adapted::<B>(dir);
+        let ours: Vec<(String, usize)> = m
+            .adapters()
+            .into_iter()
+            .map(|(name, a)| (name, a.lora_a().dims()[0]))
+            .collect();
+        let mut theirs = ranks_in_file(dir);
+        theirs.sort();
+        let mut ours_sorted = ours.clone();
+        ours_sorted.sort();
+        assert_eq!(ours_sorted, theirs, "{dir}");
+    }
+    // What the fixtures exercise (gen_lora.py): layer 2 and the excluded module left out, the
+    // rank patterns applied.
+    let pattern = ranks_in_file("lora_pattern");
+    assert!(!pattern.iter().any(|(n, _)| n.contains("layers.2.")));
+    assert!(!pattern
+        .iter()
+        .any(|(n, _)| n == "model.layers.0.mlp.up_proj"));
+    assert!(pattern.contains(&("model.layers.1.mlp.up_proj".into(), 6)));
+    assert!(pattern.contains(&("model.layers.0.self_attn.o_proj".into(), 2)));
+    let layers = ranks_in_file("lora_layers");
+    assert!(!layers.iter().any(|(n, _)| n.contains("layers.1.")));
+    assert!(layers.contains(&("model.layers.2.mlp.gate_proj".into(), 8)));
 }

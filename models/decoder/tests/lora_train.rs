@@ -129,6 +129,7 @@ fn lora_opsd_trains_only_the_adapters_in_every_teacher_mode() {
                             lora_dropout: 0.0,
                             target_modules: vec!["k_proj".into()],
                             use_rslora: false,
+                            placement: Default::default(),
                         },
                         0,
                     )
@@ -153,6 +154,7 @@ fn new_adapters_train_from_a_zero_delta() {
             .map(|s| s.to_string())
             .collect(),
         use_rslora: true,
+        placement: Default::default(),
     };
     let model = Qwen2Model::<A>::from_checkpoint(&ckpt, &Default::default())
         .unwrap()
@@ -176,6 +178,7 @@ fn a_new_adapter_rank_above_a_projection_width_is_refused_naming_it() {
                 lora_dropout: 0.0,
                 target_modules: vec!["k_proj".into()],
                 use_rslora: false,
+                placement: Default::default(),
             },
             0,
         )

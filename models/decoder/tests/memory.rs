@@ -21,6 +21,7 @@ fn lora(targets: &[&str], r: usize) -> LoraConfig {
         lora_dropout: 0.0,
         target_modules: targets.iter().map(|t| t.to_string()).collect(),
         use_rslora: false,
+        placement: Default::default(),
     }
 }
 

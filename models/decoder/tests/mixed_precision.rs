@@ -57,6 +57,7 @@ fn train<B: AutodiffBackend>(
             lora_dropout: 0.0,
             target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
             use_rslora: false,
+            placement: Default::default(),
         };
         model = model.with_new_adapters(&config, 7).unwrap();
     }

@@ -271,6 +271,7 @@ impl LoraSection {
             lora_dropout: self.lora_dropout,
             target_modules: self.target_modules.clone(),
             use_rslora: self.use_rslora,
+            placement: Default::default(),
         }
     }
 }
