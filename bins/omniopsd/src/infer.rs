@@ -214,22 +214,22 @@ impl<B: Backend> Loaded<B> {
         let model = match lora {
             None => model,
             Some(lora) => {
-                let attach = |decoder: Qwen2Model<B>| {
-                    decoder
-                        .with_adapter(&lora, ckpt.model_weights().prefix())
-                        .with_context(|| {
-                            format!(
-                                "applying the LoRA adapter in {} to the model in {}",
-                                lora.dir().display(),
-                                dir.display()
-                            )
-                        })
+                let context = || {
+                    format!(
+                        "applying the LoRA adapter in {} to the model in {}",
+                        lora.dir().display(),
+                        dir.display()
+                    )
                 };
+                let weights = ckpt.model_weights();
+                let prefix = weights.prefix();
                 match model {
-                    Model::Text(m) => Model::Text(attach(m)?),
-                    Model::Omni(mut t) => {
-                        t.decoder = attach(t.decoder)?;
-                        Model::Omni(t)
+                    Model::Text(m) => {
+                        Model::Text(m.with_adapter(&lora, prefix).with_context(context)?)
+                    }
+                    // The towers too: PEFT puts adapters on every module its targets match.
+                    Model::Omni(t) => {
+                        Model::Omni(t.with_adapter(&lora, prefix).with_context(context)?)
                     }
                 }
             }

@@ -245,6 +245,32 @@ pub struct AudioEncoder<B: Backend> {
 const MASKED: f32 = -1.0e9;
 
 impl<B: Backend> AudioEncoder<B> {
+    /// Every linear layer passed through `f` with its name below the tower, as transformers
+    /// names it (`layers.0.self_attn.q_proj`, `layers.0.fc1`, `proj`): how LoRA adapters
+    /// are put on the tower.
+    pub fn map_linears<E>(
+        mut self,
+        mut f: impl FnMut(&str, Linear<B>) -> Result<Linear<B>, E>,
+    ) -> Result<Self, E> {
+        let layers = std::mem::take(&mut self.layers);
+        for (i, mut l) in layers.into_iter().enumerate() {
+            let p = |name: &str| format!("layers.{i}.{name}");
+            let a = l.self_attn;
+            l.self_attn = Attention {
+                q_proj: f(&p("self_attn.q_proj"), a.q_proj)?,
+                k_proj: f(&p("self_attn.k_proj"), a.k_proj)?,
+                v_proj: f(&p("self_attn.v_proj"), a.v_proj)?,
+                out_proj: f(&p("self_attn.out_proj"), a.out_proj)?,
+                num_heads: a.num_heads,
+            };
+            l.fc1 = f(&p("fc1"), l.fc1)?;
+            l.fc2 = f(&p("fc2"), l.fc2)?;
+            self.layers.push(l);
+        }
+        self.proj = f("proj", self.proj)?;
+        Ok(self)
+    }
+
     /// Loads the tower from `w`, a view at the tower's own tensors (a thinker's `audio_tower`).
     pub fn load(w: &Weights, cfg: &AudioEncoderConfig, device: &B::Device) -> Result<Self, Error> {
         cfg.validate()?;

@@ -22,6 +22,7 @@ mod policy;
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use lora::{
     peft_prefix, LoraConfig, PeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS,
+    TOWER_LINEARS,
 };
 pub use model::{text_positions, KvCache, Qwen2Model};
 pub use placement::{ModuleMatch, Placement};

@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use omniopsd_checkpoint::Checkpoint;
 use omniopsd_core::rng::{fnv1a64, SplitMix64};
-use omniopsd_nn::LoraAdapter;
+use omniopsd_nn::{Linear, LoraAdapter};
 use serde_json::{json, Map, Value};
 
 use crate::placement::{OrderedPatterns, Placement};
@@ -39,6 +39,12 @@ pub const LORA_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// The last name segments of the Qwen2.5-Omni towers' linear layers, which a PEFT adapter
+/// loaded on a thinker may also wrap (`audio_tower.layers.0.fc1`, `visual.blocks.0.attn.q`,
+/// `visual.merger.mlp.0`; the vision MLP's `gate_proj`/`up_proj`/`down_proj` are in
+/// [`LORA_TARGETS`]). Adapters made here stay on the decoder.
+pub const TOWER_LINEARS: [&str; 9] = ["out_proj", "fc1", "fc2", "proj", "q", "k", "v", "0", "2"];
 
 /// File names of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -137,8 +143,9 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// Checks a config read from PEFT: the settings, listed targets that end in a projection
-    /// name (`q_proj`, `self_attn.q_proj`), and the placement's patterns.
+    /// Checks a config read from PEFT: the settings, listed targets that end in the name of a
+    /// linear layer adapted here (`q_proj`, `self_attn.q_proj`, a tower's `fc1`), and the
+    /// placement's patterns.
     fn validate_read(&self) -> Result<(), (&'static str, String)> {
         self.validate_settings()?;
         if self.target_modules.is_empty() && self.placement.target_pattern.is_none() {
@@ -149,14 +156,16 @@ impl LoraConfig {
         }
         if let Some(unknown) = self.target_modules.iter().find(|t| {
             let last = t.rsplit('.').next().unwrap_or_default();
-            !LORA_TARGETS.contains(&last)
+            !LORA_TARGETS.contains(&last) && !TOWER_LINEARS.contains(&last)
         }) {
             return Err((
                 "target_modules",
                 format!(
-                    "`{unknown}` is not a projection of the decoder (adapters on other modules \
-                     are not supported); the decoder's are {}",
-                    LORA_TARGETS.join(", ")
+                    "`{unknown}` is not a linear layer adapted here (adapters on other modules \
+                     are not supported); the decoder's projections are {}, and a thinker's \
+                     towers add {}",
+                    LORA_TARGETS.join(", "),
+                    TOWER_LINEARS.join(", ")
                 ),
             ));
         }
@@ -285,11 +294,14 @@ impl LoraConfig {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            // PEFT's shorthand for every linear layer but the output head: of the decoder,
-            // its seven projections.
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
-                LORA_TARGETS.iter().map(|t| t.to_string()).collect()
-            }
+            // PEFT's shorthand for every linear layer but the output head, which it turns
+            // into their last name segments: the decoder's seven projections, and on a
+            // thinker its towers' linear layers too.
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => LORA_TARGETS
+                .iter()
+                .chain(&TOWER_LINEARS)
+                .map(|t| t.to_string())
+                .collect(),
             Some(Value::String(s)) => {
                 placement.target_pattern = Some(s.clone());
                 vec![]
@@ -483,6 +495,66 @@ impl PeftAdapter {
     pub fn weights(&self) -> &Checkpoint {
         &self.weights
     }
+
+    /// `lin`, the module named `key` in the base model (`model.layers.0.self_attn.q_proj`,
+    /// `audio_tower.layers.0.fc1`), with the adapter PEFT put there, or unchanged where PEFT
+    /// put none; the names of the tensors read go into `used`. A missing tensor, or one of
+    /// another shape, is refused naming it.
+    pub fn attach<B: Backend>(
+        &self,
+        key: &str,
+        lin: Linear<B>,
+        used: &mut BTreeSet<String>,
+    ) -> Result<Linear<B>, Error> {
+        let placed = self
+            .config
+            .place(key)
+            .map_err(|(k, reason)| Error::Config {
+                file: self.dir.join(ADAPTER_CONFIG),
+                key: k.into(),
+                reason,
+            })?;
+        let Some((r, scaling)) = placed else {
+            return Ok(lin);
+        };
+        let view = self.weights.weights().pp(format!("base_model.model.{key}"));
+        used.insert(format!("{}.lora_A.weight", view.prefix()));
+        used.insert(format!("{}.lora_B.weight", view.prefix()));
+        let device = lin.weight().device();
+        let a = LoraAdapter::load(
+            &view,
+            lin.d_in(),
+            lin.d_out(),
+            r,
+            scaling,
+            self.config.lora_dropout,
+            &device,
+        )?;
+        lin.with_adapter(a).map_err(Error::from)
+    }
+
+    /// Refuses a file with tensors outside `used` (adapters on modules this model does not
+    /// adapt), naming the first; `modules` says which modules were tried.
+    pub fn check_all_used(&self, used: &BTreeSet<String>, modules: &str) -> Result<(), Error> {
+        let unused = unused_tensors(self, used);
+        let Some(first) = unused.first() else {
+            return Ok(());
+        };
+        Err(Error::Adapter {
+            file: self.dir.join(ADAPTER_WEIGHTS),
+            reason: format!(
+                "tensor `{first}`{} is not a `lora_A` / `lora_B` of {modules} that the \
+                 adapter's targets ({}) select (adapters on other modules, or made for a base \
+                 with another layout, are not supported)",
+                if unused.len() > 1 {
+                    format!(" (and {} more)", unused.len() - 1)
+                } else {
+                    String::new()
+                },
+                self.config.describe_targets(),
+            ),
+        })
+    }
 }
 
 /// PEFT's name prefix for the module at `base_prefix` (the decoder's tensor prefix in its base
@@ -582,57 +654,40 @@ impl<B: Backend> Qwen2Model<B> {
     /// for another base) is refused naming it and both shapes; a missing one naming it; a
     /// tensor the decoder has no place for (an adapter on another module) naming it.
     pub fn with_adapter(self, adapter: &PeftAdapter, base_prefix: &str) -> Result<Self, Error> {
-        let config = adapter.config().clone();
-        let device = self.lm_head_weight().device();
-        let root = adapter.weights().weights().pp(peft_prefix(base_prefix));
         let mut used = BTreeSet::new();
-        let mut model = self.no_grad().map_projections(|name, _, lin| {
-            // PEFT decides by the module's full name in the base model.
-            let key = match base_prefix {
+        let model = self.attach_adapter(
+            adapter,
+            |name| match base_prefix {
                 "" => name.to_string(),
                 prefix => format!("{prefix}.{name}"),
-            };
-            let Some((r, scaling)) = config.place(&key).map_err(|(k, reason)| Error::Config {
-                file: adapter.dir().join(ADAPTER_CONFIG),
-                key: k.into(),
-                reason,
-            })?
-            else {
-                return Ok(lin);
-            };
-            let view = root.pp(name);
-            used.insert(format!("{}.lora_A.weight", view.prefix()));
-            used.insert(format!("{}.lora_B.weight", view.prefix()));
-            let a = LoraAdapter::load(
-                &view,
-                lin.d_in(),
-                lin.d_out(),
-                r,
-                scaling,
-                config.lora_dropout,
-                &device,
-            )?;
-            lin.with_adapter(a).map_err(Error::from)
-        })?;
-        let unused = unused_tensors(adapter, &used);
-        if let Some(first) = unused.first() {
-            return Err(Error::Adapter {
-                file: adapter.dir().join(ADAPTER_WEIGHTS),
-                reason: format!(
-                    "tensor `{first}`{} is not a `lora_A` / `lora_B` of the decoder's {} \
-                     projections under `{}` (adapters on other modules, or made for a base \
-                     with another layout, are not supported)",
-                    if unused.len() > 1 {
-                        format!(" (and {} more)", unused.len() - 1)
-                    } else {
-                        String::new()
-                    },
-                    config.describe_targets(),
-                    peft_prefix(base_prefix),
-                ),
-            });
-        }
-        model.lora = Some(config);
+            },
+            &mut used,
+        )?;
+        adapter.check_all_used(
+            &used,
+            &format!(
+                "the decoder's projections under `{}`",
+                peft_prefix(base_prefix)
+            ),
+        )?;
+        Ok(model)
+    }
+
+    /// [`Self::with_adapter`] with the full name PEFT knows each projection by given by `key`
+    /// (from the decoder's own `model.layers.0.self_attn.q_proj`; a Qwen2.5-Omni thinker in
+    /// transformers 5 calls it `model.language_model.layers.0…`), and without the check that
+    /// every tensor of the file was used (a model with more adapted parts, the thinker's
+    /// towers, makes it once for all); the tensors read go into `used`.
+    pub fn attach_adapter(
+        self,
+        adapter: &PeftAdapter,
+        key: impl Fn(&str) -> String,
+        used: &mut BTreeSet<String>,
+    ) -> Result<Self, Error> {
+        let mut model = self
+            .no_grad()
+            .map_projections(|name, _, lin| adapter.attach(&key(name), lin, used))?;
+        model.lora = Some(adapter.config().clone());
         Ok(model)
     }
 
@@ -795,7 +850,13 @@ mod tests {
         let path = Path::new("a.json");
         let all = peft_json(|v| v["target_modules"] = json!("all-linear"));
         let c = LoraConfig::from_peft_json(path, &all).unwrap();
-        assert_eq!(c.target_modules, LORA_TARGETS.map(String::from).to_vec());
+        assert_eq!(
+            c.target_modules.len(),
+            LORA_TARGETS.len() + TOWER_LINEARS.len()
+        );
+        assert!(c.place("model.layers.1.mlp.up_proj").unwrap().is_some());
+        assert!(c.place("audio_tower.layers.0.fc2").unwrap().is_some());
+        assert!(c.place("lm_head").unwrap().is_none());
         let pattern = peft_json(|v| v["target_modules"] = json!(r".*\.q_proj"));
         let c = LoraConfig::from_peft_json(path, &pattern).unwrap();
         assert!(c.target_modules.is_empty());

@@ -10,6 +10,7 @@
 //! rows, the towers' output rows): the decoder is the trained part, and the autodiff student
 //! and the inner-backend teacher share the prompt.
 
+use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use omniopsd_audio::{AudioEncoder, AudioEncoderConfig, LogMel};
 use omniopsd_checkpoint::{Checkpoint, ConfigView, Weights};
@@ -173,6 +174,75 @@ impl<B: Backend> Thinker<B> {
             decoder,
             config: thinker,
             device: device.clone(),
+        })
+    }
+
+    /// Attaches a PEFT adapter made for this thinker, on the decoder's projections and the
+    /// towers' linear layers alike, wherever its config places adapters (PEFT matches a
+    /// listed `q_proj` in the audio tower as in the decoder); `base_prefix` is the thinker's
+    /// tensor prefix in its checkpoint (`Checkpoint::model_weights().prefix()`: empty for a
+    /// bare thinker, `thinker` in a full Qwen2.5-Omni checkpoint). Both namings PEFT has
+    /// saved under are read: transformers 4's, the checkpoint's own (`model.layers`,
+    /// `audio_tower`, `visual`), and transformers 5's (`model.language_model.layers`,
+    /// `model.audio_tower`, `model.visual`), told apart by the file's tensor names; target
+    /// patterns are matched against the names of the same naming. Every base weight is
+    /// frozen. A tensor of the file that no adapted module reads (an adapter on a convolution,
+    /// or made for another layout) is refused naming it.
+    pub fn with_adapter(
+        self,
+        adapter: &omniopsd_decoder::PeftAdapter,
+        base_prefix: &str,
+    ) -> Result<Self, ModelError> {
+        let root = omniopsd_decoder::peft_prefix(base_prefix);
+        let v5 = [
+            "model.language_model.",
+            "model.audio_tower.",
+            "model.visual.",
+        ]
+        .iter()
+        .any(|part| {
+            let under = format!("{root}.{part}");
+            adapter
+                .weights()
+                .tensor_names()
+                .any(|n| n.starts_with(&under))
+        });
+        let full = |name: String| match base_prefix {
+            "" => name,
+            prefix => format!("{prefix}.{name}"),
+        };
+        let (text, audio_at, visual_at) = match v5 {
+            true => ("model.language_model.", "model.audio_tower", "model.visual"),
+            false => ("model.", "audio_tower", "visual"),
+        };
+        let mut used = std::collections::BTreeSet::new();
+        let decoder = self.decoder.attach_adapter(
+            adapter,
+            |name| {
+                let below = name.strip_prefix("model.").unwrap_or(name);
+                full(format!("{text}{below}"))
+            },
+            &mut used,
+        )?;
+        let audio = self.audio.no_grad().map_linears(|name, lin| {
+            adapter.attach(&full(format!("{audio_at}.{name}")), lin, &mut used)
+        })?;
+        let visual = self.visual.no_grad().map_linears(|name, lin| {
+            adapter.attach(&full(format!("{visual_at}.{name}")), lin, &mut used)
+        })?;
+        adapter.check_all_used(
+            &used,
+            &format!(
+                "the thinker's decoder projections and tower linear layers under `{root}` \
+                 (named as transformers {} names them)",
+                if v5 { 5 } else { 4 }
+            ),
+        )?;
+        Ok(Self {
+            audio,
+            visual,
+            decoder,
+            ..self
         })
     }
 

@@ -358,6 +358,37 @@ struct Layout {
 }
 
 impl<B: Backend> VisionEncoder<B> {
+    /// Every linear layer passed through `f` with its name below the tower, as transformers
+    /// names it (`blocks.0.attn.q`, `blocks.0.mlp.gate_proj`, `merger.mlp.0`): how LoRA
+    /// adapters are put on the tower.
+    pub fn map_linears<E>(
+        mut self,
+        mut f: impl FnMut(&str, Linear<B>) -> Result<Linear<B>, E>,
+    ) -> Result<Self, E> {
+        let blocks = std::mem::take(&mut self.blocks);
+        for (i, mut b) in blocks.into_iter().enumerate() {
+            let p = |name: &str| format!("blocks.{i}.{name}");
+            let a = b.attn;
+            b.attn = Attention {
+                q: f(&p("attn.q"), a.q)?,
+                k: f(&p("attn.k"), a.k)?,
+                v: f(&p("attn.v"), a.v)?,
+                proj: f(&p("attn.proj"), a.proj)?,
+                num_heads: a.num_heads,
+            };
+            let m = b.mlp;
+            b.mlp = Mlp {
+                gate_proj: f(&p("mlp.gate_proj"), m.gate_proj)?,
+                up_proj: f(&p("mlp.up_proj"), m.up_proj)?,
+                down_proj: f(&p("mlp.down_proj"), m.down_proj)?,
+            };
+            self.blocks.push(b);
+        }
+        self.merger.mlp_0 = f("merger.mlp.0", self.merger.mlp_0)?;
+        self.merger.mlp_2 = f("merger.mlp.2", self.merger.mlp_2)?;
+        Ok(self)
+    }
+
     /// Loads the tower from `w`, a view at the tower's own tensors (a thinker's `visual`).
     pub fn load(w: &Weights, cfg: &VisionEncoderConfig, device: &B::Device) -> Result<Self, Error> {
         cfg.validate()?;

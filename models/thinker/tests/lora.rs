@@ -1,0 +1,167 @@
+//! A PEFT LoRA adapter on the Qwen2.5-Omni thinker, towers included, against transformers 5.25 +
+//! PEFT 0.21.2 (`tests/reference/gen_omni_lora.py`): listed targets that PEFT matches in the
+//! decoder, the audio tower (attention, MLP) and the vision tower (attention, MLP, merger), on
+//! prompt `a` of `gen_omni.py` (audio + image + video) from raw media. Tolerance: relative
+//! error (max |Δ| / max |ref|) of the logits ≤ 1e-4 in f32. The adapter is read under both
+//! namings PEFT has saved thinkers with (transformers 5's, as the fixture; transformers 4's,
+//! the checkpoint's, by renaming its tensors).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use omniopsd_checkpoint::{Checkpoint, Dtype};
+use omniopsd_core::PolicyModel;
+use omniopsd_decoder::PeftAdapter;
+use omniopsd_thinker::Thinker;
+
+mod common;
+
+use common::*;
+
+fn logits_a(model: &Thinker<B>) -> Vec<f32> {
+    let (ids, media) = prompt_a(&model.config);
+    let prompt = model.prompt(&ids, &media).expect("prompt");
+    let n = prompt.ids.len();
+    model
+        .forward(&prompt)
+        .reshape([n, 64])
+        .matmul(model.lm_head().transpose())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(a.len(), reference.len());
+    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+fn adapter(dir: &Path) -> PeftAdapter {
+    PeftAdapter::open(dir).expect("adapter opens")
+}
+
+fn reference(name: &str) -> Vec<f32> {
+    read("lora_omni_ref.safetensors", name, [75, 256])
+}
+
+/// A copy of the fixture adapter with its tensors named as transformers 4 names the modules.
+fn legacy_copy(out: &Path) {
+    let src = reference_dir().join("lora_omni");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        out.join("adapter_config.json"),
+    )
+    .unwrap();
+    let file = Checkpoint::open_file(&src.join("adapter_model.safetensors")).unwrap();
+    let renamed: Vec<_> = file
+        .tensor_names()
+        .map(|name| {
+            let (values, shape) = file.read_f32(name).unwrap();
+            let legacy = name
+                .replace(
+                    "base_model.model.model.language_model.",
+                    "base_model.model.model.",
+                )
+                .replace(
+                    "base_model.model.model.audio_tower.",
+                    "base_model.model.audio_tower.",
+                )
+                .replace("base_model.model.model.visual.", "base_model.model.visual.");
+            (legacy, burn::tensor::TensorData::new(values, shape))
+        })
+        .collect();
+    omniopsd_checkpoint::save_safetensors::<B>(
+        &out.join("adapter_model.safetensors"),
+        &renamed,
+        Dtype::F32,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_thinker_adapter_on_decoder_and_towers_gives_peft_logits_under_both_namings() {
+    let model = thinker().with_adapter(&adapter(&reference_dir().join("lora_omni")), "");
+    let model = model.expect("the adapter attaches");
+    // PEFT's 15 tower adapters (gen_omni_lora.py): audio q/v/fc1 in 2 layers, vision q and
+    // down_proj in 4 blocks, and the merger's first layer.
+    let mut on = [0; 2];
+    let _ = model.audio.clone().map_linears(|_, lin| {
+        on[0] += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    let _ = model.visual.clone().map_linears(|_, lin| {
+        on[1] += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    assert_eq!(on, [6, 9], "adapters on the audio and vision towers");
+    let got = logits_a(&model);
+    let err = rel_err(&got, &reference("logits_a"));
+    eprintln!("thinker logits with a PEFT adapter on decoder and towers: rel err {err:e}");
+    assert!(err <= 1e-4, "rel err {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    legacy_copy(dir.path());
+    let legacy = thinker().with_adapter(&adapter(dir.path()), "").unwrap();
+    assert_eq!(
+        logits_a(&legacy),
+        got,
+        "transformers 4 names: the same model"
+    );
+}
+
+#[test]
+fn the_towers_adapters_matter_and_the_decoder_part_alone_is_peft_with_towers_off() {
+    let lora = adapter(&reference_dir().join("lora_omni"));
+    let mut used = BTreeSet::new();
+    let mut model = thinker();
+    model.decoder = model
+        .decoder
+        .attach_adapter(
+            &lora,
+            |name| {
+                format!(
+                    "model.language_model.{}",
+                    name.strip_prefix("model.").unwrap()
+                )
+            },
+            &mut used,
+        )
+        .unwrap();
+    let got = logits_a(&model);
+    let err = rel_err(&got, &reference("decoder_only_logits_a"));
+    eprintln!("decoder part alone vs PEFT with the towers' adapters off: rel err {err:e}");
+    assert!(err <= 1e-4, "rel err {err}");
+    assert!(
+        rel_err(&got, &reference("logits_a")) > 1e-2,
+        "the towers' adapters change the logits"
+    );
+    // That decoder-only model left the towers' tensors unread, which `with_adapter` refuses.
+    let err = lora
+        .check_all_used(&used, "the decoder")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.audio_tower.") || err.contains("model.visual."),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_thinker_adapter_on_its_text_decoder_alone_is_refused_naming_the_missing_tensor() {
+    let ckpt = Checkpoint::open(&reference_dir().join("omni_tiny")).unwrap();
+    let decoder = omniopsd_thinker::load_decoder::<B>(&ckpt, &Default::default()).unwrap();
+    let err = decoder
+        .with_adapter(&adapter(&reference_dir().join("lora_omni")), "")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.") && err.contains("lora_A"),
+        "{err}"
+    );
+}

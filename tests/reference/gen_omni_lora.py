@@ -1,0 +1,132 @@
+"""Reference fixture for a PEFT LoRA adapter on a Qwen2.5-Omni thinker, towers included
+(models/thinker/tests/lora.rs, issue 16).
+
+A PEFT adapter on the tiny thinker tests/reference/omni_tiny (see gen_omni.py) with listed
+targets that PEFT matches in the decoder and in both towers, as it does on a real thinker:
+`q_proj` and `v_proj` (decoder and audio attention), `o_proj` (decoder), `down_proj` (decoder
+and vision MLP), `fc1` (audio MLP), `q` (vision attention) and `mlp.0` (the vision merger).
+r 4, lora_alpha 8, lora_B drawn from N(0, 0.2^2) so that it matters; saved with
+`PeftModel.save_pretrained` to tests/reference/lora_omni/ (transformers 5 names its modules
+`model.language_model.*`, `model.audio_tower.*`, `model.visual.*`, and PEFT saves those).
+
+tests/reference/lora_omni_ref.safetensors, for prompt `a` of gen_omni.py (audio + image +
+video), in f32 with eager attention, the adapter reloaded from its saved files:
+
+* `logits_a` [75, 256]: the thinker's logits with the adapter;
+* `decoder_only_logits_a`: the same with the towers' adapters switched off (their lora_B
+  zeroed), so a loader that skips the towers fails the first check and passes this one.
+
+The generator asserts that its inputs, rebuilt from omni_audio/omni_vision/omni_thinker
+.safetensors, give omni_thinker's `logits_a` without the adapter (so the fixture shares
+gen_omni.py's prompt), and that the adapter and its tower part each move the logits.
+
+Run from the repository root with a Python that has torch, transformers, peft and safetensors
+(tests/reference/README.md: how to make one): python3 tests/reference/gen_omni_lora.py
+"""
+
+import os
+import shutil
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASE = os.path.join(HERE, "omni_tiny")
+OUT_DIR = os.path.join(HERE, "lora_omni")
+OUT_REF = os.path.join(HERE, "lora_omni_ref.safetensors")
+BASE_NAME = "tests/reference/omni_tiny"
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "fc1", "q", "mlp.0"]
+B_STD = 0.2
+TOWERS = ("audio_tower.", "visual.")
+
+
+def load_base():
+    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        BASE, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def prompt_a_inputs():
+    """gen_omni.py's prompt `a` from its committed fixtures."""
+    audio = load_file(os.path.join(HERE, "omni_audio.safetensors"))
+    vision = load_file(os.path.join(HERE, "omni_vision.safetensors"))
+    thinker = load_file(os.path.join(HERE, "omni_thinker.safetensors"))
+    mask = audio["attention_mask"].long()
+    mel = audio["mel_pad_value"].repeat(1, mask.numel())
+    mel[:, : audio["mel_head"].shape[1]] = audio["mel_head"]
+    ids = thinker["ids_a"].long()[None]
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        input_features=mel[None],
+        feature_attention_mask=mask[None],
+        pixel_values=vision["image_pixel_values"],
+        image_grid_thw=vision["image_grid_thw"].long(),
+        pixel_values_videos=vision["video_pixel_values"],
+        video_grid_thw=vision["video_grid_thw"].long(),
+        video_second_per_grid=torch.tensor([1.0]),
+        use_audio_in_video=False,
+    )
+    return kwargs, thinker["logits_a"]
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def main():
+    kwargs, base_ref = prompt_a_inputs()
+    with torch.no_grad():
+        base_logits = load_base()(**kwargs).logits[0]
+    err = rel(base_logits, base_ref)
+    assert err < 1e-5, f"rebuilt prompt a gives gen_omni's logits only to {err}"
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+    )
+    g = torch.Generator().manual_seed(1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(B_STD * torch.randn(p.shape, generator=g))
+    model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    if os.path.isdir(OUT_DIR):
+        shutil.rmtree(OUT_DIR)
+    model.save_pretrained(OUT_DIR)
+    readme = os.path.join(OUT_DIR, "README.md")
+    if os.path.isfile(readme):
+        os.remove(readme)
+
+    reloaded = PeftModel.from_pretrained(load_base(), OUT_DIR).eval()
+    for (name, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
+    lora = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    tower = [n for n in lora if any(f".{t}" in n for t in TOWERS)]
+    assert any("audio_tower" in n for n in tower) and any("visual" in n for n in tower), tower
+    assert any("merger.mlp.0" in n for n in tower), tower
+    with torch.no_grad():
+        logits = reloaded(**kwargs).logits[0]
+        for n in tower:
+            if "lora_B" in n:
+                lora[n].zero_()
+        decoder_only = reloaded(**kwargs).logits[0]
+    moved, towers = rel(logits, base_logits), rel(logits, decoder_only)
+    assert moved > 1e-2 and towers > 1e-2, (moved, towers)
+    print(f"adapter moves the logits by {moved:.3g} (relative), its tower part by {towers:.3g}")
+    print(f"{len(lora) // 2} adapted modules, {len(tower) // 2} of them in the towers")
+    save_file(
+        {"logits_a": logits.contiguous(), "decoder_only_logits_a": decoder_only.contiguous()},
+        OUT_REF,
+    )
+    total = os.path.getsize(OUT_REF) + sum(
+        os.path.getsize(os.path.join(OUT_DIR, f)) for f in os.listdir(OUT_DIR)
+    )
+    print(f"fixtures: {total} bytes")
+    assert total < 400_000, total
+
+
+if __name__ == "__main__":
+    main()
