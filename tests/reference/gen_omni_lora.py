@@ -9,12 +9,17 @@ r 4, lora_alpha 8, lora_B drawn from N(0, 0.2^2) so that it matters; saved with
 `PeftModel.save_pretrained` to tests/reference/lora_omni/ (transformers 5 names its modules
 `model.language_model.*`, `model.audio_tower.*`, `model.visual.*`, and PEFT saves those).
 
-tests/reference/lora_omni_ref.safetensors, for prompt `a` of gen_omni.py (audio + image +
-video), in f32 with eager attention, the adapter reloaded from its saved files:
+A second adapter, tests/reference/lora_omni_all/, is PEFT's `target_modules="all-linear"`,
+which PEFT resolves to the shortest distinguishing names of every linear layer but the head
+(`audio_tower.proj`, `attn.proj`, `mlp.0`, …: 57 modules on this thinker) and saves resolved.
 
-* `logits_a` [75, 256]: the thinker's logits with the adapter;
+tests/reference/lora_omni_ref.safetensors, for prompt `a` of gen_omni.py (audio + image +
+video), in f32 with eager attention, each adapter reloaded from its saved files:
+
+* `logits_a` [75, 256]: the thinker's logits with lora_omni;
 * `decoder_only_logits_a`: the same with the towers' adapters switched off (their lora_B
-  zeroed), so a loader that skips the towers fails the first check and passes this one.
+  zeroed), so a loader that skips the towers fails the first check and passes this one;
+* `all.logits_a`: the logits with lora_omni_all.
 
 The generator asserts that its inputs, rebuilt from omni_audio/omni_vision/omni_thinker
 .safetensors, give omni_thinker's `logits_a` without the adapter (so the fixture shares
@@ -35,6 +40,7 @@ from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = os.path.join(HERE, "omni_tiny")
 OUT_DIR = os.path.join(HERE, "lora_omni")
+OUT_ALL = os.path.join(HERE, "lora_omni_all")
 OUT_REF = os.path.join(HERE, "lora_omni_ref.safetensors")
 BASE_NAME = "tests/reference/omni_tiny"
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "fc1", "q", "mlp.0"]
@@ -72,6 +78,31 @@ def prompt_a_inputs():
     return kwargs, thinker["logits_a"]
 
 
+def make_adapter(targets, out_dir):
+    """A PEFT LoRA (r 4, alpha 8) on the tiny thinker with lora_B from N(0, B_STD^2),
+    saved to `out_dir` as PEFT saves it; returns it reloaded from those files."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    )
+    g = torch.Generator().manual_seed(1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(B_STD * torch.randn(p.shape, generator=g))
+    model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    model.save_pretrained(out_dir)
+    readme = os.path.join(out_dir, "README.md")
+    if os.path.isfile(readme):
+        os.remove(readme)
+    reloaded = PeftModel.from_pretrained(load_base(), out_dir).eval()
+    for (name, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
+    return reloaded
+
+
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -83,26 +114,7 @@ def main():
     err = rel(base_logits, base_ref)
     assert err < 1e-5, f"rebuilt prompt a gives gen_omni's logits only to {err}"
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        load_base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-    )
-    g = torch.Generator().manual_seed(1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(B_STD * torch.randn(p.shape, generator=g))
-    model.peft_config["default"].base_model_name_or_path = BASE_NAME
-    if os.path.isdir(OUT_DIR):
-        shutil.rmtree(OUT_DIR)
-    model.save_pretrained(OUT_DIR)
-    readme = os.path.join(OUT_DIR, "README.md")
-    if os.path.isfile(readme):
-        os.remove(readme)
-
-    reloaded = PeftModel.from_pretrained(load_base(), OUT_DIR).eval()
-    for (name, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
-        assert torch.equal(a, b), name
+    reloaded = make_adapter(TARGETS, OUT_DIR)
     lora = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
     tower = [n for n in lora if any(f".{t}" in n for t in TOWERS)]
     assert any("audio_tower" in n for n in tower) and any("visual" in n for n in tower), tower
@@ -117,15 +129,25 @@ def main():
     assert moved > 1e-2 and towers > 1e-2, (moved, towers)
     print(f"adapter moves the logits by {moved:.3g} (relative), its tower part by {towers:.3g}")
     print(f"{len(lora) // 2} adapted modules, {len(tower) // 2} of them in the towers")
+
+    everything = make_adapter("all-linear", OUT_ALL)
+    n_all = sum(1 for n, _ in everything.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        all_logits = everything(**kwargs).logits[0]
+    print(f"all-linear: {n_all} adapted modules, logits moved by {rel(all_logits, base_logits):.3g}")
     save_file(
-        {"logits_a": logits.contiguous(), "decoder_only_logits_a": decoder_only.contiguous()},
+        {
+            "logits_a": logits.contiguous(),
+            "decoder_only_logits_a": decoder_only.contiguous(),
+            "all.logits_a": all_logits.contiguous(),
+        },
         OUT_REF,
     )
     total = os.path.getsize(OUT_REF) + sum(
-        os.path.getsize(os.path.join(OUT_DIR, f)) for f in os.listdir(OUT_DIR)
+        os.path.getsize(os.path.join(d, f)) for d in (OUT_DIR, OUT_ALL) for f in os.listdir(d)
     )
     print(f"fixtures: {total} bytes")
-    assert total < 400_000, total
+    assert total < 600_000, total
 
 
 if __name__ == "__main__":

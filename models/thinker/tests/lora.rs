@@ -4,7 +4,8 @@
 //! prompt `a` of `gen_omni.py` (audio + image + video) from raw media. Tolerance: relative
 //! error (max |Δ| / max |ref|) of the logits ≤ 1e-4 in f32. The adapter is read under both
 //! namings PEFT has saved thinkers with (transformers 5's, as the fixture; transformers 4's,
-//! the checkpoint's, by renaming its tensors).
+//! the checkpoint's, by renaming its tensors). A second adapter is PEFT's `all-linear` as
+//! PEFT resolves and saves it (57 modules).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -112,6 +113,28 @@ fn a_thinker_adapter_on_decoder_and_towers_gives_peft_logits_under_both_namings(
         got,
         "transformers 4 names: the same model"
     );
+}
+
+#[test]
+fn peft_all_linear_resolved_on_a_thinker_gives_peft_logits() {
+    let all = adapter(&reference_dir().join("lora_omni_all"));
+    let model = thinker()
+        .with_adapter(&all, "")
+        .expect("the adapter attaches");
+    let mut on = 0;
+    let _ = model.audio.clone().map_linears(|_, lin| {
+        on += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    let _ = model.visual.clone().map_linears(|_, lin| {
+        on += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    // 57 in all (gen_omni_lora.py): 14 decoder projections, 43 tower layers.
+    assert_eq!(on + model.decoder.adapters().len(), 57);
+    let err = rel_err(&logits_a(&model), &reference("all.logits_a"));
+    eprintln!("thinker logits with PEFT's all-linear adapter: rel err {err:e}");
+    assert!(err <= 1e-4, "rel err {err}");
 }
 
 #[test]
