@@ -21,6 +21,12 @@ video), in f32 with eager attention, each adapter reloaded from its saved files:
   zeroed), so a loader that skips the towers fails the first check and passes this one;
 * `all.logits_a`: the logits with lora_omni_all.
 
+If tests/reference/lora_omni_saved_by_rust/ exists (written by the Rust test
+`writes_the_rust_saved_thinker_adapter_fixture` in models/thinker/tests/lora.rs: the decoder
+part of lora_omni saved as training saves a thinker's adapters, its config a pattern naming
+the decoder's projections), PEFT loads it with no missing tensor, puts adapters on the
+decoder only, and computes `decoder_only_logits_a` from it.
+
 The generator asserts that its inputs, rebuilt from omni_audio/omni_vision/omni_thinker
 .safetensors, give omni_thinker's `logits_a` without the adapter (so the fixture shares
 gen_omni.py's prompt), and that the adapter and its tower part each move the logits.
@@ -41,6 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = os.path.join(HERE, "omni_tiny")
 OUT_DIR = os.path.join(HERE, "lora_omni")
 OUT_ALL = os.path.join(HERE, "lora_omni_all")
+RUST_SAVED = os.path.join(HERE, "lora_omni_saved_by_rust")
 OUT_REF = os.path.join(HERE, "lora_omni_ref.safetensors")
 BASE_NAME = "tests/reference/omni_tiny"
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "fc1", "q", "mlp.0"]
@@ -143,6 +150,23 @@ def main():
         },
         OUT_REF,
     )
+    if os.path.isdir(RUST_SAVED):
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rust = PeftModel.from_pretrained(load_base(), RUST_SAVED).eval()
+        missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+        assert not missing, missing[0].message
+        adapted = [n for n, _ in rust.named_parameters() if "lora_A" in n]
+        assert adapted and all(".language_model." in n for n in adapted), adapted
+        with torch.no_grad():
+            err = rel(rust(**kwargs).logits[0], decoder_only)
+        assert err < 1e-6, err
+        print(f"{os.path.basename(RUST_SAVED)}: PEFT loads it onto {len(adapted)} decoder "
+              f"modules only, no missing tensor; logits {err:.2g} from the decoder part's")
+    else:
+        print(f"{os.path.basename(RUST_SAVED)}: absent; run the Rust test, then this script again")
     total = os.path.getsize(OUT_REF) + sum(
         os.path.getsize(os.path.join(d, f)) for d in (OUT_DIR, OUT_ALL) for f in os.listdir(d)
     )

@@ -556,3 +556,78 @@ fn trains_a_qwen2_5_omni_thinker_checkpoint_and_exports_its_layout() {
     assert!(names.iter().any(|n| n.starts_with("visual.")));
     assert!(names.contains(&"lm_head.weight"));
 }
+
+/// `omniopsd score --json` on one prompt and response, its student log-probs.
+fn score_logprobs(model: &Path, adapter: Option<&Path>) -> Vec<f64> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["score", "--model"]).arg(model).args([
+        "--prompt",
+        "how does the speaker feel",
+        "--response",
+        "happy",
+        "--json",
+    ]);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let out = cmd.output().unwrap();
+    ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["student"]["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn lora_on_a_thinker_saves_an_adapter_that_names_the_decoder_only_and_scores_as_the_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let omni = omni_checkpoint(dir.path());
+    let lora = "[lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
+    // No warm-up: the adapters sit on the checkpoint itself, the base `--model` names.
+    let path = common::tiny_run_config_with(
+        dir.path(),
+        "omni",
+        &dir.path().join("cache"),
+        0,
+        "learning_rate = 0.05\n",
+        lora,
+    );
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "methods = [\"opsd\", \"label-sft\"]",
+            "methods = [\"opsd\"]",
+        )
+        .replace(
+            "[model]\nhidden_size = 32\nintermediate_size = 64\n",
+            &format!("[model]\ndir = \"{}\"\n", omni.display()),
+        )
+        .replace("synth_n = 20", "synth_n = 12");
+    fs::write(&path, text).unwrap();
+    ok(&train(&["--config", path.to_str().unwrap()]));
+    let student = dir.path().join("runs/omni/students/opsd-seed0");
+    let adapter = student.join("adapter");
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    // A pattern over the decoder's layers, so PEFT leaves the audio tower's q_proj/v_proj be.
+    let pattern = config["target_modules"].as_str().expect("a pattern");
+    assert!(
+        pattern.contains("layers") && pattern.contains("q_proj|v_proj"),
+        "{pattern}"
+    );
+    // The adapter on the base scores as the merged student.
+    let merged = score_logprobs(&student, None);
+    let adapted = score_logprobs(&omni, Some(&adapter));
+    let base = score_logprobs(&omni, None);
+    let gap = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(gap(&adapted, &merged) <= 1e-4, "{adapted:?} vs {merged:?}");
+    assert!(gap(&base, &merged) > 1e-6, "training moved the student");
+}

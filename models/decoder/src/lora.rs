@@ -96,6 +96,39 @@ impl LoraConfig {
         Ok(Some((r, self.scaling_of(r, alpha))))
     }
 
+    /// This config for adapters on a Qwen2.5-Omni thinker's decoder alone: its listed
+    /// projections become one pattern that matches them in the decoder's layers only, under
+    /// transformers 4's and 5's names (`model.layers…`, `model.language_model.layers…`) below
+    /// `thinker_prefix` (empty for a bare thinker, `thinker` in a full Qwen2.5-Omni model).
+    /// PEFT matches a listed `q_proj` in the audio tower too and would put a fresh adapter
+    /// there; with the pattern it puts adapters where this model has them. A config that
+    /// already has a pattern is returned as it is.
+    pub fn on_thinker_decoder(&self, thinker_prefix: &str) -> Self {
+        if self.placement.target_pattern.is_some() {
+            return self.clone();
+        }
+        let targets: Vec<&str> = LORA_TARGETS
+            .iter()
+            .copied()
+            .filter(|t| {
+                self.target_modules
+                    .iter()
+                    .any(|m| m.rsplit('.').next() == Some(*t))
+            })
+            .collect();
+        let prefix = match thinker_prefix {
+            "" => String::new(),
+            p => format!("{}\\.", p.replace('.', "\\.")),
+        };
+        let mut config = self.clone();
+        config.placement.target_pattern = Some(format!(
+            r"^{prefix}model\.(?:language_model\.)?layers\.\d+\.(?:self_attn|mlp)\.(?:{})$",
+            targets.join("|")
+        ));
+        config.target_modules.clear();
+        config
+    }
+
     /// The targets in words, for errors.
     pub fn describe_targets(&self) -> String {
         match &self.placement.target_pattern {
@@ -788,6 +821,24 @@ impl<B: Backend> Qwen2Model<B> {
             file: dir.to_path_buf(),
             reason: "the model has no LoRA adapters to save".into(),
         })?;
+        self.save_adapter_as(dir, base_prefix, base_model_name_or_path, config)
+    }
+
+    /// [`Self::save_adapter`] with `config` written as the adapter's config (the same
+    /// adapters placed differently for PEFT: [`LoraConfig::on_thinker_decoder`]).
+    pub fn save_adapter_as(
+        &self,
+        dir: &Path,
+        base_prefix: &str,
+        base_model_name_or_path: Option<&str>,
+        config: &LoraConfig,
+    ) -> Result<(), Error> {
+        if self.lora.is_none() {
+            return Err(Error::Adapter {
+                file: dir.to_path_buf(),
+                reason: "the model has no LoRA adapters to save".into(),
+            });
+        }
         let io = |file: &Path, source: std::io::Error| {
             Error::Checkpoint(omniopsd_checkpoint::Error::Io {
                 file: file.to_path_buf(),
@@ -843,6 +894,31 @@ mod tests {
         assert_eq!(c.r, 4);
         assert_eq!(c.scaling(), 2.0);
         assert!(c.targets("q_proj") && c.targets("v_proj") && !c.targets("k_proj"));
+    }
+
+    #[test]
+    fn a_thinker_decoder_config_matches_its_projections_only_under_both_namings() {
+        let c = LoraConfig::from_peft_json(Path::new("a.json"), &peft_json(|_| {})).unwrap();
+        for (prefix, at) in [("", ""), ("thinker", "thinker.")] {
+            let d = c.on_thinker_decoder(prefix);
+            for key in [
+                format!("{at}model.layers.3.self_attn.q_proj"),
+                format!("{at}model.language_model.layers.3.self_attn.v_proj"),
+            ] {
+                assert_eq!(d.place(&key).unwrap(), Some((4, 2.0)), "{key}");
+            }
+            for key in [
+                format!("{at}model.layers.3.self_attn.k_proj"),
+                format!("{at}audio_tower.layers.0.self_attn.q_proj"),
+                format!("{at}model.audio_tower.layers.0.self_attn.v_proj"),
+                "other.model.layers.0.self_attn.q_proj".to_string(),
+            ] {
+                assert_eq!(d.place(&key).unwrap(), None, "{key}");
+            }
+            // It reads back from its own JSON as the same config.
+            let back = LoraConfig::from_peft_json(Path::new("b.json"), &d.to_peft_json(None));
+            assert_eq!(back.unwrap(), d);
+        }
     }
 
     #[test]

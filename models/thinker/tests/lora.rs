@@ -188,3 +188,58 @@ fn a_thinker_adapter_on_its_text_decoder_alone_is_refused_naming_the_missing_ten
         "{err}"
     );
 }
+
+fn rust_saved() -> std::path::PathBuf {
+    reference_dir().join("lora_omni_saved_by_rust")
+}
+
+/// The decoder part of `lora_omni` saved as training saves a thinker's adapters: the config
+/// names the decoder's projections only (`LoraConfig::on_thinker_decoder`).
+fn save_decoder_part(dir: &Path) {
+    let lora = adapter(&reference_dir().join("lora_omni"));
+    let decoder = thinker()
+        .decoder
+        .attach_adapter(
+            &lora,
+            |name| {
+                format!(
+                    "model.language_model.{}",
+                    name.strip_prefix("model.").unwrap()
+                )
+            },
+            &mut BTreeSet::new(),
+        )
+        .unwrap();
+    let config = decoder.lora_config().unwrap().on_thinker_decoder("");
+    decoder
+        .save_adapter_as(dir, "", Some("tests/reference/omni_tiny"), &config)
+        .unwrap();
+}
+
+/// `gen_omni_lora.py` loads `lora_omni_saved_by_rust/` with `PeftModel.from_pretrained` and
+/// checks that PEFT puts adapters on the decoder only, with no missing tensor, and computes
+/// `decoder_only_logits_a`; this keeps that fixture equal, byte for byte, to what saving writes.
+#[test]
+fn rust_saved_thinker_fixture_is_what_saving_writes() {
+    let out = tempfile::tempdir().unwrap();
+    save_decoder_part(out.path());
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(out.path().join(file)).unwrap(),
+            std::fs::read(rust_saved().join(file)).unwrap(),
+            "{file}: rerun `cargo test -p omniopsd-thinker --test lora -- --ignored`, then \
+             tests/reference/gen_omni_lora.py"
+        );
+    }
+    // And it reads back here as the decoder part: the thinker's logits with it are PEFT's
+    // with the towers' adapters off.
+    let model = thinker().with_adapter(&adapter(&rust_saved()), "").unwrap();
+    let err = rel_err(&logits_a(&model), &reference("decoder_only_logits_a"));
+    assert!(err <= 1e-4, "rel err {err}");
+}
+
+#[test]
+#[ignore = "writes tests/reference/lora_omni_saved_by_rust/ for gen_omni_lora.py to check with PEFT"]
+fn writes_the_rust_saved_thinker_adapter_fixture() {
+    save_decoder_part(&rust_saved());
+}

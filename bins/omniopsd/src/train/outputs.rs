@@ -94,7 +94,18 @@ pub fn export_student<B: burn::tensor::backend::Backend>(
     if model.lora_config().is_some() {
         // The weights above have the adapters merged in; the adapters alone, in PEFT's format,
         // go to `adapter/` for `PeftModel.from_pretrained` or `--adapter`.
-        model.save_adapter(&dir.join("adapter"), prefix.trim_end_matches('.'), None)?;
+        let base_prefix = prefix.trim_end_matches('.');
+        match (init.layout().is_multimodal(), model.lora_config()) {
+            // A thinker: the adapters' config names the decoder's projections only, so
+            // PEFT puts none on the towers' modules of the same names.
+            (true, Some(config)) => model.save_adapter_as(
+                &dir.join("adapter"),
+                base_prefix,
+                None,
+                &config.on_thinker_decoder(base_prefix),
+            )?,
+            _ => model.save_adapter(&dir.join("adapter"), base_prefix, None)?,
+        }
     }
     if init.layout().is_multimodal() {
         // The frames' sizes the student was trained on, for `predict` and `generate`.
