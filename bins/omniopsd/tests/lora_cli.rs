@@ -265,6 +265,22 @@ fn rank_zero_alpha_not_positive_and_unknown_targets_exit_non_zero_and_write_noth
             serde_json::json!(["q_proj", "c_attn"]),
             "c_attn",
         ),
+        // PEFT's placement keys: a pattern that is no regular expression, a zero rank.
+        (
+            "target_modules",
+            serde_json::json!("(q_proj"),
+            "not a regular expression",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 0}),
+            "at least 1",
+        ),
+        (
+            "exclude_modules",
+            serde_json::json!(["v_proj", 3]),
+            "expected names",
+        ),
     ] {
         let adapter = adapter_with(tmp.path(), key, value.clone());
         let out = tmp.path().join("merged");
