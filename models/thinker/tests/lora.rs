@@ -11,7 +11,6 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use omniopsd_checkpoint::{Checkpoint, Dtype};
-use omniopsd_core::PolicyModel;
 use omniopsd_decoder::PeftAdapter;
 use omniopsd_thinker::Thinker;
 
@@ -23,23 +22,30 @@ fn logits_a(model: &Thinker<B>) -> Vec<f32> {
     let (ids, media) = prompt_a(&model.config);
     let prompt = model.prompt(&ids, &media).expect("prompt");
     let n = prompt.ids.len();
-    model
-        .forward(&prompt)
-        .reshape([n, 64])
-        .matmul(model.lm_head().transpose())
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
+    logits(model, model.forward(&prompt).reshape([n, 64]))
 }
 
-fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(a.len(), reference.len());
-    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    a.iter()
-        .zip(reference)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
+/// Attached adapters on the audio and the vision tower.
+fn tower_adapters(model: &Thinker<B>) -> [usize; 2] {
+    let mut on = [0; 2];
+    let _ = model.audio.clone().map_linears(|_, lin| {
+        on[0] += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    let _ = model.visual.clone().map_linears(|_, lin| {
+        on[1] += usize::from(lin.adapter().is_some());
+        Ok::<_, ()>(lin)
+    });
+    on
+}
+
+/// A decoder projection's name (`model.layers.0.self_attn.q_proj`) as transformers 5 names
+/// it in a thinker, and PEFT saved the fixture with.
+fn v5_name(name: &str) -> String {
+    format!(
+        "model.language_model.{}",
+        name.strip_prefix("model.").unwrap()
+    )
 }
 
 fn adapter(dir: &Path) -> PeftAdapter {
@@ -90,16 +96,11 @@ fn a_thinker_adapter_on_decoder_and_towers_gives_peft_logits_under_both_namings(
     let model = model.expect("the adapter attaches");
     // PEFT's 15 tower adapters (gen_omni_lora.py): audio q/v/fc1 in 2 layers, vision q and
     // down_proj in 4 blocks, and the merger's first layer.
-    let mut on = [0; 2];
-    let _ = model.audio.clone().map_linears(|_, lin| {
-        on[0] += usize::from(lin.adapter().is_some());
-        Ok::<_, ()>(lin)
-    });
-    let _ = model.visual.clone().map_linears(|_, lin| {
-        on[1] += usize::from(lin.adapter().is_some());
-        Ok::<_, ()>(lin)
-    });
-    assert_eq!(on, [6, 9], "adapters on the audio and vision towers");
+    assert_eq!(
+        tower_adapters(&model),
+        [6, 9],
+        "adapters on the audio and vision towers"
+    );
     let got = logits_a(&model);
     let err = rel_err(&got, &reference("logits_a"));
     eprintln!("thinker logits with a PEFT adapter on decoder and towers: rel err {err:e}");
@@ -121,17 +122,9 @@ fn peft_all_linear_resolved_on_a_thinker_gives_peft_logits() {
     let model = thinker()
         .with_adapter(&all, "")
         .expect("the adapter attaches");
-    let mut on = 0;
-    let _ = model.audio.clone().map_linears(|_, lin| {
-        on += usize::from(lin.adapter().is_some());
-        Ok::<_, ()>(lin)
-    });
-    let _ = model.visual.clone().map_linears(|_, lin| {
-        on += usize::from(lin.adapter().is_some());
-        Ok::<_, ()>(lin)
-    });
     // 57 in all (gen_omni_lora.py): 14 decoder projections, 43 tower layers.
-    assert_eq!(on + model.decoder.adapters().len(), 57);
+    let [audio, vision] = tower_adapters(&model);
+    assert_eq!(audio + vision + model.decoder.adapters().len(), 57);
     let err = rel_err(&logits_a(&model), &reference("all.logits_a"));
     eprintln!("thinker logits with PEFT's all-linear adapter: rel err {err:e}");
     assert!(err <= 1e-4, "rel err {err}");
@@ -144,16 +137,7 @@ fn the_towers_adapters_matter_and_the_decoder_part_alone_is_peft_with_towers_off
     let mut model = thinker();
     model.decoder = model
         .decoder
-        .attach_adapter(
-            &lora,
-            |name| {
-                format!(
-                    "model.language_model.{}",
-                    name.strip_prefix("model.").unwrap()
-                )
-            },
-            &mut used,
-        )
+        .attach_adapter(&lora, v5_name, &mut used)
         .unwrap();
     let got = logits_a(&model);
     let err = rel_err(&got, &reference("decoder_only_logits_a"));
@@ -199,16 +183,7 @@ fn save_decoder_part(dir: &Path) {
     let lora = adapter(&reference_dir().join("lora_omni"));
     let decoder = thinker()
         .decoder
-        .attach_adapter(
-            &lora,
-            |name| {
-                format!(
-                    "model.language_model.{}",
-                    name.strip_prefix("model.").unwrap()
-                )
-            },
-            &mut BTreeSet::new(),
-        )
+        .attach_adapter(&lora, v5_name, &mut BTreeSet::new())
         .unwrap();
     let config = decoder.lora_config().unwrap().on_thinker_decoder("");
     decoder

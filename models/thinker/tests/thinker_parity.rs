@@ -6,29 +6,11 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use omniopsd_core::PolicyModel;
-use omniopsd_thinker::{ModelError, Thinker};
+use omniopsd_thinker::ModelError;
 
 mod common;
 
 use common::*;
-
-fn logits(model: &Thinker<B>, hidden: Tensor<B, 2>) -> Vec<f32> {
-    hidden
-        .matmul(model.lm_head().transpose())
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(a.len(), reference.len());
-    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    a.iter()
-        .zip(reference)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
-}
 
 #[test]
 fn thinker_logits_match_transformers_with_audio_image_and_video() {

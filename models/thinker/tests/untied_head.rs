@@ -13,20 +13,10 @@ use omniopsd_checkpoint::{Checkpoint, Layout};
 use omniopsd_core::PolicyModel;
 use omniopsd_thinker::{load_decoder, Thinker};
 
-use common::{read, reference_dir, B};
+use common::{read, reference_dir, rel_err, B};
 
 fn checkpoint() -> Checkpoint {
     Checkpoint::open(&reference_dir().join("omni_full_untied")).expect("fixture opens")
-}
-
-fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(a.len(), reference.len());
-    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    a.iter()
-        .zip(reference)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
 }
 
 /// Prompt `name`'s ids and transformers' logits `[len, 256]`.

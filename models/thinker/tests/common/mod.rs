@@ -6,8 +6,10 @@
 use std::path::PathBuf;
 
 use burn::backend::NdArray;
+use burn::tensor::Tensor;
 use omniopsd_audio::{FeatureExtractor, LogMel, SAMPLING_RATE};
 use omniopsd_checkpoint::Checkpoint;
+use omniopsd_core::PolicyModel;
 use omniopsd_thinker::{MediaInput, Thinker, ThinkerConfig};
 use omniopsd_vision::{preprocess_image, preprocess_video, Frame, PixelPatches, ProcessorConfig};
 
@@ -25,6 +27,26 @@ pub fn read<const D: usize>(file: &str, name: &str, shape: [usize; D]) -> Vec<f3
     ckpt.weights()
         .tensor::<B, D>(name, shape, &Default::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+/// `max|a − ref| / max|ref|`.
+pub fn rel_err(a: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(a.len(), reference.len());
+    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+/// The logits of final hidden states `[n, hidden]`, `[n, vocab]` flattened.
+pub fn logits(model: &Thinker<B>, hidden: Tensor<B, 2>) -> Vec<f32> {
+    hidden
+        .matmul(model.lm_head().transpose())
         .into_data()
         .to_vec::<f32>()
         .unwrap()
