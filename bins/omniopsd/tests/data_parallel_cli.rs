@@ -52,6 +52,18 @@ fn students(run: &Path) -> BTreeMap<String, Vec<f32>> {
     out
 }
 
+/// Every tensor of `a` equals `b`'s of the same name, bit for bit (`than` names `b`).
+fn bit_identical(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, than: &str) {
+    for (name, x) in a {
+        assert!(
+            x.iter()
+                .map(|v| v.to_bits())
+                .eq(b[name].iter().map(|v| v.to_bits())),
+            "{name} differs from {than}"
+        );
+    }
+}
+
 /// The `loss` of every training update, in file order.
 fn losses(run: &Path) -> Vec<(String, f64)> {
     fs::read_to_string(run.join("metrics.jsonl"))
@@ -144,14 +156,7 @@ fn a_two_device_run_killed_in_opsd_resumes_to_bit_identical_students() {
 
     let (a, b) = (students(&dir.path().join("runs/straight")), students(&run));
     assert_eq!(a.len(), b.len());
-    for (name, x) in &a {
-        assert!(
-            x.iter()
-                .map(|v| v.to_bits())
-                .eq(b[name].iter().map(|v| v.to_bits())),
-            "{name} differs from the uninterrupted two-device run"
-        );
-    }
+    bit_identical(&a, &b, "the uninterrupted two-device run");
     let opsd_lines = losses(&run)
         .iter()
         .filter(|(key, _)| key.starts_with("\"opsd\""))
@@ -326,14 +331,7 @@ fn two_nodes_on_one_host_train_or_stop_with_the_named_error_never_hang() {
         let (a, b) = (students(&outcomes[0].2), students(&outcomes[1].2));
         eprintln!("both nodes trained: {} student tensors each", a.len());
         assert!(!a.is_empty() && a.len() == b.len());
-        for (name, x) in &a {
-            assert!(
-                x.iter()
-                    .map(|v| v.to_bits())
-                    .eq(b[name].iter().map(|v| v.to_bits())),
-                "{name} differs between the nodes"
-            );
-        }
+        bit_identical(&a, &b, "the other node's");
     } else {
         // The published burn-collective 0.21.0: both nodes stop with the error that names
         // the cause and the key, and leave no run directory.

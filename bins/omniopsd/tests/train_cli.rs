@@ -527,15 +527,10 @@ fn omni_checkpoint(dir: &Path) -> PathBuf {
     out
 }
 
-#[test]
-fn trains_a_qwen2_5_omni_thinker_checkpoint_and_exports_its_layout() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = format!(
-        "[model]\ndir = \"{}\"\n",
-        omni_checkpoint(dir.path()).display()
-    );
-    let path = config(dir.path(), "omni", &dir.path().join("cache"), "");
-    let text = fs::read_to_string(&path)
+/// The tiny run config at `path` rewritten to train OPSD alone on the checkpoint `model`
+/// instead of the embedded model, on a smaller corpus.
+fn on_checkpoint(path: &Path, model: &Path) {
+    let text = fs::read_to_string(path)
         .unwrap()
         .replace(
             "methods = [\"opsd\", \"label-sft\"]",
@@ -543,10 +538,17 @@ fn trains_a_qwen2_5_omni_thinker_checkpoint_and_exports_its_layout() {
         )
         .replace(
             "[model]\nhidden_size = 32\nintermediate_size = 64\n",
-            &model,
+            &format!("[model]\ndir = \"{}\"\n", model.display()),
         )
         .replace("synth_n = 20", "synth_n = 12");
-    fs::write(&path, text).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+#[test]
+fn trains_a_qwen2_5_omni_thinker_checkpoint_and_exports_its_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "omni", &dir.path().join("cache"), "");
+    on_checkpoint(&path, &omni_checkpoint(dir.path()));
     ok(&train(&["--config", path.to_str().unwrap()]));
     let student = dir.path().join("runs/omni/students/opsd-seed0");
     let exported =
@@ -595,18 +597,7 @@ fn lora_on_a_thinker_saves_an_adapter_that_names_the_decoder_only_and_scores_as_
         "learning_rate = 0.05\n",
         lora,
     );
-    let text = fs::read_to_string(&path)
-        .unwrap()
-        .replace(
-            "methods = [\"opsd\", \"label-sft\"]",
-            "methods = [\"opsd\"]",
-        )
-        .replace(
-            "[model]\nhidden_size = 32\nintermediate_size = 64\n",
-            &format!("[model]\ndir = \"{}\"\n", omni.display()),
-        )
-        .replace("synth_n = 20", "synth_n = 12");
-    fs::write(&path, text).unwrap();
+    on_checkpoint(&path, &omni);
     ok(&train(&["--config", path.to_str().unwrap()]));
     let student = dir.path().join("runs/omni/students/opsd-seed0");
     let adapter = student.join("adapter");
