@@ -31,13 +31,8 @@ impl ModuleMatch {
     /// names, `key` equal to one or ending in `.` + one).
     pub fn matches(&self, key: &str) -> Result<bool, String> {
         Ok(match self {
-            Self::Names(names) => names.iter().any(|n| {
-                key == n
-                    || key
-                        .strip_suffix(n.as_str())
-                        .is_some_and(|r| r.ends_with('.'))
-            }),
-            Self::Pattern(p) => at_start(&compile(&format!("(?:{p})\\Z"))?, key, None),
+            Self::Names(names) => names_match(names, key),
+            Self::Pattern(p) => pattern_matches(p, key)?,
         })
     }
 
@@ -86,13 +81,9 @@ impl Placement {
             }
         }
         if let Some(p) = &self.target_pattern {
-            return ModuleMatch::Pattern(p.clone())
-                .matches(key)
-                .map_err(|e| ("target_modules", e));
+            return pattern_matches(p, key).map_err(|e| ("target_modules", e));
         }
-        let found = ModuleMatch::Names(targets.to_vec())
-            .matches(key)
-            .unwrap_or(false);
+        let found = names_match(targets, key);
         let Some(layers) = self.layers_to_transform.as_ref().filter(|l| !l.is_empty()) else {
             return Ok(found);
         };
@@ -144,27 +135,18 @@ impl Placement {
         r: usize,
         alpha: f64,
     ) -> Result<(usize, f64), (&'static str, String)> {
-        let first = |keys: &mut dyn Iterator<Item = &String>| -> Result<Option<String>, String> {
-            for k in keys {
+        /// The value of the first pattern key matching `key`'s end at a `.` boundary.
+        fn first<T: Copy>(patterns: &[(String, T)], key: &str) -> Result<Option<T>, String> {
+            for (k, value) in patterns {
                 if at_start(&compile(&format!(r"(.*\.)?({k})$"))?, key, None) {
-                    return Ok(Some(k.clone()));
+                    return Ok(Some(*value));
                 }
             }
             Ok(None)
-        };
-        let r = match first(&mut self.rank_pattern.iter().map(|(k, _)| k))
-            .map_err(|e| ("rank_pattern", e))?
-        {
-            Some(k) => self.rank_pattern.iter().find(|(p, _)| *p == k).unwrap().1,
-            None => r,
-        };
-        let alpha = match first(&mut self.alpha_pattern.iter().map(|(k, _)| k))
-            .map_err(|e| ("alpha_pattern", e))?
-        {
-            Some(k) => self.alpha_pattern.iter().find(|(p, _)| *p == k).unwrap().1,
-            None => alpha,
-        };
-        Ok((r, alpha))
+        }
+        let rank = first(&self.rank_pattern, key).map_err(|e| ("rank_pattern", e))?;
+        let scale = first(&self.alpha_pattern, key).map_err(|e| ("alpha_pattern", e))?;
+        Ok((rank.unwrap_or(r), scale.unwrap_or(alpha)))
     }
 
     /// Reads the placement keys of `obj`; `ordered` holds `rank_pattern` and `alpha_pattern`
@@ -349,6 +331,21 @@ fn strings(items: &[Value], key: &'static str) -> Result<Vec<String>, (&'static 
                 .ok_or_else(|| (key, format!("expected names, found {v}")))
         })
         .collect()
+}
+
+/// PEFT's list match: `key` is one of `names` or ends in `.` + one.
+fn names_match(names: &[String], key: &str) -> bool {
+    names.iter().any(|n| {
+        key == n
+            || key
+                .strip_suffix(n.as_str())
+                .is_some_and(|r| r.ends_with('.'))
+    })
+}
+
+/// Python's `re.fullmatch(pattern, key)`.
+fn pattern_matches(pattern: &str, key: &str) -> Result<bool, String> {
+    Ok(at_start(&compile(&format!("(?:{pattern})\\Z"))?, key, None))
 }
 
 /// `pattern` compiled with Python's `re` syntax.
